@@ -1,0 +1,185 @@
+"""Checkpoints: plain dicts that torch.load(..., weights_only=True) reads.
+
+Never a pickled module. A checkpoint names its architecture (registry name + constructor
+arguments), the pruning applied to it (`plan`: kept channel indices per BatchNorm for a
+physically slimmed model; `mask`: kept indices per BatchNorm for a masked one), and the
+weights. Loading rebuilds the dense architecture, applies the plan, applies the mask and
+loads the weights, so a pruned model comes back from its file alone.
+
+Layout (FORMAT_VERSION 1):
+    format       "netslim-checkpoint/1"
+    arch         {"name": "vgg", "depth": 13, "num_classes": 10, "in_channels": 1, ...}
+    plan         {bn module name: [kept channel indices]}, relative to the dense model
+    mask         {bn module name: [kept channel indices]}, relative to the planned model
+    mode         "dense" | "slim" | "mask" | "slim+mask"
+    input_size   [C, H, W] of one example (what the graph analysis traces with)
+    state_dict   the weights
+    dataset      {"name", "in_channels", "image_size", "num_classes", "mean", "std"}
+    train_state  optional: epoch, optimizer, scheduler, RNG states, best metric
+    metrics      optional: anything JSON-like
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .fileio import atomic_torch_save
+
+FORMAT_PREFIX = "netslim-checkpoint/"
+FORMAT_VERSION = 1
+FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"
+
+
+def checkpoint_mode(plan: dict | None, mask: dict | None) -> str:
+    if plan and mask:
+        return "slim+mask"
+    return "slim" if plan else "mask" if mask else "dense"
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **meta: Any) -> None:
+    """Write `model` and `meta` to `path` atomically.
+
+    `meta` carries `arch` (required to reload without a model), `plan`, `mask`,
+    `input_size`, `dataset`, `train_state`, `metrics`. A model returned by `netslim.prune`
+    carries its own plan/mask/arch (attribute `netslim_meta`); explicit `meta` wins.
+    """
+    carried = dict(getattr(model, "netslim_meta", {}) or {})
+    carried.update(meta)
+    plan = _plain_plan(carried.pop("plan", None))
+    mask = _plain_plan(carried.pop("mask", None))
+    state = {k: v.detach().clone() if torch.is_tensor(v) else v
+             for k, v in _unwrap(model).state_dict().items()}
+    obj = {"format": FORMAT, **carried, "plan": plan, "mask": mask,
+           "mode": checkpoint_mode(plan, mask), "state_dict": state}
+    atomic_torch_save(obj, path)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load a checkpoint file safely (weights_only) with one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .pt file inside it")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path} holds pickled Python objects, not just weights, and a checkpoint can carry "
+                "code: netslim only opens weights-only files. Re-save it as a state_dict "
+                "(torch.save(model.state_dict(), f)) from code you trust") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first or 'unpickling failed'})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError, TypeError,
+            AttributeError, IndexError, KeyError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: {msg[:120]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    fmt = obj.get("format")
+    if isinstance(fmt, str) and fmt.startswith(FORMAT_PREFIX):
+        try:
+            version = int(fmt[len(FORMAT_PREFIX):])
+        except ValueError:
+            raise CheckpointError(f"{path} has an unknown format tag {fmt!r}") from None
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer netslim (format {version}, this one reads "
+                                  f"up to {FORMAT_VERSION}); upgrade netslim to load it")
+        if "state_dict" not in obj or "arch" not in obj:
+            raise CheckpointError(f"{path} is a damaged netslim checkpoint (no state_dict or arch)")
+    return obj
+
+
+def is_netslim_checkpoint(obj: dict) -> bool:
+    return isinstance(obj.get("format"), str) and obj["format"].startswith(FORMAT_PREFIX)
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
+                    strict: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored at `path`; returns (model in eval mode, meta).
+
+    `model`, when given, is a freshly built dense instance of the architecture (needed for
+    models that are not in netslim's registry); the stored plan and mask are applied to it.
+    `meta` is the checkpoint dict without `state_dict`.
+    """
+    obj = read_checkpoint(path)
+    if not is_netslim_checkpoint(obj):
+        raise CheckpointError(
+            f"{path} is not a netslim checkpoint; for the seed's checkpoints pass --arch/--depth/--dataset "
+            "(library: netslim.checkpoint.import_seed_checkpoint)")
+    model = model_from_checkpoint(obj, model=model, strict=strict, source=str(path))
+    meta = {k: v for k, v in obj.items() if k != "state_dict"}
+    return model, meta
+
+
+def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: bool = True,
+                          source: str = "checkpoint") -> nn.Module:
+    """Build the architecture an in-memory checkpoint dict describes and load its weights."""
+    from .models import build_model
+    from .prune import apply_mask, apply_plan
+
+    if model is None:
+        arch = dict(obj.get("arch") or {})
+        if "name" not in arch:
+            raise CheckpointError(f"{source} does not name its architecture; pass the model to load_checkpoint")
+        name = arch.pop("name")
+        model = build_model(name, **arch)
+    example = example_input(obj.get("input_size"), model)
+    if obj.get("plan"):
+        model = apply_plan(model, obj["plan"], example_input=example)
+    if obj.get("mask"):
+        model = apply_mask(model, obj["mask"])
+    try:
+        missing, unexpected = model.load_state_dict(obj["state_dict"], strict=strict)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3])[:200]
+        raise CheckpointError(f"{source} does not fit the architecture it names ({detail})") from None
+    meta = {k: obj.get(k) for k in ("arch", "plan", "mask", "input_size", "dataset") if obj.get(k) is not None}
+    model.netslim_meta = meta
+    return model.eval()
+
+
+def example_input(input_size, model: nn.Module | None = None) -> torch.Tensor:
+    """A zero batch of one example of shape [1, *input_size] (defaults from the model)."""
+    if input_size is None:
+        input_size = guess_input_size(model)
+    return torch.zeros(1, *[int(s) for s in input_size])
+
+
+def guess_input_size(model: nn.Module | None) -> list[int]:
+    """[C, 32, 32] from the first conv, or [features] from the first Linear (an MLP)."""
+    if model is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                return [m.in_channels, 32, 32]
+            if isinstance(m, nn.Linear):
+                return [m.in_features]
+    return [3, 32, 32]
+
+
+def _plain_plan(plan: dict | None) -> dict:
+    """{name: [int, ...]}: lists of ints survive weights_only loading and read well."""
+    if not plan:
+        return {}
+    return {str(k): [int(i) for i in (v.tolist() if torch.is_tensor(v) else v)] for k, v in plan.items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
+                "DistributedDataParallel", "DataParallel"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
