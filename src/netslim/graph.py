@@ -1,0 +1,748 @@
+"""Channel-dependency analysis of a model: which channels can go, and what goes with them.
+
+The model is traced with torch.fx and every tensor's channel dimension (dim 1) is given
+one *slot* per channel. Ops then say how slots relate:
+
+- channel-preserving ops (ReLU, pooling, dropout, depthwise conv, ...) pass slots through;
+- `+`, `*`, `cat` on other dims tie the slots of their operands (union-find);
+- `cat` on dim 1 concatenates slot lists, `flatten` turns C slots into C blocks of H*W
+  features for the Linear behind it;
+- conv / linear read slots (their input channels) and create fresh ones (their outputs).
+
+A BatchNorm reads slots and creates fresh ones (its scaling factors, the candidates).
+Then each BN is classified:
+
+- owned: the BN is the only reader of its input (conv -> BN). Pruning its channel also
+  removes the producer's output channel, so the input slots join the BN's class.
+- tied: its input is read by others but is itself made only of other BN channels
+  (depthwise chains, post-activation residual streams); the BN joins that class, so
+  all of them are pruned together as one coupled group.
+- gather: its input is a stream that must keep its width (a pre-activation residual
+  stream, a DenseNet concatenation, the model input). The BN reads only its kept
+  channels through an index and runs at the reduced width (`IndexedBatchNorm*`).
+
+A *class* (a set of tied slots) is prunable when it holds BN channels of candidate BNs,
+no pinned slot (model input/output, an op we cannot slice), and every value entering it
+comes from a BN channel (so zeroing those factors zeroes the whole class: the slim model
+then computes exactly what the masked model computes). Unknown ops on a BN's channel path
+are an error that names the op and the way out (`exclude`), never a wrong model.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import PruneError
+
+
+# ----------------------------------------------------------------------------------------
+# The BatchNorm that reads a subset of its input's channels (the seed's channel selection,
+# done without computing the BN at full width and without NumPy in forward).
+
+class _IndexedBatchNorm:
+    """Mixin: gather `keep_index` channels of the input, then batch-normalise them."""
+
+    keep_index: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.index_select(1, self.keep_index))  # [N, C_in, ...] -> [N, len(keep), ...]
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, reads {self.keep_index.numel()} input channels"
+
+
+class IndexedBatchNorm1d(_IndexedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class IndexedBatchNorm2d(_IndexedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class IndexedBatchNorm3d(_IndexedBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+INDEXED_BN = {nn.BatchNorm1d: IndexedBatchNorm1d, nn.BatchNorm2d: IndexedBatchNorm2d,
+              nn.BatchNorm3d: IndexedBatchNorm3d}
+
+
+def is_indexed_bn(m: nn.Module) -> bool:
+    return isinstance(m, _IndexedBatchNorm)
+
+
+# ----------------------------------------------------------------------------------------
+# Op tables. "Zero-preserving" matters: a pruned (masked) channel is all zeros, and the
+# slim model simply drops it, so every op between a BN and the next conv must map 0 to 0.
+
+_PASS_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+)
+# Channel-preserving but f(0) != 0: a masked channel would not stay zero behind them.
+_NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
+
+_PASS_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu,
+    F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
+    torch.clone, torch.Tensor.contiguous,
+}
+_PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "half", "bfloat16",
+                 "double", "to", "tanh", "tanh_"}
+_NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp}
+_NONZERO_METHODS = {"sigmoid", "sigmoid_", "exp"}
+
+_ADD_OPS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+_ADD_METHODS = {"add", "add_", "sub", "sub_"}
+_MUL_OPS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
+_DIV_OPS = {operator.truediv, operator.itruediv, torch.div}
+_DIV_METHODS = {"div", "div_"}
+_CAT_OPS = {torch.cat, torch.concat}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+
+
+# ----------------------------------------------------------------------------------------
+# Analysis result
+
+@dataclass
+class ChannelInfo:
+    """Slots of a tensor's channel dim; `block` consecutive features per slot after flatten."""
+    slots: list[int]
+    block: int = 1
+
+
+@dataclass
+class ModuleUse:
+    """How one parametrised module touches slots; what the surgery needs to slice it."""
+    name: str
+    kind: str                      # conv | dwconv | linear | bn | bn_passive
+    in_slots: list[int] = field(default_factory=list)
+    out_slots: list[int] = field(default_factory=list)
+    in_block: int = 1
+    bn_mode: str = ""              # owned | tied | gather (BN only)
+    gather_index: list[int] | None = None   # BN: input position read by channel j
+    input_slots: list[int] = field(default_factory=list)  # BN: slots of its whole input tensor
+
+
+@dataclass
+class Unit:
+    """One prunable class: BN channels that live or die together, scored as a group."""
+    root: int
+    bn_channels: list[tuple[str, int]]       # (bn name, channel index)
+    layer: tuple[str, ...]                   # the BN modules involved: the "layer" for guards
+
+
+@dataclass
+class Analysis:
+    modules: dict[str, ModuleUse]
+    units: list[Unit]
+    unprunable: dict[str, str]               # bn name -> why its channels stay
+    bn_names: list[str]                      # every affine BN, in graph order
+    parent: list[int]                        # union-find over slots (resolved)
+
+    def find(self, s: int) -> int:
+        p = self.parent
+        while p[s] != s:
+            p[s] = p[p[s]]
+            s = p[s]
+        return s
+
+    def coupled_layers(self) -> list[tuple[str, ...]]:
+        return sorted({u.layer for u in self.units if len(u.layer) > 1})
+
+
+# ----------------------------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    """Treats every BatchNorm (ours included) and every excluded module as a leaf."""
+
+    def __init__(self, opaque: set[str]):
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BatchNorm) or qualname in self.opaque or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] = ()) -> fx.GraphModule:
+    """Symbolically trace `model` and record every node's output shape (eval mode, no grad)."""
+    opaque = set(opaque)
+    try:
+        graph = _Tracer(opaque).trace(model)
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PruneError(
+            f"torch.fx cannot trace {type(model).__name__} ({first}); make the part with "
+            "data-dependent control flow opaque with exclude=['module.name'] (--exclude)") from None
+    gm = fx.GraphModule(model, graph)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise PruneError(f"running {type(model).__name__} on an example input of shape "
+                         f"{tuple(example_input.shape)} failed ({first}); pass a matching example_input") from None
+    finally:
+        for m, t in modes.items():
+            m.training = t
+    return gm
+
+
+def _shape(node: Any):
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+class _Analyzer:
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, exclude: set[str]):
+        self.model = model
+        self.gm = gm
+        self.exclude = exclude
+        self.mods = dict(model.named_modules())
+        self.parent: list[int] = []
+        self.origin: dict[int, list[tuple]] = {}   # slot -> [(kind, name, j)], kind: bn | free
+        self.readers: dict[int, list[tuple]] = {}  # slot -> [(kind, name, j)]
+        self.pins: dict[int, list[tuple[bool, str]]] = {}  # slot -> [(fatal, reason)]
+        self.absorbed: set[int] = set()            # slots whose free origins an owning BN absorbed
+        self.chans: dict[fx.Node, Any] = {}
+        self.uses: dict[str, ModuleUse] = {}
+        self.bn_order: list[str] = []
+        self.calls: dict[str, int] = {}
+
+    # union-find -------------------------------------------------------------------------
+    def new(self, n: int) -> list[int]:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return list(range(start, start + n))
+
+    def find(self, s: int) -> int:
+        p = self.parent
+        while p[s] != s:
+            p[s] = p[p[s]]
+            s = p[s]
+        return s
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    def pin(self, slots: Iterable[int], reason: str, fatal: bool = False) -> None:
+        for s in slots:
+            self.pins.setdefault(s, []).append((fatal, reason))
+
+    def fresh(self, node: fx.Node, reason: str | None = None, fatal: bool = False) -> Any:
+        """New slots for every channel-carrying tensor `node` returns (pinned if reason)."""
+        def one(shape):
+            if shape is None or len(shape) < 2:
+                return None
+            slots = self.new(int(shape[1]))
+            if reason:
+                self.pin(slots, reason, fatal)
+            for s in slots:  # values from outside any BatchNorm
+                self.origin.setdefault(s, []).append(("free", str(node.name), 0))
+            return ChannelInfo(slots)
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # several outputs
+            return tuple(one(tuple(m.shape)) if hasattr(m, "shape") else None for m in meta)
+        return one(_shape(node))
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.chans[node] = self.visit(node)
+
+    def info(self, arg) -> ChannelInfo | None:
+        if isinstance(arg, fx.Node):
+            c = self.chans.get(arg)
+            return c if isinstance(c, ChannelInfo) else None
+        return None
+
+    def tensor_inputs(self, node: fx.Node) -> list[ChannelInfo]:
+        out = []
+        for a in node.all_input_nodes:
+            c = self.chans.get(a)
+            if isinstance(c, ChannelInfo):
+                out.append(c)
+            elif isinstance(c, tuple):
+                out.extend(x for x in c if isinstance(x, ChannelInfo))
+        return out
+
+    def unknown(self, node: fx.Node, what: str, fatal: bool = True) -> Any:
+        """An op whose channel semantics we do not know: its inputs and outputs keep their width."""
+        reason = f"{what} (node {node.name})"
+        for c in self.tensor_inputs(node):
+            self.pin(c.slots, reason, fatal)
+        return self.fresh(node, reason, fatal)
+
+    def visit(self, node: fx.Node) -> Any:
+        op = node.op
+        if op == "placeholder":
+            return self.fresh(node, "model input")
+        if op == "get_attr":
+            return self.fresh(node, f"tensor attribute {node.target}")
+        if op == "output":
+            for c in self.tensor_inputs(node):
+                self.pin(c.slots, "model output")
+            return None
+        if op == "call_module":
+            return self.visit_module(node, self.mods[node.target])
+        if op == "call_function":
+            return self.visit_function(node)
+        if op == "call_method":
+            return self.visit_method(node)
+        return self.unknown(node, f"op {op}")
+
+    # modules ----------------------------------------------------------------------------
+    def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
+        name = node.target
+        x = self.info(node.args[0]) if node.args else None
+        if name in self.exclude and not isinstance(m, _BatchNorm):
+            return self.unknown(node, f"excluded module {name}", fatal=False)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] > 1 or name in self.uses:
+                # A weight-shared module called twice: its two call sites would have to agree.
+                use = self.uses.pop(name, None)
+                if use:
+                    self.pin(use.in_slots + use.out_slots, f"module {name} is called more than once")
+                return self.unknown(node, f"module {name} is called more than once", fatal=False)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.conv(node, name, m, x)
+        if isinstance(m, nn.Linear):
+            return self.linear(node, name, m, x)
+        if isinstance(m, _BatchNorm):
+            return self.batchnorm(node, name, m, x)
+        if isinstance(m, nn.Flatten):
+            return self.flatten(node, x, m.start_dim, m.end_dim)
+        if isinstance(m, _PASS_MODULES):
+            return self.passthrough(node, x)
+        if isinstance(m, _NONZERO_MODULES):
+            out = self.passthrough(node, x)
+            if x is not None:
+                self.pin(x.slots, f"{type(m).__name__} {name} maps 0 to a non-zero value")
+            return out
+        return self.unknown(node, f"module {name} ({type(m).__name__})")
+
+    def passthrough(self, node: fx.Node, x: ChannelInfo | None) -> Any:
+        """An op that keeps every channel where it is (activation, pooling, dropout...)."""
+        if x is None:
+            return self.fresh(node)
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2:
+            if x.block == 1 and shape[1] == len(x.slots):
+                return x
+            if x.block > 1 and len(shape) == 2 and shape[1] == len(x.slots) * x.block:
+                return x  # e.g. dropout between flatten and the classifier
+        return self.unknown(node, f"op {node.target} changes the channel layout")
+
+    def conv(self, node, name, m, x: ChannelInfo | None):
+        if x is None or x.block != 1 or len(x.slots) != m.in_channels:
+            return self.unknown(node, f"conv {name} input")
+        if m.groups == 1:
+            out = self.new(m.out_channels)
+            for j, s in enumerate(x.slots):
+                self.readers.setdefault(s, []).append(("conv", name, j))
+            for j, s in enumerate(out):
+                self.origin.setdefault(s, []).append(("free", name, j))
+            self.uses[name] = ModuleUse(name, "conv", list(x.slots), out)
+            return ChannelInfo(out)
+        if m.groups == m.in_channels == m.out_channels:
+            # Depthwise: output channel j is input channel j scaled; they live and die together.
+            if m.bias is not None:
+                for j, s in enumerate(x.slots):  # a bias makes a zeroed input channel non-zero
+                    self.origin.setdefault(s, []).append(("free", name, j))
+            self.uses[name] = ModuleUse(name, "dwconv", list(x.slots), list(x.slots))
+            return ChannelInfo(list(x.slots))
+        self.pin(x.slots, f"grouped conv {name} (groups={m.groups})")
+        out = self.new(m.out_channels)
+        self.pin(out, f"grouped conv {name} (groups={m.groups})")
+        return ChannelInfo(out)
+
+    def linear(self, node, name, m, x: ChannelInfo | None):
+        in_shape = _shape(node.args[0])
+        if x is None or in_shape is None or len(in_shape) != 2 or len(x.slots) * x.block != m.in_features:
+            if x is not None:
+                self.pin(x.slots, f"linear {name} reads a tensor whose features are not its channels")
+            return self.fresh(node, f"linear {name} output on a non-channel layout")
+        out = self.new(m.out_features)
+        for j, s in enumerate(x.slots):
+            self.readers.setdefault(s, []).append(("linear", name, j))
+        for j, s in enumerate(out):
+            self.origin.setdefault(s, []).append(("free", name, j))
+        self.uses[name] = ModuleUse(name, "linear", list(x.slots), out, in_block=x.block)
+        return ChannelInfo(out)
+
+    def batchnorm(self, node, name, m, x: ChannelInfo | None):
+        if x is None or x.block != 1:
+            return self.unknown(node, f"batchnorm {name} input")
+        if m.weight is None:
+            # Non-affine BN: no scaling factor to judge by; it only follows its input.
+            self.uses[name] = ModuleUse(name, "bn_passive", list(x.slots), list(x.slots))
+            return ChannelInfo(list(x.slots))
+        index = m.keep_index.tolist() if is_indexed_bn(m) else list(range(len(x.slots)))
+        if len(index) != m.num_features or (not is_indexed_bn(m) and len(x.slots) != m.num_features):
+            return self.unknown(node, f"batchnorm {name} input")
+        out = self.new(m.num_features)
+        for j, s in enumerate(out):
+            self.origin.setdefault(s, []).append(("bn", name, j))
+        for j, i in enumerate(index):
+            self.readers.setdefault(x.slots[i], []).append(("bn", name, j))
+        self.uses[name] = ModuleUse(name, "bn", [x.slots[i] for i in index], out,
+                                    bn_mode="gather" if is_indexed_bn(m) else "", gather_index=index,
+                                    input_slots=list(x.slots))
+        self.bn_order.append(name)
+        return ChannelInfo(out)
+
+    def flatten(self, node, x: ChannelInfo | None, start: int, end: int):
+        shape_in = _shape(node.args[0] if node.args else None)
+        if x is None:
+            return self.fresh(node)
+        if shape_in is None or x.block != 1:
+            return self.unknown(node, "flatten")
+        nd = len(shape_in)
+        start = start % nd
+        end = end % nd
+        if start >= 2:
+            return self.passthrough(node, x)
+        if start == 1 and end == nd - 1:
+            block = 1
+            for d in shape_in[2:]:
+                block *= int(d)
+            return ChannelInfo(x.slots, block)
+        return self.unknown(node, f"flatten({start}, {end}) mixes the channel dimension")
+
+    # functions / methods ----------------------------------------------------------------
+    def visit_function(self, node: fx.Node) -> Any:
+        t = node.target
+        args = node.args
+        if t in _PASS_FUNCTIONS:
+            return self.passthrough(node, self.info(args[0]))
+        if t in _NONZERO_FUNCTIONS:
+            x = self.info(args[0])
+            if x is not None:
+                self.pin(x.slots, f"{getattr(t, '__name__', t)} maps 0 to a non-zero value")
+            return self.passthrough(node, x)
+        if t in _ADD_OPS:
+            return self.binary(node, args[:2], additive=True)
+        if t in _MUL_OPS:
+            return self.binary(node, args[:2], additive=False)
+        if t in _DIV_OPS:
+            if not isinstance(args[1], fx.Node):
+                return self.passthrough(node, self.info(args[0]))
+            return self.unknown(node, "division by a tensor")
+        if t in _CAT_OPS:
+            tensors = args[0] if args else node.kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
+            return self.cat(node, tensors, dim)
+        if t is torch.flatten:
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+            return self.flatten(node, self.info(args[0]), start, end)
+        if t in _REDUCE_FUNCTIONS:
+            return self.reduce(node)
+        if t is operator.getitem:
+            return self.getitem(node)
+        if t is getattr or _shape(node) is None and not self.tensor_inputs(node):
+            return self.fresh(node)
+        if _shape(node) is None and node.meta.get("tensor_meta") is None:
+            return None  # a size, a shape, a python value
+        return self.unknown(node, f"function {getattr(t, '__name__', t)}")
+
+    def visit_method(self, node: fx.Node) -> Any:
+        t = node.target
+        x = self.info(node.args[0]) if node.args else None
+        if t in ("size", "dim", "numel") or (node.meta.get("tensor_meta") is None and x is None):
+            return None
+        if t in _PASS_METHODS:
+            return self.passthrough(node, x)
+        if t in _NONZERO_METHODS:
+            if x is not None:
+                self.pin(x.slots, f"{t} maps 0 to a non-zero value")
+            return self.passthrough(node, x)
+        if t in _ADD_METHODS:
+            return self.binary(node, node.args[:2], additive=True)
+        if t in _MUL_METHODS:
+            return self.binary(node, node.args[:2], additive=False)
+        if t in _DIV_METHODS and len(node.args) > 1 and not isinstance(node.args[1], fx.Node):
+            return self.passthrough(node, x)
+        if t in _REDUCE_METHODS:
+            return self.reduce(node)
+        if t in _RESHAPE_METHODS:
+            return self.reshape(node, x)
+        return self.unknown(node, f"method .{t}()")
+
+    def binary(self, node, operands, additive: bool):
+        out_shape = _shape(node)
+        if out_shape is None:
+            return None
+        infos = []
+        for a in operands:
+            if isinstance(a, fx.Node):
+                c = self.info(a)
+                s = _shape(a)
+                if c is not None and s is not None and len(s) == len(out_shape) and len(s) >= 2 \
+                        and s[1] == out_shape[1]:
+                    infos.append(c)
+                elif additive and s is not None and len(s) > 0:
+                    # adding a tensor broadcast over channels: zero channels become non-zero
+                    infos.append(None)
+                    for c2 in self.tensor_inputs(node):
+                        self.pin(c2.slots, f"{node.name} adds a tensor broadcast over channels")
+            elif additive and a not in (0, 0.0):
+                for c2 in self.tensor_inputs(node):
+                    self.pin(c2.slots, f"{node.name} adds the constant {a}")
+        infos = [c for c in infos if c is not None]
+        if not infos:
+            return self.fresh(node)
+        first = infos[0]
+        for c in infos[1:]:
+            if len(c.slots) != len(first.slots) or c.block != first.block:
+                return self.unknown(node, f"{node.name} combines tensors of different channel layouts")
+            for a, b in zip(first.slots, c.slots):
+                self.union(a, b)
+        return first
+
+    def cat(self, node, tensors, dim):
+        infos = [self.info(t) for t in tensors]
+        out_shape = _shape(node)
+        if out_shape is None or any(c is None for c in infos):
+            return self.unknown(node, "torch.cat of non-tensors")
+        dim = dim % len(out_shape)
+        if dim == 1:
+            if any(c.block != 1 for c in infos):
+                return self.unknown(node, "torch.cat of flattened features")
+            return ChannelInfo([s for c in infos for s in c.slots])
+        first = infos[0]
+        for c in infos[1:]:
+            for a, b in zip(first.slots, c.slots):
+                self.union(a, b)
+        return first
+
+    def reduce(self, node):
+        x = self.info(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        shape_in = _shape(node.args[0])
+        if x is None:
+            return self.fresh(node)
+        if dims is None or shape_in is None:
+            return self.unknown(node, f"{node.name} reduces over the channel dimension")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [d % len(shape_in) for d in dims]
+        if 1 in dims or 0 in dims:
+            return self.unknown(node, f"{node.name} reduces over the channel dimension")
+        return self.passthrough(node, x)
+
+    def getitem(self, node):
+        src = self.chans.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        idx = node.args[1]
+        if isinstance(src, tuple) and isinstance(idx, int):
+            return src[idx]
+        if isinstance(src, ChannelInfo):
+            # Indexing a tensor: only pure spatial/batch slicing keeps channels.
+            if isinstance(idx, tuple) and len(idx) >= 2 and idx[1] == slice(None) and all(
+                    not isinstance(i, fx.Node) for i in idx):
+                return self.passthrough(node, src)
+            return self.unknown(node, "tensor indexing on the channel dimension")
+        return self.fresh(node) if node.meta.get("tensor_meta") is not None else None
+
+    def reshape(self, node, x):
+        shape_in, shape_out = _shape(node.args[0]), _shape(node)
+        if x is None or shape_out is None:
+            return self.fresh(node)
+        if node.target == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self.flatten(node, x, start, end)
+        literal = [a for a in node.args[1:] if isinstance(a, int) and a != -1]
+        literal += [a for a in node.args[1:] if isinstance(a, (tuple, list))
+                    for a in a if isinstance(a, int) and a != -1]
+        if literal:
+            return self.unknown(node, f"x.{node.target}() with a hard-coded size {tuple(literal)}; "
+                                      "use torch.flatten(x, 1) or sizes from x.size()")
+        if x.block == 1 and len(shape_in) >= 2 and len(shape_out) == 2 and shape_out[0] == shape_in[0]:
+            block = 1
+            for d in shape_in[2:]:
+                block *= int(d)
+            return ChannelInfo(x.slots, block)
+        if len(shape_out) >= 2 and shape_out[:2] == shape_in[:2]:
+            return x
+        return self.unknown(node, f"x.{node.target}() moves the channel dimension")
+
+    # phase 2: decide how each BN relates to its input -----------------------------------
+    def classify_bns(self) -> None:
+        classes = self._classes()
+        for name in self.bn_order:
+            use = self.uses.get(name)
+            if use is None or use.kind != "bn":
+                continue
+            if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
+                continue
+            in_roots = [self.find(s) for s in use.in_slots]
+            if len(set(in_roots)) != len(in_roots):
+                use.bn_mode = "gather"
+                continue
+            owned = all(
+                [r for r in classes.readers(root)] == [("bn", name, j)]
+                and not classes.pinned(root)
+                for j, root in enumerate(in_roots))
+            if owned:
+                for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
+                    classes.absorb(self.find(s_in))
+                    classes.drop_reader(self.find(s_in), ("bn", name, j))
+                    classes.merge(s_in, s_out)
+                use.bn_mode = "owned"
+                continue
+            # Not the sole reader. Per channel: an input made only of other BN channels is
+            # tied to them (if they go, this channel must go too, or it would read a removed
+            # channel); anything else is a stream that keeps its width, read through a gather.
+            modes = set()
+            for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
+                root = self.find(s_in)
+                if classes.removable(root) and classes.has_bn_origin(root):
+                    classes.drop_reader(root, ("bn", name, j))
+                    classes.merge(s_in, s_out)
+                    modes.add("tied")
+                else:
+                    modes.add("gather")
+            use.bn_mode = modes.pop() if len(modes) == 1 else "mixed"
+        self._class_state = classes
+
+    def _classes(self) -> "_Classes":
+        return _Classes(self)
+
+
+class _Classes:
+    """Per-class aggregates (origins, readers, pins) kept up to date through BN merges."""
+
+    def __init__(self, a: _Analyzer):
+        self.a = a
+        self.origin: dict[int, list[tuple]] = {}
+        self.readers_: dict[int, list[tuple]] = {}
+        self.pins: dict[int, list[tuple[bool, str]]] = {}
+        self.absorbed: dict[int, bool] = {}   # root -> its non-BN origins are absorbed
+        self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
+        for s in range(len(a.parent)):
+            r = a.find(s)
+            self.origin.setdefault(r, []).extend(a.origin.get(s, []))
+            self.readers_.setdefault(r, []).extend(a.readers.get(s, []))
+            self.pins.setdefault(r, []).extend(a.pins.get(s, []))
+        for r, origins in self.origin.items():
+            self.free[r] = sum(1 for o in origins if o[0] == "free")
+
+    def readers(self, r: int) -> list[tuple]:
+        return self.readers_.get(r, [])
+
+    def pinned(self, r: int) -> bool:
+        return bool(self.pins.get(r))
+
+    def has_bn_origin(self, r: int) -> bool:
+        return any(o[0] == "bn" for o in self.origin.get(r, []))
+
+    def removable(self, r: int) -> bool:
+        return not self.pinned(r) and self.free.get(r, 0) == 0
+
+    def absorb(self, r: int) -> None:
+        self.free[r] = 0
+
+    def drop_reader(self, r: int, reader: tuple) -> None:
+        lst = self.readers_.get(r, [])
+        if reader in lst:
+            lst.remove(reader)
+
+    def merge(self, s_a: int, s_b: int) -> None:
+        ra, rb = self.a.find(s_a), self.a.find(s_b)
+        if ra == rb:
+            return
+        self.a.union(ra, rb)
+        r = self.a.find(ra)
+        other = rb if r == ra else ra
+        self.origin.setdefault(r, []).extend(self.origin.pop(other, []))
+        self.readers_.setdefault(r, []).extend(self.readers_.pop(other, []))
+        self.pins.setdefault(r, []).extend(self.pins.pop(other, []))
+        self.free[r] = self.free.get(r, 0) + self.free.pop(other, 0)
+
+
+def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[str] = (),
+            skip_coupled: bool = False, strict: bool = True) -> Analysis:
+    """Trace `model` and find its prunable channel units (see the module docstring).
+
+    strict: a BN whose channels reach an op netslim cannot slice is an error (PruneError,
+    naming the op and the way out); with strict=False it is just left unpruned.
+    """
+    exclude = set(exclude)
+    mods = dict(model.named_modules())
+    unknown_names = [n for n in exclude if n not in mods]
+    if unknown_names:
+        raise PruneError(f"exclude names no module of the model: {', '.join(sorted(unknown_names))}")
+    opaque = {n for n in exclude if not isinstance(mods[n], _BatchNorm)}
+    gm = trace(model, example_input, opaque)
+    an = _Analyzer(model, gm, exclude)
+    an.run()
+    an.classify_bns()
+    cs = an._class_state
+
+    candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
+                  and an.uses[n].kind == "bn"}
+    by_root: dict[int, list[tuple[str, int]]] = {}
+    for name in an.bn_order:
+        use = an.uses.get(name)
+        if use is None or use.kind != "bn":
+            continue
+        for j, s in enumerate(use.out_slots):
+            by_root.setdefault(an.find(s), []).append((name, j))
+
+    units: list[Unit] = []
+    unprunable: dict[str, str] = {}
+    for root, members in by_root.items():
+        layer = tuple(sorted({n for n, _ in members}, key=an.bn_order.index))
+        why = None
+        fatal = [r for f, r in cs.pins.get(root, []) if f]
+        soft = [r for f, r in cs.pins.get(root, []) if not f]
+        if any(n not in candidates for n, _ in members):
+            why = "excluded" if any(n in exclude for n, _ in members) else "not a candidate"
+        elif soft:
+            why = soft[0]
+        elif cs.free.get(root, 0):
+            why = "its channels are also produced outside BatchNorm (a shared stream)"
+        elif fatal and not strict:
+            why = fatal[0]
+        elif fatal:
+            names = ", ".join(f"'{n}'" for n in layer)
+            raise PruneError(
+                f"cannot prune BatchNorm {layer[0]}: its channels reach {fatal[0]}, whose channel "
+                f"handling netslim does not know; leave it out with exclude=[{names}] (--exclude "
+                f"{' '.join(layer)}), or make that op's module opaque the same way")
+        elif skip_coupled and len(layer) > 1:
+            why = "coupled with " + ", ".join(layer) + " (skip_coupled)"
+        if why:
+            for n in layer:
+                unprunable.setdefault(n, why)
+            continue
+        units.append(Unit(root, members, layer))
+    # A BN is reported unprunable only if none of its channels ended in a unit.
+    in_units = {n for u in units for n, _ in u.bn_channels}
+    unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
+    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent)

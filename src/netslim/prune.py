@@ -1,0 +1,402 @@
+"""Network Slimming's pruning step: one global threshold -> a plan -> a slim or masked model.
+
+    pruned, report = netslim.prune(model, 0.5)                 # physically smaller model
+    masked, report = netslim.prune(model, 0.5, mode="mask")    # same shape, factors held at 0
+
+A *plan* is data: {BatchNorm module name: [kept channel indices]}. `apply_plan` turns a
+model and a plan into the smaller model by slicing every module that touches the pruned
+channels (see graph.py for how those are found); `apply_mask` zeroes the pruned factors
+and keeps them at zero while training. Plans compose: a slim model remembers the plan that
+made it (relative to the dense architecture), so pruning it again and reloading it from a
+checkpoint both work.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import ConfigError, PruneError
+from .graph import INDEXED_BN, Analysis, analyze, is_indexed_bn
+
+log = logging.getLogger(__name__)
+
+GROUP_SCORES = ("max", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------------------
+# Plan: the seed's rule plus guards
+
+@dataclass
+class LayerDecision:
+    name: str            # "features.1", or "a+b+c" for a coupled group of BNs
+    bns: tuple[str, ...]
+    total: int
+    kept: int
+    by_rule: int         # kept by the threshold alone
+    guard: str | None    # which guard changed the count, if any
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "bns": list(self.bns), "total": self.total, "kept": self.kept,
+                "kept_by_threshold": self.by_rule, "guard": self.guard}
+
+
+def global_threshold(values: torch.Tensor, percent: float) -> float:
+    """The seed's threshold: sort all |gamma| ascending, take element int(total * percent)."""
+    y, _ = torch.sort(values.flatten())
+    return float(y[int(values.numel() * percent)])
+
+
+def _check_options(percent, min_channels, max_layer_percent, round_to, group_score) -> None:
+    if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent < 1:
+        raise ConfigError(f"percent must be a number in [0, 1), got {percent!r}")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ConfigError(f"min_channels must be an integer >= 1, got {min_channels!r}")
+    if max_layer_percent is not None and not 0 <= max_layer_percent <= 1:
+        raise ConfigError(f"max_layer_percent must be in [0, 1], got {max_layer_percent!r}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if group_score not in GROUP_SCORES:
+        raise ConfigError(f"group_score must be one of {', '.join(GROUP_SCORES)}, got {group_score!r}")
+
+
+def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_channels: int = 1,
+              max_layer_percent: float | None = None, round_to: int = 1,
+              group_score: str = "max") -> tuple[dict[str, list[int]], float, list[LayerDecision]]:
+    """Decide which channels stay. Returns (plan, threshold, per-layer decisions).
+
+    Threshold: all candidate |gamma| in one list, the seed's rule exactly. A unit (one
+    channel, or channels of several BNs that must go together) stays if its score is above
+    the threshold; the score of a coupled unit is max/mean/sum of its members' |gamma|
+    (default max: a unit goes only when every factor in it is under the threshold, so
+    nothing the paper would keep is removed). percent 0 prunes nothing.
+    """
+    mods = dict(model.named_modules())
+    gamma = {n: mods[n].weight.detach().abs().float().cpu() for n in analysis.bn_names
+             if getattr(mods[n], "weight", None) is not None}
+    units = analysis.units
+    if not units:
+        return {}, 0.0, []
+    values = torch.cat([torch.stack([gamma[n][j] for n, j in u.bn_channels]) for u in units])
+    threshold = global_threshold(values, percent) if percent > 0 else -math.inf
+
+    def score(u) -> float:
+        v = torch.stack([gamma[n][j] for n, j in u.bn_channels])
+        return float(v.max() if group_score == "max" else v.mean() if group_score == "mean" else v.sum())
+
+    by_layer: dict[tuple[str, ...], list] = {}
+    for u in units:
+        by_layer.setdefault(u.layer, []).append(u)
+    kept_units = []
+    decisions = []
+    for layer, lunits in by_layer.items():
+        scores = torch.tensor([score(u) for u in lunits])
+        order = torch.argsort(scores, descending=True, stable=True).tolist()  # best first
+        n = len(lunits)
+        keep = int((scores > threshold).sum())
+        by_rule = keep
+        guard = None
+        if max_layer_percent is not None:
+            floor_keep = n - int(n * max_layer_percent)
+            if keep < floor_keep:
+                keep, guard = floor_keep, "max_layer_percent"
+        if keep < min(min_channels, n):
+            keep, guard = min(min_channels, n), "min_channels"
+        if round_to > 1 and keep % round_to:
+            rounded = min(n, -(-keep // round_to) * round_to)
+            if rounded != keep:
+                keep, guard = rounded, guard or "round_to"
+        # Guards add back the best-scoring units; the rule keeps exactly those above threshold.
+        chosen = order[:keep]
+        kept_units.extend(lunits[i] for i in chosen)
+        name = layer[0] if len(layer) == 1 else "+".join(layer)
+        decisions.append(LayerDecision(name, layer, n, keep, by_rule, guard))
+
+    plan: dict[str, set[int]] = {}
+    touched = {n for u in units for n, _ in u.bn_channels}
+    for n in touched:
+        plan[n] = set()
+    for u in kept_units:
+        for n, j in u.bn_channels:
+            plan[n].add(j)
+    full = {n: mods[n].num_features for n in touched}
+    out = {n: sorted(k) for n, k in plan.items()}
+    # Channels of a BN outside every unit (unprunable ones) stay.
+    in_unit = {}
+    for u in units:
+        for n, j in u.bn_channels:
+            in_unit.setdefault(n, set()).add(j)
+    for n in out:
+        extra = set(range(full[n])) - in_unit[n]
+        if extra:
+            out[n] = sorted(set(out[n]) | extra)
+    return {n: k for n, k in out.items() if len(k) < full[n]}, threshold, decisions
+
+
+# ----------------------------------------------------------------------------------------
+# Apply: surgery on a copy of the model
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=True)
+
+
+def _removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict) -> set[int]:
+    kept = {n: set(int(i) for i in k) for n, k in plan.items()}
+    for n, k in kept.items():
+        if n not in mods or not isinstance(mods[n], _BatchNorm):
+            raise PruneError(f"the plan names {n!r}, which is not a BatchNorm of this model")
+        if k and (max(k) >= mods[n].num_features or min(k) < 0):
+            raise PruneError(f"the plan keeps channel {max(k)} of {n}, which has {mods[n].num_features}")
+    in_unit: dict[str, set[int]] = {}
+    removed = set()
+    for u in analysis.units:
+        states = {j in kept[n] if n in kept else True for n, j in u.bn_channels}
+        for n, j in u.bn_channels:
+            in_unit.setdefault(n, set()).add(j)
+        if states == {False}:
+            removed.add(u.root)
+        elif len(states) > 1:
+            raise PruneError(f"the plan keeps some but not all of the coupled channels {u.bn_channels[:4]}...; "
+                             "coupled channels must be pruned together")
+    for n, k in kept.items():
+        gone = set(range(mods[n].num_features)) - k - in_unit.get(n, set())
+        if gone:
+            why = analysis.unprunable.get(n, "its channels are tied to something that cannot shrink")
+            raise PruneError(f"the plan removes channel {min(gone)} of {n}, which cannot be pruned ({why})")
+    return removed
+
+
+def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: torch.Tensor | None = None,
+               *, exclude: Sequence[str] = (), analysis: Analysis | None = None) -> nn.Module:
+    """A physically smaller copy of `model` that keeps, per BN, the channels in `plan`.
+
+    Every module that reads or writes a removed channel is sliced: producer convs/linears
+    lose output channels, consumers lose input channels (per flatten block for a Linear),
+    depthwise convs lose groups, and a BN that reads a stream which must keep its width
+    becomes an IndexedBatchNorm that gathers only its kept channels.
+    """
+    from .checkpoint import example_input as make_example
+
+    meta = dict(getattr(model, "netslim_meta", {}) or {})
+    if example_input is None:
+        example_input = make_example(meta.get("input_size"), model)
+    if analysis is None:
+        analysis = analyze(model, example_input, exclude=exclude, strict=False)
+    new = copy.deepcopy(model)
+    _strip_masks(new)
+    mods = dict(new.named_modules())
+    removed = _removed_roots(analysis, plan, mods)
+
+    def keep(slots: Sequence[int]) -> list[int]:
+        return [j for j, s in enumerate(slots) if analysis.find(s) not in removed]
+
+    with torch.no_grad():
+        for name, use in analysis.modules.items():
+            m = mods[name]
+            if use.kind == "conv":
+                ki, ko = keep(use.in_slots), keep(use.out_slots)
+                if len(ki) == m.in_channels and len(ko) == m.out_channels:
+                    continue
+                m.weight = _param(m.weight[ko][:, ki])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[ko])
+                m.in_channels, m.out_channels = len(ki), len(ko)
+            elif use.kind == "dwconv":
+                k = keep(use.in_slots)
+                if len(k) == m.in_channels:
+                    continue
+                m.weight = _param(m.weight[k])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[k])
+                m.in_channels = m.out_channels = m.groups = len(k)
+            elif use.kind == "linear":
+                ki, ko = keep(use.in_slots), keep(use.out_slots)
+                if len(ki) == len(use.in_slots) and len(ko) == m.out_features:
+                    continue
+                b = use.in_block
+                cols = [j * b + t for j in ki for t in range(b)]
+                m.weight = _param(m.weight[ko][:, cols])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[ko])
+                m.in_features, m.out_features = len(cols), len(ko)
+            elif use.kind in ("bn", "bn_passive"):
+                _slice_bn(new, name, m, use, keep, analysis)
+    new.netslim_meta = meta
+    return new
+
+
+def _slice_bn(model, name, m, use, keep, analysis) -> None:
+    ko = keep(use.out_slots)
+    # Where each kept channel's input sits in the (possibly also slimmed) input tensor.
+    if use.kind == "bn_passive":
+        src = ko
+        in_width_after = len(ko)
+    else:
+        in_all = use.gather_index  # dense input position read by each BN channel
+        # The input tensor's own slots: rebuild from the input positions of this BN's channels.
+        # A removed input slot is never read by a kept channel (graph.py ties such channels).
+        in_slots_full = use.input_slots
+        kept_in = keep(in_slots_full)
+        rank = {p: r for r, p in enumerate(kept_in)}
+        src = [rank[in_all[j]] for j in ko]
+        in_width_after = len(kept_in)
+    identity = src == list(range(in_width_after)) and len(src) == in_width_after
+    if len(ko) == m.num_features and identity and not is_indexed_bn(m):
+        return
+    sliced = {}
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(m, key, None)
+        if t is not None:
+            sliced[key] = t.detach()[ko].clone()
+    if use.kind == "bn" and not identity:
+        if is_indexed_bn(m):
+            cls = type(m)
+        else:  # SyncBatchNorm and other subclasses: pick by the input's rank
+            base = next((b for b in type(m).__mro__ if b in INDEXED_BN), nn.BatchNorm2d)
+            cls = INDEXED_BN[base]
+        new = cls(len(ko), eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats,
+                  device=m.weight.device if m.weight is not None else None,
+                  dtype=m.weight.dtype if m.weight is not None else None)
+        new.register_buffer("keep_index", torch.tensor(src, dtype=torch.long,
+                                                        device=sliced["weight"].device))
+        if m.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+        new.train(m.training)
+        target = new
+        _set_module(model, name, new)
+    else:
+        if is_indexed_bn(m):  # identity gather: a plain BN again is enough, but keep the type stable
+            m.keep_index = torch.tensor(src, dtype=torch.long, device=m.keep_index.device)
+        target = m
+    target.num_features = len(ko)
+    if sliced.get("weight") is not None:
+        target.weight = _param(sliced["weight"])
+        target.bias = _param(sliced["bias"])
+    if sliced.get("running_mean") is not None:
+        target.running_mean = sliced["running_mean"]
+        target.running_var = sliced["running_var"]
+
+
+# ----------------------------------------------------------------------------------------
+# Mask: zero the pruned factors and keep them at zero
+
+def _strip_masks(model: nn.Module) -> None:
+    for m in model.modules():
+        if "netslim_mask" in getattr(m, "_buffers", {}):
+            del m._buffers["netslim_mask"]
+
+
+def apply_mask(model: nn.Module, mask: dict[str, Sequence[int]]) -> nn.Module:
+    """Zero gamma and beta of every channel not kept in `mask`, in place, and keep them zero.
+
+    A gradient hook multiplies their gradients by the 0/1 mask, so SGD's weight decay and
+    momentum see exact zeros too and the factors stay exactly 0 through fine-tuning
+    (sign(0) = 0, so the sparsity step leaves them alone as well).
+    """
+    mods = dict(model.named_modules())
+    for name, kept in mask.items():
+        bn = mods.get(name)
+        if not isinstance(bn, _BatchNorm) or bn.weight is None:
+            raise PruneError(f"the mask names {name!r}, which is not an affine BatchNorm of this model")
+        keep = torch.zeros(bn.num_features, dtype=bn.weight.dtype, device=bn.weight.device)
+        keep[list(kept)] = 1
+        bn.register_buffer("netslim_mask", keep, persistent=False)
+        with torch.no_grad():
+            bn.weight.mul_(keep)
+            bn.bias.mul_(keep)
+        if not getattr(bn, "_netslim_hooked", False):
+            for p in (bn.weight, bn.bias):
+                p.register_hook(lambda g, bn=bn: g * bn.netslim_mask.to(g.dtype))
+            bn._netslim_hooked = True
+    meta = dict(getattr(model, "netslim_meta", {}) or {})
+    meta["mask"] = {n: [int(i) for i in k] for n, k in mask.items()}
+    model.netslim_meta = meta
+    return model
+
+
+def compose_plans(outer: dict[str, Sequence[int]], inner: dict[str, Sequence[int]]) -> dict[str, list[int]]:
+    """The plan relative to the dense model after `outer` then `inner` (inner indexes outer's kept)."""
+    out = {n: list(map(int, k)) for n, k in outer.items()}
+    for n, k in inner.items():
+        out[n] = [out[n][i] for i in k] if n in out else [int(i) for i in k]
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+
+def prune(model: nn.Module, percent: float, *, mode: str = "slim", min_channels: int = 1,
+          max_layer_percent: float | None = None, round_to: int = 1,
+          example_input: torch.Tensor | None = None, group_score: str = "max",
+          skip_coupled: bool = False, exclude: Sequence[str] = ()) -> tuple[nn.Module, dict]:
+    """Prune `model` with Network Slimming's global threshold. Returns (pruned model, report).
+
+    mode "slim" returns a physically smaller copy; mode "mask" a copy of the same shape whose
+    pruned BN factors are zero and stay zero in training. `model` itself is not changed.
+    """
+    from .checkpoint import example_input as make_example
+    from .profile import count
+
+    if mode not in ("slim", "mask"):
+        raise ConfigError(f"mode must be 'slim' or 'mask', got {mode!r}")
+    _check_options(percent, min_channels, max_layer_percent, round_to, group_score)
+    meta = dict(getattr(model, "netslim_meta", {}) or {})
+    if example_input is None:
+        example_input = make_example(meta.get("input_size"), model)
+    exclude = list(exclude) or list(meta.get("exclude", []))
+    analysis = analyze(model, example_input, exclude=exclude, skip_coupled=skip_coupled)
+    plan, threshold, decisions = make_plan(model, analysis, percent, min_channels=min_channels,
+                                           max_layer_percent=max_layer_percent, round_to=round_to,
+                                           group_score=group_score)
+    old_mask = meta.get("mask") or {}
+    if old_mask:  # already-masked channels stay pruned
+        mods = dict(model.named_modules())
+        for n, k in old_mask.items():
+            base = plan.get(n, range(mods[n].num_features))
+            plan[n] = sorted(set(base) & set(k))
+    input_size = list(example_input.shape[1:])
+    before = count(model, example_input=example_input)
+    if mode == "slim":
+        pruned = apply_plan(model, plan, example_input, analysis=analysis)
+        meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
+        meta.pop("mask", None)
+        after = count(pruned, example_input=example_input)
+        effective = after
+    else:
+        pruned = copy.deepcopy(model)
+        _strip_masks(pruned)
+        pruned = apply_mask(pruned, plan)
+        meta["mask"] = pruned.netslim_meta["mask"]
+        after = count(pruned, example_input=example_input)
+        effective = count(apply_plan(pruned, plan, example_input, analysis=analysis), example_input=example_input)
+    meta["input_size"] = input_size
+    if exclude:
+        meta["exclude"] = exclude
+    pruned.netslim_meta = meta
+    total = sum(d.total for d in decisions)
+    kept = sum(d.kept for d in decisions)
+    report = {
+        "mode": mode, "percent": percent, "threshold": threshold if percent > 0 else None,
+        "group_score": group_score, "min_channels": min_channels,
+        "max_layer_percent": max_layer_percent, "round_to": round_to,
+        "channels_total": total, "channels_kept": kept,
+        "layers": [d.as_dict() for d in decisions],
+        "guarded": [d.name for d in decisions if d.guard],
+        "unprunable": dict(analysis.unprunable),
+        "coupled": ["+".join(layer) for layer in analysis.coupled_layers()],
+        "before": before, "after": after, "effective": effective,
+    }
+    log.info("pruned %d of %d channels (threshold %.4g)", total - kept, total, report["threshold"] or 0)
+    return pruned, report
