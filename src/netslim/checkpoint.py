@@ -93,8 +93,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer netslim (format {version}, this one reads "
                                   f"up to {FORMAT_VERSION}); upgrade netslim to load it")
-        if "state_dict" not in obj or "arch" not in obj:
-            raise CheckpointError(f"{path} is a damaged netslim checkpoint (no state_dict or arch)")
+        if not isinstance(obj.get("state_dict"), dict):
+            raise CheckpointError(f"{path} is a damaged netslim checkpoint (it has no state_dict)")
     return obj
 
 
@@ -129,7 +129,8 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
     if model is None:
         arch = dict(obj.get("arch") or {})
         if "name" not in arch:
-            raise CheckpointError(f"{source} does not name its architecture; pass the model to load_checkpoint")
+            raise CheckpointError(f"{source} holds a model outside netslim's registry; build it and pass it "
+                                  "to load_checkpoint(path, model=...)")
         name = arch.pop("name")
         model = build_model(name, **arch)
     example = example_input(obj.get("input_size"), model)
