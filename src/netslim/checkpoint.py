@@ -184,3 +184,91 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# ----------------------------------------------------------------------------------------
+# The seed's checkpoints (github.com/Eric-mingjie/network-slimming)
+
+def is_seed_checkpoint(obj: dict) -> bool:
+    """A training checkpoint {'epoch','best_prec1','state_dict',...} or a pruned one {'cfg','state_dict'}."""
+    return isinstance(obj.get("state_dict"), dict) and not is_netslim_checkpoint(obj) and (
+        "cfg" in obj or "epoch" in obj or "best_prec1" in obj)
+
+
+def import_seed_checkpoint(obj: dict, arch: str, depth: int | None, *, num_classes: int,
+                           in_channels: int = 3, source: str = "checkpoint") -> nn.Module:
+    """Rebuild a model from one of the seed's checkpoint dicts (dense, pruned or fine-tuned).
+
+    The seed stores no plan. Which channels a BN keeps comes from the state_dict itself:
+    a `channel_selection` layer's 0/1 `indexes` vector names the stream channels the BN
+    before it reads (the seed computes that BN at full width, so its tensors are sliced to
+    the kept channels here), and a BN narrower than the dense architecture keeps its first
+    channels (the seed's pruned weights are already compacted in order). The result is an
+    ordinary netslim model with a plan, so it saves, prunes and reloads like any other.
+    """
+    from .models import build_model
+    from .prune import apply_plan
+
+    state = {k: v for k, v in obj["state_dict"].items()}
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    dense = build_model(arch, depth=depth, num_classes=num_classes, in_channels=in_channels)
+    dense_state = dense.state_dict()
+    dense_bns = {n: m for n, m in dense.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    plan: dict[str, list[int]] = {}
+    for key in [k for k in state if k.endswith("select.indexes")]:
+        prefix = key[: -len("select.indexes")]
+        bn = prefix + ("bn1" if prefix + "bn1.weight" in state else "bn")
+        if bn not in dense_bns:
+            raise CheckpointError(f"{source}: channel selection {key} follows no BatchNorm of {arch}-{depth}")
+        kept = torch.nonzero(state.pop(key).flatten() > 0).flatten().tolist()
+        if len(kept) < dense_bns[bn].num_features:
+            plan[bn] = kept
+            for t in ("weight", "bias", "running_mean", "running_var"):
+                k = f"{bn}.{t}"
+                if k in state and state[k].shape[0] == dense_bns[bn].num_features:
+                    state[k] = state[k][kept]
+    for bn, m in dense_bns.items():
+        w = state.get(f"{bn}.weight")
+        if w is None:
+            raise CheckpointError(f"{source} is not a {arch}-{depth} checkpoint (it has no {bn}.weight); "
+                                  "check --arch and --depth")
+        if bn not in plan and w.shape[0] < m.num_features:
+            plan[bn] = list(range(w.shape[0]))
+        state.setdefault(f"{bn}.num_batches_tracked", torch.tensor(0))  # PyTorch < 0.4.1 had none
+    try:
+        model = apply_plan(dense, plan) if plan else dense
+        if plan:
+            for n, m in model.named_modules():  # gathers are derived from the plan, not stored by the seed
+                if hasattr(m, "keep_index"):
+                    state[f"{n}.keep_index"] = m.keep_index
+        missing, unexpected = model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, IndexError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{source} does not fit {arch}-{depth} with {num_classes} classes "
+                              f"({'; '.join(lines[:2])[:200]}); check --arch, --depth and --dataset") from None
+    meta = {"arch": {"name": arch, "depth": depth, "num_classes": num_classes, "in_channels": in_channels},
+            "plan": plan, "input_size": [in_channels, 32, 32]}
+    model.netslim_meta = meta
+    return model.eval()
+
+
+def load_any_checkpoint(path: str | os.PathLike, *, arch: str | None = None, depth: int | None = None,
+                        num_classes: int | None = None, in_channels: int = 3) -> tuple[nn.Module, dict]:
+    """Load a netslim checkpoint, or a seed checkpoint when arch/depth/classes are given."""
+    obj = read_checkpoint(path)
+    if is_netslim_checkpoint(obj):
+        model = model_from_checkpoint(obj, source=str(path))
+        return model, {k: v for k, v in obj.items() if k != "state_dict"}
+    if is_seed_checkpoint(obj):
+        if arch is None or num_classes is None:
+            raise CheckpointError(f"{path} is a checkpoint of the seed (network-slimming); say what it holds "
+                                  "with --arch, --depth and --dataset")
+        model = import_seed_checkpoint(obj, arch, depth, num_classes=num_classes, in_channels=in_channels,
+                                       source=str(path))
+        meta = dict(model.netslim_meta)
+        meta["metrics"] = {k: float(obj[k]) for k in ("best_prec1",) if isinstance(obj.get(k), (int, float))}
+        meta["mode"] = "slim" if meta["plan"] else "dense"
+        meta["imported_from"] = "seed"
+        return model, meta
+    raise CheckpointError(f"{path} is neither a netslim checkpoint nor one of the seed's "
+                          f"(its keys: {', '.join(sorted(map(str, obj))[:6])})")
