@@ -1,2 +1,30 @@
-"""netslim: Network Slimming for convolutional networks (Liu et al., ICCV 2017)."""
+"""netslim: Network Slimming for convolutional networks (Liu et al., ICCV 2017).
+
+    import netslim
+    model = netslim.build_model("vgg", depth=13, num_classes=10)
+    ...train with netslim.bn_l1_(model, 1e-4) after each backward()...
+    slim, report = netslim.prune(model, 0.5)             # physically smaller model
+    print(netslim.count(slim, (3, 32, 32)))               # {'params', 'macs', 'flops'}
+    netslim.save_checkpoint("slim.pt", slim)              # reloads from the file alone
+"""
+from .checkpoint import load_any_checkpoint, load_checkpoint, save_checkpoint
+from .data import BatchLoader, DataBundle, get_spec, list_datasets, load_dataset
+from .errors import CheckpointError, ConfigError, DatasetError, NetslimError, PruneError
+from .graph import analyze
+from .models import build_model, list_models
+from .profile import count, measure_latency, profile
+from .prune import apply_mask, apply_plan, prune
+from .sparsity import BNSparsity, bn_l1_
+from .train import TrainConfig, evaluate, fit
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "build_model", "list_models",
+    "load_dataset", "list_datasets", "get_spec", "BatchLoader", "DataBundle",
+    "fit", "evaluate", "TrainConfig", "bn_l1_", "BNSparsity",
+    "prune", "apply_plan", "apply_mask", "analyze",
+    "count", "measure_latency", "profile",
+    "save_checkpoint", "load_checkpoint", "load_any_checkpoint",
+    "NetslimError", "ConfigError", "DatasetError", "CheckpointError", "PruneError",
+]

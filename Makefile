@@ -1,0 +1,36 @@
+# The README's commands. Each target installs what it needs, so on a fresh machine
+#   make demo   runs the whole slimming pipeline on Fashion-MNIST (quick preset)
+#   make test   runs the test suite
+PYTHON ?= python3
+# torch is installed first and pinned: a bare `pip install torch` (or a range that admits a
+# newer release) would pull several GB of CUDA packages. Any torch already present is kept.
+TORCH ?= torch==2.13.0
+RUN ?= runs/quick
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: install install-dev data demo test bench
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@$(PYTHON) -m pip install -q -e ".[plot]"
+
+install-dev:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@$(PYTHON) -m pip install -q -e ".[dev]"
+
+# Fashion-MNIST: the Debian package when we may install it, else netslim's --download.
+data:
+	@if [ ! -f $(FMNIST) ] && [ -z "$$NETSLIM_DATA" ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 || \
+		echo "apt-get could not install dataset-fashion-mnist; netslim will --download it"; \
+	fi
+
+demo: install data
+	netslim pipeline --preset quick --save $(RUN) --download
+
+test: install-dev
+	$(PYTHON) -m pytest
+
+bench: install-dev
+	$(PYTHON) benchmarks/bench_inference.py
+	$(PYTHON) benchmarks/bench_train.py
