@@ -199,7 +199,12 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
     try:
         model.eval()
         with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+            try:  # shapes only: fake tensors do no arithmetic
+                from torch._subclasses.fake_tensor import FakeTensorMode
+                fake = FakeTensorMode(allow_non_fake_inputs=True)
+                ShapeProp(gm, fake_mode=fake).propagate(fake.from_tensor(example_input))
+            except Exception:  # a model that needs real data (.item(), NumPy): run it for real
+                ShapeProp(gm).propagate(example_input)
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise PruneError(f"running {type(model).__name__} on an example input of shape "
