@@ -1,0 +1,671 @@
+"""Training: one SGD loop with the Network Slimming sparsity step, evaluation, checkpoints.
+
+The recipe is the seed's (and the paper's): SGD momentum 0.9, weight decay 1e-4, batch 64,
+lr 0.1 divided by 10 at 50% and 75% of the epochs, cross-entropy; with `sr` the L1
+sub-gradient s * sign(gamma) is added to every BatchNorm gamma's gradient after backward
+and before the optimizer step (after unscaling when an fp16 GradScaler is in use).
+
+Fast path: the dataset sits on the device as uint8 and BatchLoader normalises and
+augments whole batches there; bf16 autocast where the hardware has it; channels_last
+weights and inputs; the loop accumulates loss and accuracy as device tensors and reads
+them back only every `log_every` steps (for the progress display and the non-finite check).
+
+Files a run writes into `save_dir` (rank 0 only):
+    checkpoint.pt   the state at the end of the last completed epoch, with `train_state`
+                    (epoch 0 = the initial weights, written before the first step), so an
+                    interrupted run resumes exactly; see `fit(resume=...)`
+    model_best.pt   the weights with the best test top-1 so far
+    metrics.jsonl   one JSON line per epoch
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import read_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError, NetslimError
+from .fileio import append_jsonl, atomic_write_text
+from .sparsity import BNSparsity, bn_gammas
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainConfig", "fit", "evaluate", "resolve_amp", "resolve_device", "epoch_milestones",
+    "init_distributed", "resolve_seed", "TrainingInterrupted", "NonFiniteLoss",
+    "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "model_best.pt"
+METRICS_NAME = "metrics.jsonl"
+
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+
+ProgressFn = Callable[[dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """The training recipe. Defaults are the seed's CIFAR recipe."""
+    epochs: int = 160
+    batch_size: int = 64                 # per process; the seed's lr 0.1 is per 64 images
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4           # on every parameter, BN included, as in the seed
+    nesterov: bool = False               # the paper used Nesterov, the seed does not
+    milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of `epochs`; see epoch_milestones
+    gamma: float = 0.1                   # lr factor at each milestone
+    sr: bool = False                     # sparsity regularisation on BN gammas
+    s: float = 1e-4                      # its strength (1e-4 VGG, 1e-5 ResNet/DenseNet)
+    amp: str = "auto"                    # auto | off | bf16 | fp16
+    channels_last: bool = True
+    compile: bool = False
+    seed: Optional[int] = None           # None: drawn at random and recorded in the checkpoint
+    test_batch_size: int = 256
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    sync_bn: bool = False                # SyncBatchNorm under DDP (CUDA only)
+    force: bool = False                  # replace a run already in save_dir
+    log_every: int = 20                  # steps between host syncs (progress, non-finite check)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first value that cannot be used."""
+        def bad(name: str, value: Any, want: str) -> ConfigError:
+            return ConfigError(f"{name} {value!r} is not valid: {want}")
+        for name in ("epochs", "batch_size", "test_batch_size", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name.replace("_", "-"), v, "use an integer >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise bad("lr", self.lr, "use a learning rate > 0 (the seed uses 0.1)")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise bad("momentum", self.momentum, "use a value in [0, 1)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise bad("weight-decay", self.weight_decay, "use a value >= 0")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("nesterov needs momentum > 0")
+        if not (math.isfinite(self.s) and self.s >= 0):
+            raise bad("s", self.s, "use a sparsity strength >= 0 (e.g. 1e-4)")
+        if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
+            raise bad("gamma", self.gamma, "use an lr factor in (0, 1]")
+        if any(not (0 < f < 1) for f in self.milestones):
+            raise bad("milestones", self.milestones, "use fractions of the epochs strictly between 0 and 1")
+        if self.amp not in AMP_CHOICES:
+            raise bad("amp", self.amp, f"use one of {', '.join(AMP_CHOICES)}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise bad("seed", self.seed, "use an integer >= 0")
+
+    def as_dict(self) -> dict:
+        """JSON-like and weights_only-safe (tuples become lists)."""
+        d = asdict(self)
+        d["milestones"] = [float(f) for f in self.milestones]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Rebuild from `as_dict()` output, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "milestones" in kw:
+            kw["milestones"] = tuple(kw["milestones"])
+        return cls(**kw)
+
+
+class TrainingInterrupted(NetslimError):
+    """SIGINT/SIGTERM arrived during fit; `checkpoint` holds the last completed epoch."""
+
+    def __init__(self, signum: int, checkpoint: Optional[Path], epoch: int):
+        self.signum = signum
+        self.checkpoint = checkpoint
+        self.epoch = epoch  # completed epochs stored in `checkpoint`
+        where = f"; {checkpoint} holds epoch {epoch}" if checkpoint else ""
+        super().__init__(f"training interrupted by {signal.Signals(signum).name}{where}")
+
+
+class NonFiniteLoss(NetslimError):
+    """The training loss became NaN or infinite."""
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> this process's CUDA device when there is one (LOCAL_RANK under torchrun), else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not valid: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        elif dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist: this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def _cpu_has_bf16() -> bool:
+    """True when the CPU does bf16 matmuls natively (AVX512-BF16 or AMX)."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None:
+            try:
+                if fn():
+                    return True
+            except RuntimeError:
+                pass
+    try:  # older torch: read the flags ourselves (Linux)
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def resolve_amp(amp: str, device: str | torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for `amp` on `device`, or None for full fp32.
+
+    auto: bf16 on CUDA GPUs that support it and on CPUs with AVX512-BF16/AMX; fp16 (with a
+    GradScaler) on older GPUs; fp32 elsewhere (bf16 emulated on other CPUs is slower).
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if amp == "off":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    if amp != "auto":
+        raise ConfigError(f"amp {amp!r} is not valid: use one of {', '.join(AMP_CHOICES)}")
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu" and _cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def epoch_milestones(epochs: int, fractions: tuple[float, ...] = (0.5, 0.75)) -> list[int]:
+    """Integer epochs at which the lr is multiplied by gamma: [int(f * epochs) ...].
+
+    The seed tested `epoch in [epochs * 0.5, epochs * 0.75]`, a float comparison that never
+    matches for an odd epoch count (99 -> 49.5, 74.25), so its odd-length runs never decayed
+    the lr. Integer milestones fix that: 99 -> [49, 74]. A milestone at epoch 0 would decay
+    before the first step and is dropped; equal milestones (tiny runs) each apply.
+    """
+    return sorted(m for m in (int(f * epochs) for f in fractions) if m >= 1)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str | torch.device = "auto") -> tuple[int, int, torch.device, bool]:
+    """Join the torchrun process group when WORLD_SIZE > 1.
+
+    Returns (rank, world_size, device, created); `created` says this call made the group
+    (its caller should destroy it). nccl on CUDA, gloo on CPU. Idempotent.
+    """
+    dev = resolve_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, dev, False
+    dist = torch.distributed
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dev, False
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dev, True
+
+
+def resolve_seed(seed: Optional[int]) -> int:
+    """`seed`, or a fresh random one; under DDP every rank gets rank 0's."""
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    rank, world = _world()
+    if world > 1:
+        box = [seed]
+        torch.distributed.broadcast_object_list(box, src=0)
+        seed = int(box[0])
+    return seed
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if _world()[1] > 1:
+        dist = torch.distributed
+        torch.distributed.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+# --------------------------------------------------------------------------- signals
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag the loop reads between steps; a second signal aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # second signal: the user means it; act as if we were not here
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():  # signal() works only there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _has_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _is_channels_last(model: nn.Module) -> bool:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+    return False
+
+
+@torch.no_grad()
+def _eval_loop(model: nn.Module, loader: Any, amp: Optional[torch.dtype], device: torch.device
+               ) -> tuple[float, float]:
+    """Mean loss and top-1 % over `loader`, summed over all ranks when distributed."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(x)
+        sums[0] += F.cross_entropy(out.float(), y, reduction="sum")
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += y.numel()
+    model.train(was_training)
+    loss_sum, correct, n = _all_reduce(sums).tolist()
+    if n == 0:
+        return float("nan"), float("nan")
+    return loss_sum / n, 100.0 * correct / n
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Any, *, batch_size: int = 256,
+             device: str | torch.device | None = None, amp: str | torch.dtype | None = "auto",
+             channels_last: Optional[bool] = None, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 %) of `model` on uint8 images `x` [N, C, H, W] and labels `y`.
+
+    `device` defaults to the model's; `amp` is a resolve_amp name or a dtype (None = fp32);
+    `channels_last` defaults to the layout of the model's conv weights. With world_size > 1
+    each rank evaluates x[rank::world_size] and the sums are all-reduced: every rank
+    returns the figures for the whole set.
+    """
+    from .data import BatchLoader
+
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = resolve_device(device)
+    dtype = resolve_amp(amp, device) if isinstance(amp, str) else amp
+    if channels_last is None:
+        channels_last = _is_channels_last(model)
+    loader = BatchLoader(x, y, spec, batch_size, train=False, device=device, rank=rank, world_size=world_size,
+                         channels_last=channels_last)
+    return _eval_loop(model, loader, dtype, device)
+
+
+def _gamma_stats(model: nn.Module) -> tuple[float, float]:
+    """(sum |gamma| over all BN layers, fraction of |gamma| below 1e-2): sparsity at a glance."""
+    gammas = bn_gammas(model)
+    if not gammas:
+        return 0.0, 0.0
+    with torch.no_grad():
+        g = torch.cat([p.detach().abs().float().flatten() for p in gammas])
+    return float(g.sum()), float((g < 1e-2).float().mean())
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _resolve_resume(resume: str | os.PathLike | None) -> Optional[Path]:
+    if resume is None:
+        return None
+    p = Path(resume)
+    if p.is_dir():
+        p = p / CHECKPOINT_NAME
+    if not p.exists():
+        raise CheckpointError(f"cannot resume: {p} does not exist")
+    return p
+
+
+def fit(model: nn.Module, data: Any, cfg: TrainConfig, save_dir: str | os.PathLike | None, *,
+        meta: dict, resume: str | os.PathLike | None = None,
+        on_progress: Optional[ProgressFn] = None) -> dict:
+    """Train `model` on `data` (a DataBundle) with recipe `cfg`; evaluate on the test split every epoch.
+
+    `meta` goes into every checkpoint (`arch`, `dataset`, `input_size`, ...; a pruned
+    model's plan/mask ride along on `model.netslim_meta`). `resume` (a checkpoint.pt or its
+    folder) restores weights, optimizer, scheduler, scaler and RNG state and continues at
+    the next epoch: with the same config on CPU the result is bit-identical to a run that
+    was never interrupted. `on_progress(event)` is called on rank 0 with dicts whose
+    `event` is "start", "step" (every `cfg.log_every` steps) or "epoch".
+
+    Raises NetslimError when `save_dir` already holds a run (unless resuming it or
+    cfg.force), NonFiniteLoss when the loss stops being finite, TrainingInterrupted on
+    SIGINT/SIGTERM (after the current step; checkpoint.pt then holds the last completed
+    epoch, which is what a resume needs to be exact). Returns a summary dict.
+    """
+    cfg = dataclasses.replace(cfg)  # fit fills in the seed; the caller's config stays as it was
+    cfg.validate()
+    save = Path(save_dir) if save_dir is not None else None
+    resume_path = _resolve_resume(resume)
+    ckpt_path = save / CHECKPOINT_NAME if save is not None else None
+    if ckpt_path is not None and ckpt_path.exists() and not cfg.force:
+        same = resume_path is not None and resume_path.resolve() == ckpt_path.resolve()
+        if not same:
+            raise NetslimError(f"{save} already holds a run; use --resume {ckpt_path} to continue it "
+                               "or --force to replace it")
+    rank, world, device, created = init_distributed(cfg.device)
+    try:
+        return _fit(model, data, cfg, save, resume_path, meta, on_progress, rank, world, device)
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], resume_path: Optional[Path],
+         meta: dict, on_progress: Optional[ProgressFn], rank: int, world: int,
+         device: torch.device) -> dict:
+    from .data import BatchLoader
+
+    t_start = time.perf_counter()
+    spec = data.spec
+    amp = resolve_amp(cfg.amp, device)
+    if amp is not None and device.type == "cpu" and not _cpu_has_bf16() and cfg.amp == "bf16":
+        log.warning("this CPU has no native bf16: --amp bf16 will be slower than --amp off")
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); drop it on CPU")
+
+    # ---- state to continue from
+    ts: dict = {}
+    if resume_path is not None:
+        obj = read_checkpoint(resume_path)
+        ts = obj.get("train_state") or {}
+        if "epoch" not in ts or "optimizer" not in ts:
+            raise CheckpointError(f"{resume_path} has no training state to resume (a model_best.pt or a pruned "
+                                  f"model?); resume from the run's {CHECKPOINT_NAME}, or start a new run from "
+                                  "it with --refine")
+        try:
+            model.load_state_dict(obj["state_dict"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{resume_path} does not fit the model being trained "
+                                  f"({str(e).splitlines()[0][:160]})") from None
+        stored_seed = ts.get("seed")
+        if cfg.seed is not None and stored_seed is not None and cfg.seed != stored_seed:
+            log.warning("resuming a run trained with seed %s under seed %s: the data order changes",
+                        stored_seed, cfg.seed)
+        else:
+            cfg.seed = stored_seed
+    seed = resolve_seed(cfg.seed)
+    cfg.seed = seed
+    start_epoch = int(ts.get("epoch", 0))
+    history: list[dict] = list(ts.get("history", []))
+    best_top1 = float(ts.get("best_top1", -1.0))
+
+    # ---- model, wrapped for DDP / compile; `raw` is what gets saved and evaluated
+    use_cl = cfg.channels_last and _has_conv(model)
+    model.to(device)
+    if use_cl:
+        model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw = model
+    train_model: nn.Module = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    sparsity = BNSparsity(raw, cfg.s) if cfg.sr and cfg.s > 0 else None
+
+    params = [p for p in raw.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    milestones = epoch_milestones(cfg.epochs, cfg.milestones)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
+    # fp16 needs loss scaling; bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+
+    if ts:
+        opt.load_state_dict(ts["optimizer"])
+        sched.load_state_dict(ts["scheduler"])
+        sched.milestones = Counter(milestones)  # follow cfg.epochs if the run was extended
+        if ts.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ts["scaler"])
+        rngs = ts.get("rng_per_rank") or []
+        if len(rngs) == world:
+            _set_rng_state(rngs[rank], device)
+        else:  # different world size than the interrupted run: reseed, still deterministic
+            torch.manual_seed(seed + 1000 * start_epoch + rank)
+    else:
+        torch.manual_seed(seed + rank)  # dropout and other in-model randomness
+
+    # On a GPU the uint8 dataset is copied to device memory once (1 byte/pixel); each batch
+    # is then augmented and normalised there. On the CPU there is nothing to copy.
+    preload = device.type == "cuda"
+    train_loader = BatchLoader(data.train_x, data.train_y, spec, cfg.batch_size, train=True, device=device,
+                               seed=seed, rank=rank, world_size=world, channels_last=use_cl, preload=preload)
+    # Evaluation is sharded: rank r scores test images r, r+W, ... and _eval_loop all-reduces
+    # the sums, so every rank gets the figures for the whole test set.
+    test_loader = BatchLoader(data.test_x, data.test_y, spec, cfg.test_batch_size, train=False, device=device,
+                              rank=rank, world_size=world, channels_last=use_cl, preload=preload)
+    steps = len(train_loader)
+    if steps == 0:
+        raise ConfigError(f"batch size {cfg.batch_size} x {world} process(es) exceeds the "
+                          f"{len(data.train_y)} training images: lower --batch-size")
+
+    writer = rank == 0 and save is not None
+    best_path = save / BEST_NAME if save is not None else None
+    metrics_path = save / METRICS_NAME if save is not None else None
+    ckpt_path = save / CHECKPOINT_NAME if save is not None else None
+    train_meta = {**meta}
+    train_meta.pop("train_state", None)
+
+    def rng_states() -> list[dict]:
+        state = _rng_state(device)
+        if world == 1:
+            return [state]
+        out: list = [None] * world
+        torch.distributed.all_gather_object(out, state)
+        return out
+
+    def save_latest(epoch_done: int) -> None:
+        rngs = rng_states()  # a collective: every rank takes part
+        if not writer:
+            return
+        state = {
+            "epoch": epoch_done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "rng_per_rank": rngs, "seed": seed, "best_top1": best_top1,
+            "history": history, "config": cfg.as_dict(), "world_size": world,
+        }
+        save_checkpoint(ckpt_path, raw, **train_meta, train_state=state,
+                        metrics=history[-1] if history else {})
+
+    if writer:
+        if ts:  # drop lines of epochs after the checkpoint (a crash between the two writes)
+            atomic_write_text(metrics_path, "".join(_json_line(r) for r in history))
+        else:
+            for stale in (best_path, metrics_path):
+                stale.unlink(missing_ok=True)
+    if not ts:
+        save_latest(0)  # a resumable start: an interrupt in epoch 1 can still resume exactly
+
+    def report(event: dict) -> None:
+        if on_progress is not None and rank == 0:
+            on_progress(event)
+
+    report({"event": "start", "epochs": cfg.epochs, "start_epoch": start_epoch, "steps": steps,
+            "world_size": world, "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off",
+            "channels_last": use_cl, "seed": seed, "milestones": milestones,
+            "params": sum(p.numel() for p in raw.parameters())})
+
+    autocast_dtype = amp or torch.float32
+    last_epoch_done = start_epoch
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_loader.set_epoch(epoch)
+            train_model.train()
+            lr = opt.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+            seen = 0
+            stopped = False
+            for step, (x, y) in enumerate(train_loader, 1):
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp is not None):
+                    out = train_model(x)
+                    loss = F.cross_entropy(out, y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()  # under DDP gradients are all-reduced here
+                if sparsity is not None:
+                    scaler.unscale_(opt)  # the L1 step is in true-gradient units
+                    sparsity.step()
+                scaler.step(opt)
+                scaler.update()
+
+                n = y.shape[0]
+                seen += n
+                loss_d = loss.detach().float()
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss_d), step, bad_step)
+                loss_sum += loss_d * n
+                correct += (out.argmax(1) == y).sum()
+
+                sync = step % cfg.log_every == 0 or step == steps
+                if world == 1 and stop.signum is not None:
+                    stopped = True
+                    break
+                if not sync:
+                    continue
+                # Host sync: agree across ranks on stopping, check the loss, report progress.
+                flags = torch.tensor([0 if stop.signum is None else stop.signum, 0], device=device)
+                flags[1] = bad_step
+                _all_reduce(flags, "max")
+                signum, bad = int(flags[0]), int(flags[1])
+                if bad >= 0:
+                    last = ckpt_path if save is not None else None
+                    raise NonFiniteLoss(
+                        f"loss is not finite (nan/inf) at epoch {epoch + 1}, step {bad}/{steps} with lr {lr:g}; "
+                        + (f"{last} holds the last good state (epoch {last_epoch_done}); " if last else "")
+                        + "lower --lr or check the data")
+                if signum:
+                    stop.signum = stop.signum or signum
+                    stopped = True
+                    break
+                elapsed = time.perf_counter() - t0
+                report({"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": steps,
+                        "loss": float(loss_sum) / seen, "top1": 100.0 * float(correct) / seen, "lr": lr,
+                        "images_per_s": seen * world / max(elapsed, 1e-9)})
+            if stopped:
+                raise TrainingInterrupted(stop.signum, ckpt_path, last_epoch_done)
+
+            train_seconds = time.perf_counter() - t0
+            tot = _all_reduce(torch.stack([loss_sum.double(), correct.double(),
+                                           torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+            train_loss, train_correct, train_n = tot.tolist()
+            sched.step()
+
+            if world > 1:  # BN running stats drift apart per rank; evaluate (and save) rank 0's
+                for b in raw.buffers():
+                    torch.distributed.broadcast(b, src=0)
+            test_loss, test_top1 = _eval_loop(raw, test_loader, amp, device)
+            sum_gamma, frac_small = _gamma_stats(raw)
+            record = {
+                "epoch": epoch + 1, "lr": lr, "train_loss": train_loss / train_n,
+                "train_top1": 100.0 * train_correct / train_n, "test_loss": test_loss, "test_top1": test_top1,
+                "images_per_s": train_n / max(train_seconds, 1e-9),
+                "seconds": time.perf_counter() - t0, "sum_abs_gamma": sum_gamma,
+                "frac_gamma_below_1e-2": frac_small,
+            }
+            history.append(record)
+            is_best = test_top1 > best_top1
+            if is_best:
+                best_top1 = test_top1
+            if writer:
+                # model_best first: should a crash fall between the two writes, the resumed run
+                # redoes this epoch, finds the same top-1 and rewrites model_best identically.
+                if is_best:
+                    save_checkpoint(best_path, raw, **train_meta, metrics=record)
+            save_latest(epoch + 1)
+            if writer:
+                append_jsonl(metrics_path, record)
+            last_epoch_done = epoch + 1
+            report({"event": "epoch", **record, "epochs": cfg.epochs, "best_top1": best_top1, "is_best": is_best})
+            if epoch + 1 < cfg.epochs:  # a signal during evaluation or saving: stop here, nothing lost
+                flag = torch.tensor([stop.signum or 0], device=device)
+                signum = int(_all_reduce(flag, "max")[0])
+                if signum:
+                    raise TrainingInterrupted(signum, ckpt_path, last_epoch_done)
+
+    final = history[-1]["test_top1"] if history else float("nan")
+    return {"best_top1": best_top1 if history else float("nan"), "final_top1": final,
+            "epochs": len(history), "seconds": time.perf_counter() - t_start, "history": history,
+            "seed": seed, "save_dir": str(save) if save is not None else None}
+
+
+def _json_line(record: dict) -> str:
+    return json.dumps(record) + "\n"

@@ -1,0 +1,253 @@
+"""`netslim train / finetune / eval` end to end on tiny Fashion-MNIST IDX files in a temp folder."""
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from netslim import cli
+from netslim.checkpoint import load_checkpoint, save_checkpoint
+from netslim.fileio import read_jsonl
+from netslim.models import build_model
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on cores shared with other jobs, OpenMP's barriers between 2 threads can
+    wait a scheduler time slice each and make a 15 ms step take 2 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+MODEL = ["--arch", "vgg", "--depth", "11", "--width", "0.125"]
+FAST = ["--train-subset", "256", "--batch-size", "64", "--test-batch-size", "128", "--seed", "0", "--device", "cpu"]
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(head + arr.tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """fashion-mnist in the real IDX format: 320 train / 128 test 28x28 images, a bright band per class."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "fashion-mnist"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 320), ("t10k", 128)):
+        y = rng.integers(0, 10, n)
+        x = rng.integers(0, 60, (n, 28, 28))
+        for i, c in enumerate(y):
+            x[i, 2 * c:2 * c + 8, :] += 180
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", x.clip(0, 255))
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", y)
+    return root
+
+
+def train_args(data_dir: Path, save: Path, *extra: str) -> list[str]:
+    return ["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), *MODEL, *FAST,
+            "--save", str(save), *extra]
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory) -> Path:
+    """One finished 2-epoch sparsity run shared by the tests that only read it."""
+    save = tmp_path_factory.mktemp("runs") / "sparsity"
+    assert cli.main(train_args(data_dir, save, "--epochs", "2", "-sr", "--s", "1e-4")) == 0
+    return save
+
+
+def run_main(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("netslim: error: "), err
+    return lines[0]
+
+
+def test_train_writes_loadable_files(run_dir, data_dir, capsys):
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "model_best.pt", "metrics.jsonl"}
+    for name in ("checkpoint.pt", "model_best.pt"):
+        obj = torch.load(run_dir / name, weights_only=True)
+        assert obj["arch"] == {"name": "vgg", "depth": 11, "num_classes": 10, "in_channels": 1, "width": 0.125}
+        assert obj["dataset"]["name"] == "fashion-mnist" and obj["input_size"] == [1, 32, 32]
+    ck = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ck["train_state"]["epoch"] == 2 and ck["train_state"]["config"]["sr"] is True
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    model, meta = load_checkpoint(run_dir / "model_best.pt")
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+    assert cli.main(["eval", "--checkpoint", str(run_dir / "model_best.pt"), "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    best = max(r["test_top1"] for r in rows)
+    assert f"top-1 {best:.2f}%" in out and "fashion-mnist test, 128 images" in out
+
+
+def test_loss_falls_and_progress_is_shown(data_dir, tmp_path, capsys):
+    assert cli.main(train_args(data_dir, tmp_path / "r", "--epochs", "3", "--lr", "0.05")) == 0
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    out, err = capsys.readouterr()
+    assert "epoch 1/3" in out and "epoch 3/3" in out and "done: best top-1" in out
+    assert "training" in err and "img/s" in err  # start line and (plain, non-tty) progress lines
+
+
+def test_default_save_folder_and_finetune(run_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # a dense checkpoint refines like a pruned one (a pruned one carries its plan and rebuilds itself)
+    assert cli.main(["finetune", "--checkpoint", str(run_dir / "model_best.pt"), "--data-dir", str(data_dir),
+                     "--epochs", "1", *FAST]) == 0
+    ck = torch.load(tmp_path / "runs" / "vgg11" / "finetune" / "checkpoint.pt", weights_only=True)
+    assert ck["arch"]["width"] == 0.125 and ck["train_state"]["epoch"] == 1
+
+
+@pytest.mark.parametrize("mode", ["slim", "mask"])
+def test_finetune_a_pruned_checkpoint(run_dir, data_dir, tmp_path, mode):
+    from netslim.prune import prune
+
+    model, meta = load_checkpoint(run_dir / "model_best.pt")
+    pruned, _ = prune(model, 0.5, mode=mode)
+    save_checkpoint(tmp_path / "pruned.pt", pruned, dataset=meta["dataset"])
+    assert cli.main(["finetune", "--checkpoint", str(tmp_path / "pruned.pt"), "--data-dir", str(data_dir),
+                     "--epochs", "1", "-sr", "--s", "0.01", *FAST, "--save", str(tmp_path / "ft")]) == 0
+    ck = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    assert ck["mode"] == mode and ck["train_state"]["epoch"] == 1
+    tuned, _ = load_checkpoint(tmp_path / "ft" / "checkpoint.pt")  # rebuilt from the file alone
+    for name, m in tuned.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            kept = (ck["mask"] if mode == "mask" else ck["plan"]).get(name)
+            if mode == "slim":
+                assert m.num_features == len(kept)
+            elif kept is not None:  # masked channels stayed exactly zero through SGD, wd and sparsity
+                gone = sorted(set(range(m.num_features)) - set(kept))
+                assert torch.all(m.weight[gone] == 0) and torch.all(m.bias[gone] == 0)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_prints_resume_line_and_resume_finishes(data_dir, tmp_path, capsys, monkeypatch, signum):
+    show = cli.Progress.__call__
+
+    def kill_in_epoch_2(self, ev):
+        show(self, ev)
+        if ev["event"] == "step" and ev["epoch"] == 2:
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(cli.Progress, "__call__", kill_in_epoch_2)
+    save = tmp_path / "r"
+    assert run_main(train_args(data_dir, save, "--epochs", "3", "--log-every", "1")) == 128 + signum
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"netslim: interrupted; resume with: netslim train --resume {save / 'checkpoint.pt'}"
+    assert [r["epoch"] for r in read_jsonl(save / "metrics.jsonl")] == [1]
+
+    monkeypatch.setattr(cli.Progress, "__call__", show)
+    # the checkpoint holds dataset, model, recipe and data options: --resume alone continues the run
+    assert cli.main(["train", "--resume", str(save / "checkpoint.pt")]) == 0
+    rows = read_jsonl(save / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["lr"] for r in rows] == pytest.approx([0.1, 0.01, 0.001])  # milestones [1, 2] kept
+
+
+def test_refuses_to_overwrite_a_run(run_dir, data_dir, capsys):
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert run_main(train_args(data_dir, run_dir, "--epochs", "1")) == 2
+    line = one_error_line(capsys)
+    assert "already holds a run" in line and "--resume" in line and "--force" in line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--epochs", "0"], "--epochs: must be at least 1"),
+    (["--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--s", "-0.001"], "--s: must be >= 0"),
+    (["--lr", "0"], "--lr: must be > 0"),
+    (["--lr", "nan"], "--lr: must be > 0"),
+    (["--epochs", "two"], "not an integer"),
+    (["--amp", "fp8"], "invalid choice"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet': use one of"),
+    (["--arch", "alexnet"], "unknown arch 'alexnet': use one of vgg, resnet"),
+    (["--depth", "12"], "depth 12 is not valid for vgg"),
+    (["--resume", "nowhere/checkpoint.pt"], "does not exist"),
+])
+def test_bad_flags_exit_2_with_one_line_and_write_nothing(data_dir, tmp_path, capsys, extra, says):
+    assert run_main(train_args(data_dir, tmp_path / "r", *extra)) == 2
+    assert says in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_arch_and_width_on_wrong_family(data_dir, tmp_path, capsys):
+    assert run_main(["train", "--dataset", "fashion-mnist", "--save", str(tmp_path / "r")]) == 2
+    assert "needs --arch" in one_error_line(capsys)
+    assert run_main(["train", "--dataset", "fashion-mnist", "--arch", "resnet", "--depth", "11", "--width", "0.5",
+                     "--save", str(tmp_path / "r")]) == 2
+    assert "--width does not apply to resnet" in one_error_line(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("channels, classes, says", [(3, 10, "1 input channel(s)"), (1, 100, "10 classes")])
+def test_refine_checkpoint_that_does_not_fit_the_dataset(data_dir, tmp_path, capsys, channels, classes, says):
+    ck = tmp_path / "pruned.pt"
+    model = build_model("vgg", 11, num_classes=classes, in_channels=channels, width=0.125)
+    save_checkpoint(ck, model, arch={"name": "vgg", "depth": 11, "num_classes": classes, "in_channels": channels,
+                                     "width": 0.125}, input_size=[channels, 32, 32],
+                    dataset={"name": "cifar10", "in_channels": channels, "image_size": 32,
+                             "num_classes": classes, "mean": [0.5] * channels, "std": [0.25] * channels})
+    assert run_main(["train", "--refine", str(ck), "--dataset", "fashion-mnist", "--data-dir", str(data_dir),
+                     "--save", str(tmp_path / "ft")]) == 2
+    assert says in one_error_line(capsys)
+    assert not (tmp_path / "ft").exists()
+    assert run_main(["eval", "--checkpoint", str(ck), "--dataset", "fashion-mnist",
+                     "--data-dir", str(data_dir)]) == 2
+    assert says in one_error_line(capsys)
+
+
+def test_python_m_netslim_exit_codes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    bad = subprocess.run([sys.executable, "-m", "netslim", "train", "--dataset", "fashion-mnist", *MODEL,
+                          "--epochs", "0", "--save", str(tmp_path / "r")],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("netslim: error:")
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_of_a_missing_checkpoint(tmp_path, capsys):
+    assert run_main(["eval", "--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert "does not exist" in one_error_line(capsys)
+
+
+def test_torchrun_two_processes(data_dir, tmp_path):
+    """DDP on CPU (gloo): completes, the loss falls, rank 0 alone writes, the checkpoint loads."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "netslim", "train", *train_args(data_dir, tmp_path / "run", "--epochs", "3", "--lr", "0.05",
+                                                 "--batch-size", "32")[1:]]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("done: best top-1") == 1 and "2 processes" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model_best.pt"]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["train_state"]["world_size"] == 2 and len(ck["train_state"]["rng_per_rank"]) == 2
+    model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert not any(k.startswith("module.") for k in model.state_dict())
