@@ -1,0 +1,671 @@
+"""The `netslim` command line: argparse subcommands that call the library. Printing lives here only.
+
+    netslim train    --dataset D --arch A --depth N [...]   (-sr --s S: sparsity training)
+    netslim finetune --checkpoint PRUNED [...]               (= train --refine PRUNED)
+    netslim eval     --checkpoint C [--dataset D]
+
+Exit status: 0 done; 2 a user error (one line `netslim: error: ...` on stderr, no
+traceback, nothing written); 130 / 143 training stopped by SIGINT / SIGTERM (it prints how
+to resume); 130 Ctrl-C elsewhere.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, TextIO
+
+from . import __version__
+from .errors import ConfigError, DatasetError, NetslimError
+
+log = logging.getLogger("netslim")
+
+
+# --------------------------------------------------------------------------- parser plumbing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `netslim: error: <what> (see <prog> --help)`, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"netslim: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {v}")
+        return v
+    return parse
+
+
+def _float_where(ok: Callable[[float], bool], want: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return v
+    return parse
+
+
+_positive = _float_where(lambda v: v > 0 and v != float("inf"), "> 0")
+_non_negative = _float_where(lambda v: 0 <= v < float("inf"), ">= 0")
+_unit = _float_where(lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+# --------------------------------------------------------------------------- progress display
+
+
+class Progress:
+    """Turns fit()'s progress events into a one-line bar on stderr and a line per epoch on stdout.
+
+    On a terminal the bar redraws in place (\\r, at most 10 times a second); otherwise
+    (a log file, CI) it prints a plain line at most every `plain_every` seconds.
+    """
+
+    def __init__(self, err: Optional[TextIO] = None, out: Optional[TextIO] = None, plain_every: float = 10.0):
+        self.err = err if err is not None else sys.stderr  # looked up now: tests swap sys.stderr
+        self.out = out if out is not None else sys.stdout
+        self.tty = bool(getattr(err, "isatty", lambda: False)())
+        self.every = 0.1 if self.tty else plain_every
+        self.last = 0.0
+        self.bar_shown = False
+
+    def _clear(self) -> None:
+        if self.bar_shown:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+            self.bar_shown = False
+
+    def __call__(self, ev: dict) -> None:
+        kind = ev["event"]
+        if kind == "start":
+            resumed = f", resuming after epoch {ev['start_epoch']}" if ev["start_epoch"] else ""
+            procs = f", {ev['world_size']} processes" if ev["world_size"] > 1 else ""
+            print(f"training {ev['params']:,} parameters for {ev['epochs']} epochs x {ev['steps']} steps "
+                  f"(lr decays at epochs {ev['milestones']}) on {ev['device']}{procs}, amp {ev['amp']}, "
+                  f"channels_last {'on' if ev['channels_last'] else 'off'}, seed {ev['seed']}{resumed}",
+                  file=self.err, flush=True)
+            self.last = time.monotonic()
+        elif kind == "step":
+            now = time.monotonic()
+            if now - self.last < self.every and ev["step"] != ev["steps"]:
+                return
+            self.last = now
+            line = (f"epoch {ev['epoch']}/{ev['epochs']} step {ev['step']}/{ev['steps']} "
+                    f"loss {ev['loss']:.4f} top1 {ev['top1']:.2f}% {ev['images_per_s']:.0f} img/s")
+            if self.tty:
+                self.err.write("\r" + line + "\x1b[K")
+                self.bar_shown = True
+            else:
+                self.err.write(line + "\n")
+            self.err.flush()
+        elif kind == "epoch":
+            self._clear()
+            best = " *" if ev["is_best"] else ""
+            print(f"epoch {ev['epoch']}/{ev['epochs']} lr {ev['lr']:.4g} | train loss {ev['train_loss']:.4f} "
+                  f"top1 {ev['train_top1']:.2f}% | test loss {ev['test_loss']:.4f} top1 {ev['test_top1']:.2f}%{best} "
+                  f"(best {ev['best_top1']:.2f}%) | sum|gamma| {ev['sum_abs_gamma']:.1f} "
+                  f"| {ev['images_per_s']:.0f} img/s {ev['seconds']:.1f} s", file=self.out, flush=True)
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        self._clear()
+
+
+# --------------------------------------------------------------------------- train / finetune
+
+
+def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
+    """The seed's flags (same names and meanings) plus netslim's. Recipe flags default to None
+    so that a resumed run keeps the values stored in its checkpoint unless one is given."""
+    from .train import TrainConfig
+    d = TrainConfig()
+    g = p.add_argument_group("model and data")
+    g.add_argument("--dataset", help="dataset name (default: the checkpoint's with --refine/--resume)")
+    g.add_argument("--arch", help="architecture (vgg, resnet, densenet, ...; see the error for the full list)")
+    g.add_argument("--depth", type=_int_at_least(1), help="network depth (default: the family's)")
+    g.add_argument("--width", type=_positive, help="channel width multiplier (vgg, mobilenetv2)")
+    g.add_argument("--data-dir", help="where the dataset files are (default: search the usual places)")
+    g.add_argument("--download", action="store_true", default=None, help="fetch the dataset if it is missing")
+    g.add_argument("--train-subset", type=_int_at_least(1), metavar="N", help="train on the first N images only")
+
+    r = p.add_argument_group("recipe (defaults: the seed's)")
+    r.add_argument("--epochs", type=_int_at_least(1), help=f"epochs to train (default {d.epochs})")
+    r.add_argument("--batch-size", type=_int_at_least(1), help=f"images per step and process (default {d.batch_size})")
+    r.add_argument("--test-batch-size", type=_int_at_least(1), help=f"default {d.test_batch_size}")
+    r.add_argument("--lr", type=_positive, help=f"learning rate, /10 at 50%% and 75%% of the epochs (default {d.lr})")
+    r.add_argument("--momentum", type=_unit, help=f"default {d.momentum}")
+    r.add_argument("--weight-decay", "--wd", type=_non_negative, help=f"default {d.weight_decay:g}")
+    r.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (the paper's)")
+    r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
+                   help="train with the L1 sparsity term on BatchNorm gammas")
+    r.add_argument("--s", type=_non_negative, help=f"sparsity strength (default {d.s:g}; 1e-5 for resnet/densenet)")
+    r.add_argument("--seed", type=_int_at_least(0), help="random seed (default: drawn and recorded)")
+
+    s = p.add_argument_group("run")
+    if finetune:
+        s.add_argument("--checkpoint", dest="refine", required=True, metavar="PRUNED",
+                       help="the pruned checkpoint to fine-tune")
+    else:
+        s.add_argument("--refine", metavar="PRUNED", help="fine-tune this pruned checkpoint (same recipe)")
+    s.add_argument("--resume", metavar="CKPT", help="continue an interrupted run (its checkpoint.pt or folder)")
+    s.add_argument("--save", metavar="DIR", help="output folder (default runs/<arch><depth>/<stage>)")
+    s.add_argument("--force", action="store_true", help="replace a run already in --save")
+    s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    s.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
+                   help="mixed precision (default auto: bf16 where the hardware has it)")
+    s.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None,
+                   help="keep NCHW memory layout")
+    s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    s.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun (CUDA)")
+    s.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS", help="steps between progress updates")
+
+
+_RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov",
+                 "sr", "s", "seed", "amp", "channels_last", "compile", "device", "sync_bn", "log_every")
+
+
+def _arch_dict(arch: str, depth: Optional[int], width: Optional[float], spec: Any) -> dict:
+    """The build_model arguments of a fresh model, as a checkpoint's `arch` records them."""
+    from .models import check_depth, list_models, model_info
+    if arch not in list_models():
+        raise ConfigError(f"unknown arch {arch!r}: use one of {', '.join(list_models())}")
+    check_depth(arch, depth)
+    info = model_info(arch)
+    options = info["options"]
+    out: dict = {"name": arch}
+    if info["default_depth"] is not None:
+        out["depth"] = info["default_depth"] if depth is None else depth
+    out["num_classes"] = spec.num_classes
+    out["in_channels"] = spec.in_channels
+    if width is not None:
+        key = next((k for k in ("width", "width_mult") if k in options), None)
+        if key is None:
+            raise ConfigError(f"--width does not apply to {arch}: it has no width option")
+        out[key] = width
+    if "image_size" in options:
+        out["image_size"] = spec.image_size
+    return out
+
+
+def _check_fits(arch: dict, spec: Any, what: str) -> None:
+    """One-line error when dataset `spec` does not fit a checkpoint's model."""
+    c, k = arch.get("in_channels"), arch.get("num_classes")
+    if c is not None and int(c) != spec.in_channels:
+        raise DatasetError(f"dataset {spec.name} has {spec.in_channels} input channel(s) but the model in {what} "
+                           f"takes {c}: use a dataset with {c}")
+    if k is not None and int(k) != spec.num_classes:
+        raise DatasetError(f"dataset {spec.name} has {spec.num_classes} classes but the model in {what} "
+                           f"predicts {k}: use a dataset with {k} classes")
+
+
+def _same_or_error(flag: str, given: Any, stored: Any, what: str) -> None:
+    if given is not None and stored is not None and given != stored:
+        raise ConfigError(f"{flag} {given} does not match {what}, which holds {stored}: "
+                          f"leave {flag} out")
+
+
+def _stage(sr: bool, refine: bool) -> str:
+    return "finetune" if refine else "sparsity" if sr else "baseline"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """train / finetune: resolve the run (fresh, --refine or --resume), then fit()."""
+    from .checkpoint import load_checkpoint
+    from .data import get_spec, list_datasets, load_dataset
+    from .models import build_model, list_models
+    from .train import CHECKPOINT_NAME, TrainConfig, fit, init_distributed, resolve_seed
+
+    if args.resume and args.refine:
+        raise ConfigError("give --resume or --refine, not both: a resumed run already holds its pruned model")
+    if args.dataset is not None and args.dataset not in list_datasets():
+        raise ConfigError(f"unknown dataset {args.dataset!r}: use one of {', '.join(list_datasets())}")
+
+    stored_cfg: dict = {}
+    data_opts: dict = {}
+    model = None
+    resume: Optional[Path] = None
+    if args.resume:
+        resume = Path(args.resume)
+        if resume.is_dir():
+            resume = resume / CHECKPOINT_NAME
+        model, meta = load_checkpoint(resume)
+        ts = meta.get("train_state") or {}
+        if "epoch" not in ts:
+            raise ConfigError(f"{resume} has no training state to resume (a model_best.pt or a pruned model?): "
+                              f"resume from the run's {CHECKPOINT_NAME}, or fine-tune it with --refine")
+        stored_cfg = dict(ts.get("config") or {})
+        data_opts = dict(meta.get("data_options") or {})
+        arch = dict(meta["arch"])
+        ds = (meta.get("dataset") or {}).get("name")
+        _same_or_error("--dataset", args.dataset, ds, str(resume))
+        _same_or_error("--arch", args.arch, arch.get("name"), str(resume))
+        _same_or_error("--depth", args.depth, arch.get("depth"), str(resume))
+        _same_or_error("--width", args.width, arch.get("width", arch.get("width_mult")), str(resume))
+        dataset = args.dataset or ds
+    elif args.refine:
+        model, meta = load_checkpoint(args.refine)
+        arch = dict(meta["arch"])
+        _same_or_error("--arch", args.arch, arch.get("name"), args.refine)
+        _same_or_error("--depth", args.depth, arch.get("depth"), args.refine)
+        if args.width is not None:
+            raise ConfigError("--width does not apply to --refine: the pruned checkpoint fixes every layer's width")
+        dataset = args.dataset or (meta.get("dataset") or {}).get("name")
+        if dataset is None:
+            raise ConfigError(f"{args.refine} does not record its dataset: pass --dataset")
+    else:
+        if args.dataset is None or args.arch is None:
+            missing = " and ".join(f for f, v in (("--dataset", args.dataset), ("--arch", args.arch)) if v is None)
+            raise ConfigError(f"train needs {missing} (or --resume / --refine a checkpoint)")
+        dataset = args.dataset
+        arch = {}
+        meta = {}
+
+    # recipe: flags given > the resumed run's stored config > the seed's defaults
+    cfg_dict = TrainConfig().as_dict()
+    cfg_dict.update({k: v for k, v in stored_cfg.items() if k in cfg_dict})
+    cfg_dict.update({k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None})
+    cfg_dict["force"] = bool(args.force)
+    cfg = TrainConfig.from_dict(cfg_dict)
+    cfg.validate()
+
+    # data options: flags given > stored (resume); data_dir stored absolute so the resume line is short
+    data_dir = args.data_dir if args.data_dir is not None else data_opts.get("data_dir")
+    train_subset = args.train_subset if args.train_subset is not None else data_opts.get("train_subset")
+    download = bool(args.download if args.download is not None else data_opts.get("download", False))
+    source = str(resume or args.refine)
+    # Check everything cheap before the (slow) data load. imagefolder's spec comes from its files.
+    if dataset != "imagefolder":
+        spec = get_spec(dataset)
+        if arch:
+            _check_fits(arch, spec, source)
+        else:
+            arch = _arch_dict(args.arch, args.depth, args.width, spec)
+    elif not arch and args.arch not in list_models():
+        raise ConfigError(f"unknown arch {args.arch!r}: use one of {', '.join(list_models())}")
+
+    name = arch.get("name") or args.arch
+    tag = f"{name}{arch.get('depth') or args.depth or ''}"
+    if args.save:
+        save = Path(args.save)
+    elif resume is not None:
+        save = resume.parent
+    else:
+        save = Path("runs") / tag / _stage(cfg.sr, bool(args.refine))
+    ckpt = save / CHECKPOINT_NAME
+    if ckpt.exists() and not cfg.force and not (resume is not None and ckpt.resolve() == resume.resolve()):
+        raise ConfigError(f"{save} already holds a run; use --resume {ckpt} to continue it or --force to replace it")
+
+    data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset)
+    spec = data.spec
+    if not arch:
+        arch = _arch_dict(args.arch, args.depth, args.width, spec)
+    elif dataset == "imagefolder":
+        _check_fits(arch, spec, source)
+
+    rank, world, _, created = init_distributed(cfg.device)
+    try:
+        cfg.seed = resolve_seed(cfg.seed)
+        if model is None:
+            import torch
+            torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
+            model = build_model(name, **{k: v for k, v in arch.items() if k != "name"})
+        input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
+        run_meta = {"arch": arch, "dataset": spec.as_dict(), "input_size": list(input_size),
+                    "data_options": {"data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                                     "train_subset": train_subset, "download": download}}
+        progress = Progress() if rank == 0 else None
+        try:
+            summary = fit(model, data, cfg, save, meta=run_meta, resume=resume, on_progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if rank == 0:
+        print(f"done: best top-1 {summary['best_top1']:.2f}%, final {summary['final_top1']:.2f}% after "
+              f"{summary['epochs']} epochs ({summary['seconds']:.0f} s); files in {save}")
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Top-1 of a checkpoint on a dataset's test split."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import get_spec, load_dataset
+    from .train import evaluate, resolve_device
+
+    model, meta = load_checkpoint(args.checkpoint)
+    dataset = args.dataset or (meta.get("dataset") or {}).get("name")
+    if dataset is None:
+        raise ConfigError(f"{args.checkpoint} does not record its dataset: pass --dataset")
+    if dataset != "imagefolder":  # check before the data load: get_spec also rejects unknown names
+        _check_fits(meta.get("arch") or {}, get_spec(dataset), args.checkpoint)
+    data = load_dataset(dataset, data_dir=args.data_dir, download=args.download)
+    _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
+    if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        model.to(memory_format=torch.channels_last)  # as fit() evaluates: the same figures
+    loss, top1 = evaluate(model, data.test_x, data.test_y, data.spec, batch_size=args.batch_size,
+                          device=device, amp=args.amp)
+    print(f"{args.checkpoint}: top-1 {top1:.2f}% (loss {loss:.4f}) on {dataset} test, {len(data.test_y)} images")
+    return 0
+
+
+# --------------------------------------------------------------------------- prune / profile / export
+
+
+def _load_for_cli(args: argparse.Namespace) -> tuple[Any, dict]:
+    """A netslim checkpoint, or one of the seed's given --arch/--depth/--dataset."""
+    from .checkpoint import load_any_checkpoint
+    from .data import get_spec
+
+    spec = get_spec(args.dataset) if getattr(args, "dataset", None) else None
+    model, meta = load_any_checkpoint(args.checkpoint, arch=getattr(args, "arch", None),
+                                      depth=getattr(args, "depth", None),
+                                      num_classes=spec.num_classes if spec else None,
+                                      in_channels=spec.in_channels if spec else 3)
+    if spec is not None:
+        _check_fits(meta.get("arch") or {}, spec, args.checkpoint)
+        if meta.get("imported_from") == "seed":
+            meta["dataset"] = spec.as_dict()
+    return model, meta
+
+
+def _try_top1(model: Any, meta: dict, args: argparse.Namespace) -> Optional[float]:
+    """Top-1 on the test split when the data is at hand; pruning itself needs none."""
+    from .data import load_dataset
+    from .train import evaluate, resolve_device
+
+    name = getattr(args, "dataset", None) or (meta.get("dataset") or {}).get("name")
+    if not name or getattr(args, "no_eval", False):
+        return None
+    try:
+        data = load_dataset(name, data_dir=getattr(args, "data_dir", None))
+    except DatasetError as e:
+        log.warning("not evaluating: %s", e)
+        return None
+    _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
+    _, top1 = evaluate(model, data.test_x, data.test_y, data.spec, device=resolve_device(args.device))
+    return top1
+
+
+def _fmt_count(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a checkpoint with the global threshold; write DIR/pruned.pt and DIR/prune.json."""
+    import json
+
+    from .checkpoint import save_checkpoint
+    from .fileio import atomic_write_json
+    from .prune import prune
+
+    save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / f"pruned-{round(args.percent * 100):g}"
+    target = save / "pruned.pt"
+    if target.exists() and not args.force:
+        raise ConfigError(f"{target} already exists; use --force to replace it or another --save")
+    model, meta = _load_for_cli(args)
+    pruned, report = prune(model, args.percent, mode=args.mode, min_channels=args.min_channels,
+                           max_layer_percent=args.max_layer_percent, round_to=args.round_to,
+                           group_score=args.group_score, skip_coupled=args.skip_coupled,
+                           exclude=args.exclude or ())
+    top1 = _try_top1(pruned, meta, args)
+    report["top1"] = top1
+    report["checkpoint"] = str(args.checkpoint)
+    keep_meta = {k: meta[k] for k in ("arch", "dataset") if meta.get(k)}
+    save_checkpoint(target, pruned, **keep_meta, metrics={"top1": top1, "prune": {
+        k: report[k] for k in ("percent", "threshold", "mode", "channels_total", "channels_kept")}})
+    atomic_write_json(save / "prune.json", report)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{'layer':<32} {'total':>6} {'kept':>6} {'pruned':>7}  guard")
+    for layer in report["layers"]:
+        gone = 1 - layer["kept"] / layer["total"]
+        print(f"{layer['name'][:32]:<32} {layer['total']:>6} {layer['kept']:>6} {gone:>6.1%}  {layer['guard'] or ''}")
+    for name, why in report["unprunable"].items():
+        print(f"{name[:32]:<32} {'':>6} {'':>6} {'-':>7}  not pruned: {why}")
+    b, a = report["before"], report["effective"]
+    thr = f"{report['threshold']:.4g}" if report["threshold"] is not None else "none (percent 0)"
+    print(f"threshold {thr}: kept {report['channels_kept']} of {report['channels_total']} channels")
+    eff = " (effective: as if removed; the file keeps the dense shape)" if args.mode == "mask" else ""
+    print(f"params {_fmt_count(b['params'])} -> {_fmt_count(a['params'])}, "
+          f"FLOPs {_fmt_count(b['flops'])} -> {_fmt_count(a['flops'])}{eff}")
+    if report["guarded"]:
+        print(f"guards changed {len(report['guarded'])} layer(s): {', '.join(report['guarded'][:8])}"
+              f"{' ...' if len(report['guarded']) > 8 else ''}")
+    if top1 is not None:
+        print(f"top-1 right after pruning: {top1:.2f}%")
+    print(f"wrote {target} and {save / 'prune.json'}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Params, MACs, FLOPs, latency and peak memory of a checkpoint or an architecture."""
+    import json
+
+    from .checkpoint import example_input
+    from .data import get_spec
+    from .models import build_model
+    from .profile import count, profile
+    from .prune import apply_plan
+    from .train import resolve_device
+
+    if args.checkpoint:
+        model, meta = _load_for_cli(args)
+        input_size = meta.get("input_size") or list(example_input(None, model).shape[1:])
+        what = args.checkpoint
+    else:
+        if not (args.arch and args.dataset):
+            raise ConfigError("give --checkpoint, or --arch (with --depth) and --dataset")
+        spec = get_spec(args.dataset)
+        arch = _arch_dict(args.arch, args.depth, args.width, spec)
+        name = arch.pop("name")
+        model, meta = build_model(name, **arch).eval(), {"mode": "dense"}
+        input_size = [spec.in_channels, spec.image_size, spec.image_size]
+        what = f"{name}-{arch.get('depth', '')} on {spec.name}".replace("- on", " on")
+    device = resolve_device(args.device)
+    result = profile(model, input_size, batch_sizes=args.batch_sizes, device=device,
+                     latency=not args.no_latency, threads=args.threads)
+    mask = (meta.get("mask") or {}) if isinstance(meta, dict) else {}
+    if mask:
+        effective = apply_plan(model, mask)
+        result["effective"] = count(effective, input_size)
+    result["mode"] = meta.get("mode", "dense")
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    print(f"{what} ({result['mode']}), input {'x'.join(map(str, input_size))}")
+    print(f"  params {result['params']:,} ({_fmt_count(result['params'])})")
+    print(f"  MACs   {result['macs']:,} ({_fmt_count(result['macs'])}), FLOPs = 2 x MACs = {_fmt_count(result['flops'])}")
+    if mask:
+        e = result["effective"]
+        print(f"  effective (mask as if removed): params {_fmt_count(e['params'])}, FLOPs {_fmt_count(e['flops'])}")
+    for bs, ms in (result.get("latency_ms") or {}).items():
+        print(f"  latency batch {bs}: {ms:.2f} ms ({result['device']}, {result['threads']} threads)")
+    if result.get("peak_memory_bytes"):
+        print(f"  peak memory (batch {result.get('memory_batch_size')}): "
+              f"{result['peak_memory_bytes'] / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the slim model as ONNX and/or TorchScript, and check the ONNX file's outputs."""
+    from .export import export_onnx, export_torchscript
+
+    if not (args.onnx or args.torchscript):
+        raise ConfigError("say what to write: --onnx FILE and/or --torchscript FILE")
+    model, meta = _load_for_cli(args)
+    for path in (args.onnx, args.torchscript):
+        if path and Path(path).exists() and not args.force:
+            raise ConfigError(f"{path} already exists; use --force to replace it")
+    if args.torchscript:
+        export_torchscript(model, meta, args.torchscript)
+        print(f"wrote {args.torchscript} (TorchScript)")
+    if args.onnx:
+        check = export_onnx(model, meta, args.onnx)
+        note = (f"onnxruntime max |difference| {check['max_abs_diff']:.2e}" if check.get("checked")
+                else "not checked: pip install onnxruntime to compare outputs")
+        print(f"wrote {args.onnx} (ONNX opset {check['opset']}; {note})")
+    return 0
+
+
+def _add_checkpoint_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--checkpoint", required=required, help="a netslim checkpoint, or one of the seed's "
+                   "(then also --arch, --depth, --dataset)")
+    p.add_argument("--arch", help="for a seed checkpoint: vgg, resnet or densenet")
+    p.add_argument("--depth", type=_int_at_least(1), help="for a seed checkpoint: its depth")
+    p.add_argument("--dataset", help="the dataset (for a seed checkpoint: cifar10 or cifar100)")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _add_prune_parsers(sub: Any) -> None:
+    p = sub.add_parser("prune", help="prune channels with one global threshold", allow_abbrev=False,
+                       description="Network Slimming's pruning: all BatchNorm |gamma| in one sorted list, "
+                                   "threshold at --percent, keep channels above it.")
+    _add_checkpoint_source(p)
+    p.add_argument("--percent", type=_unit, required=True, help="fraction of channels to prune, in [0, 1)")
+    p.add_argument("--mode", choices=("slim", "mask"), default="slim",
+                   help="slim: a physically smaller model (default); mask: zero the pruned factors")
+    p.add_argument("--min-channels", type=_int_at_least(1), default=1,
+                   help="every layer keeps at least this many channels (default 1)")
+    p.add_argument("--max-layer-percent", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"),
+                   help="prune at most this fraction of any one layer (the paper's multi-pass: 0.5)")
+    p.add_argument("--round-to", type=_int_at_least(1), default=1, metavar="K",
+                   help="round kept widths up to a multiple of K (hardware-friendly sizes)")
+    p.add_argument("--group-score", choices=("max", "mean", "sum"), default="max",
+                   help="score of channels that must go together (coupled residual groups); max (default) "
+                        "removes a group only if every factor in it is under the threshold")
+    p.add_argument("--skip-coupled", action="store_true", help="leave coupled groups unpruned")
+    p.add_argument("--exclude", nargs="+", metavar="MODULE", help="module names to leave alone")
+    p.add_argument("--save", metavar="DIR", help="output folder (default: pruned-<P> beside the checkpoint)")
+    p.add_argument("--force", action="store_true", help="replace DIR/pruned.pt if it exists")
+    p.add_argument("--no-eval", action="store_true", help="skip the top-1 evaluation after pruning")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("profile", help="params, FLOPs, latency, memory", allow_abbrev=False,
+                       description="Count parameters, MACs and FLOPs (thop's conventions, FLOPs = 2 x MACs) "
+                                   "and measure latency and peak memory.")
+    _add_checkpoint_source(p, required=False)
+    p.add_argument("--width", type=_positive, help="channel width multiplier (with --arch)")
+    p.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[1, 64],
+                   metavar="B1,B2", help="latency batch sizes (default 1,64)")
+    p.add_argument("--threads", type=_int_at_least(1), help="CPU threads (default: torch's)")
+    p.add_argument("--no-latency", action="store_true", help="count only")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("export", help="write the slim model as ONNX / TorchScript", allow_abbrev=False)
+    _add_checkpoint_source(p)
+    p.add_argument("--onnx", metavar="FILE", help="ONNX file to write (checked with onnxruntime if installed)")
+    p.add_argument("--torchscript", metavar="FILE", help="TorchScript file to write")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_export)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="netslim", allow_abbrev=False,
+                     description="Network Slimming: sparsity training, channel pruning, fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"netslim {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model (baseline, or -sr for sparsity)", allow_abbrev=False,
+                       description="Train from scratch (--dataset --arch --depth), fine-tune a pruned "
+                                   "checkpoint (--refine), or continue a run (--resume).")
+    _add_train_flags(p, finetune=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint (= train --refine)", allow_abbrev=False)
+    _add_train_flags(p, finetune=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1 of a checkpoint on a test split", allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True, help="a netslim checkpoint (.pt)")
+    p.add_argument("--dataset", help="default: the checkpoint's")
+    p.add_argument("--data-dir", help="where the dataset files are")
+    p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    _add_prune_parsers(sub)
+    # pipeline [--preset NAME] ... registers here (netslim.pipeline)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("netslim: %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line. Returns 0 on success; otherwise raises SystemExit with the status
+    (2 user error, 130/143 interrupted), so `python -m netslim` exits with it too."""
+    from .train import TrainingInterrupted
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        code = args.func(args)
+    except TrainingInterrupted as e:
+        if _rank() == 0:
+            how = f"netslim train --resume {e.checkpoint}" if e.checkpoint else "(no --save folder: nothing to resume)"
+            print(f"netslim: interrupted; resume with: {how}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    except NetslimError as e:
+        if _rank() == 0:
+            print(f"netslim: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("netslim: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except BrokenPipeError:  # `netslim ... | head`
+        sys.stderr.close()
+        raise SystemExit(1) from None
+    if code:
+        raise SystemExit(code)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

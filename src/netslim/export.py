@@ -1,0 +1,77 @@
+"""Export a (slim) model for deployment: ONNX, checked against PyTorch, and TorchScript.
+
+A mask-mode checkpoint is exported as the slim model it stands for (the masked channels
+removed), since that is the model worth deploying; the outputs are identical.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import example_input
+from .errors import NetslimError
+from .fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def deployable(model: nn.Module, meta: dict) -> tuple[nn.Module, torch.Tensor]:
+    """The eval-mode slim model to export (a mask applied as removal) and an example input."""
+    from .prune import apply_plan
+
+    x = example_input(meta.get("input_size"), model)
+    mask = meta.get("mask") or {}
+    if mask:
+        model = apply_plan(model, mask, x)
+    return model.eval(), x
+
+
+def export_torchscript(model: nn.Module, meta: dict, path: str) -> None:
+    """Trace the model and write it atomically (torch.jit.load reads it without netslim)."""
+    model, x = deployable(model, meta)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, atol: float = 1e-4) -> dict[str, Any]:
+    """Write ONNX (batch dimension dynamic) and compare onnxruntime's outputs with PyTorch's.
+
+    Returns {"opset", "checked", "max_abs_diff"}. A mismatch above `atol` is an error and
+    nothing is written.
+    """
+    model, x = deployable(model, meta)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+        try:
+            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as e:  # the exporter raises many types for unsupported ops
+            raise NetslimError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    data = buf.getvalue()
+    result: dict[str, Any] = {"opset": opset, "checked": False, "max_abs_diff": None}
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        log.warning("onnxruntime is not installed: the ONNX file was not checked (pip install onnxruntime)")
+    else:
+        batch = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
+        with torch.no_grad():
+            want = model(batch)
+        diff = float((got - want).abs().max())
+        result.update(checked=True, max_abs_diff=diff)
+        if not diff <= atol:
+            raise NetslimError(f"onnxruntime's outputs differ from PyTorch's by {diff:.3g} (> {atol}); "
+                               "not writing the ONNX file")
+    atomic_write_bytes(path, data)
+    return result
