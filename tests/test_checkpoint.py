@@ -1,12 +1,11 @@
 """Checkpoints: weights-only safety, atomic writes, clear errors, the seed's files."""
 import os
-import pickle
 
 import pytest
 import torch
 from torch import nn
 
-from netslim.checkpoint import (FORMAT, import_seed_checkpoint, load_any_checkpoint, load_checkpoint,
+from netslim.checkpoint import (FORMAT, load_any_checkpoint, load_checkpoint,
                                 read_checkpoint, save_checkpoint)
 from netslim.errors import CheckpointError
 from netslim.graph import is_indexed_bn

@@ -1,15 +1,12 @@
 """`netslim train / finetune / eval` end to end on tiny Fashion-MNIST IDX files in a temp folder."""
 from __future__ import annotations
 
-import gzip
 import os
 import signal
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,42 +15,8 @@ from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.fileio import read_jsonl
 from netslim.models import build_model
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on cores shared with other jobs, OpenMP's barriers between 2 threads can
-    wait a scheduler time slice each and make a 15 ms step take 2 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 MODEL = ["--arch", "vgg", "--depth", "11", "--width", "0.125"]
 FAST = ["--train-subset", "256", "--batch-size", "64", "--test-batch-size", "128", "--seed", "0", "--device", "cpu"]
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(head + arr.tobytes())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """fashion-mnist in the real IDX format: 320 train / 128 test 28x28 images, a bright band per class."""
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "fashion-mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 320), ("t10k", 128)):
-        y = rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, 28, 28))
-        for i, c in enumerate(y):
-            x[i, 2 * c:2 * c + 8, :] += 180
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", x.clip(0, 255))
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", y)
-    return root
 
 
 def train_args(data_dir: Path, save: Path, *extra: str) -> list[str]:

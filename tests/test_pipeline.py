@@ -3,13 +3,11 @@ Fashion-MNIST IDX files: stage folders, resume, config checks, multi-pass, prese
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
-import struct
+import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,30 +23,6 @@ try:
     HAVE_MPL = True
 except ImportError:
     HAVE_MPL = False
-
-
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    arr = np.ascontiguousarray(arr, dtype=np.uint8)
-    head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(head + arr.tobytes())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """fashion-mnist in the real IDX format (gzip): 256 train / 128 test 28x28 images, a bright band per class."""
-    root = tmp_path_factory.mktemp("data")
-    folder = root / "fashion-mnist"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 256), ("t10k", 128)):
-        y = rng.integers(0, 10, n)
-        x = rng.integers(0, 60, (n, 28, 28))
-        for i, c in enumerate(y):
-            x[i, 2 * c:2 * c + 8, :] += 180
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", x.clip(0, 255))
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", y)
-    return root
 
 
 def tiny(data_dir: Path, **kw) -> PipelineConfig:
@@ -185,6 +159,7 @@ def test_plots_are_written(full):
 def test_report_without_matplotlib_still_writes_md_and_json(full, tmp_path, monkeypatch, caplog):
     run, _, results, _ = full
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setattr(logging.getLogger("netslim"), "propagate", True)  # a CLI test may have set it off
     files = write_report(tmp_path, results)
     assert files["plots"] == [] and "matplotlib" in files["plots_skipped"]
     assert "Plots skipped" in (tmp_path / "results.md").read_text()

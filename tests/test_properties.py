@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import netslim.models as M
-from netslim.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.data import load_dataset
 from netslim.errors import CheckpointError, DatasetError
 from netslim.profile import count

@@ -212,7 +212,6 @@ def import_seed_checkpoint(obj: dict, arch: str, depth: int | None, *, num_class
     state = {k: v for k, v in obj["state_dict"].items()}
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     dense = build_model(arch, depth=depth, num_classes=num_classes, in_channels=in_channels)
-    dense_state = dense.state_dict()
     dense_bns = {n: m for n, m in dense.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
     plan: dict[str, list[int]] = {}
     for key in [k for k in state if k.endswith("select.indexes")]:

@@ -3,6 +3,10 @@
     netslim train    --dataset D --arch A --depth N [...]   (-sr --s S: sparsity training)
     netslim finetune --checkpoint PRUNED [...]               (= train --refine PRUNED)
     netslim eval     --checkpoint C [--dataset D]
+    netslim prune    --checkpoint C --percent P [--mode slim|mask] [--save DIR]
+    netslim profile  --checkpoint C | --arch A --depth N --dataset D
+    netslim export   --checkpoint C --onnx FILE [--torchscript FILE]
+    netslim pipeline [--preset quick] [--save DIR] [any train/prune flag]
 
 Exit status: 0 done; 2 a user error (one line `netslim: error: ...` on stderr, no
 traceback, nothing written); 130 / 143 training stopped by SIGINT / SIGTERM (it prints how
@@ -505,7 +509,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return 0
     print(f"{what} ({result['mode']}), input {'x'.join(map(str, input_size))}")
     print(f"  params {result['params']:,} ({_fmt_count(result['params'])})")
-    print(f"  MACs   {result['macs']:,} ({_fmt_count(result['macs'])}), FLOPs = 2 x MACs = {_fmt_count(result['flops'])}")
+    print(f"  MACs   {result['macs']:,} ({_fmt_count(result['macs'])}), FLOPs = 2 x MACs = {_fmt_count(result['flops'])} "
+          f"({result['flops'] / 1e9:.2f}G, as the seed's table writes it)")
     if mask:
         e = result["effective"]
         print(f"  effective (mask as if removed): params {_fmt_count(e['params'])}, FLOPs {_fmt_count(e['flops'])}")
@@ -593,6 +598,116 @@ def _add_prune_parsers(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
+# --------------------------------------------------------------------------- pipeline
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """baseline -> sparsity -> prune -> fine-tune (-> more passes), resumable, with a report."""
+    from .pipeline import PRESET_NOTES, preset_config, run_pipeline
+    from .report import render_table
+    from .train import TrainingInterrupted
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("the pipeline runs in one process; use torchrun with `netslim train` stages instead")
+    epochs: Any = args.epochs
+    per_stage = {k: v for k, v in (("baseline", args.baseline_epochs), ("sparsity", args.sparsity_epochs),
+                                   ("finetune", args.finetune_epochs)) if v is not None}
+    if per_stage:
+        epochs = {**({"baseline": args.epochs, "sparsity": args.epochs, "finetune": args.epochs}
+                     if args.epochs else {}), **per_stage}
+    overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "train_subset",
+                                                "test_batch_size", "log_every") if getattr(args, k) is not None}
+    cfg = preset_config(
+        args.preset, dataset=args.dataset, arch=args.arch, depth=args.depth,
+        arch_options={"width": args.width} if args.width is not None else None, epochs=epochs,
+        batch_size=args.batch_size, lr=args.lr, s=args.s, percents=args.percent, passes=args.passes,
+        max_layer_percent=args.max_layer_percent, prune_mode=args.mode, min_channels=args.min_channels,
+        round_to=args.round_to, train_overrides=overrides or None, data_dir=args.data_dir,
+        download=args.download or None)
+    run_dir = Path(args.save or f"runs/{args.preset}")
+    progress = Progress()
+
+    def on_event(ev: dict) -> None:
+        kind = ev["event"]
+        if kind in ("start", "step", "epoch"):
+            progress(ev)
+        elif kind == "pipeline_start":
+            print(f"pipeline {args.preset} in {run_dir}: {PRESET_NOTES.get(args.preset, '')}".rstrip(": "),
+                  flush=True)
+        elif kind == "stage_start":
+            how = " (resuming)" if ev.get("resume") else ""
+            print(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']}{how}", flush=True)
+        elif kind == "stage_skip":
+            print(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']} already done", flush=True)
+        elif kind == "stage_end":
+            progress.close()
+            top1 = ev.get("top1")
+            print(f"== {ev['stage']} done" + (f": top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "")
+                  + (f" in {ev['seconds']:.0f} s" if ev.get("seconds") else ""), flush=True)
+        elif kind == "report_start":
+            print("== measuring and writing the report", flush=True)
+
+    t0 = time.monotonic()
+    try:
+        results = run_pipeline(cfg, run_dir, on_event=on_event, force=args.force,
+                               latency_seconds=args.latency_seconds)
+    except TrainingInterrupted as e:
+        progress.close()
+        print("netslim: interrupted; re-run the same command to resume", file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    finally:
+        progress.close()
+    print()
+    print(render_table(results))
+    files = results.get("report") or {}
+    shown = [str(files[k]) for k in ("markdown", "json") if files.get(k)] + [str(p) for p in files.get("plots") or []]
+    print(f"\nwrote {', '.join(shown)} (wall time {time.monotonic() - t0:.0f} s)")
+    if files.get("plots_skipped"):
+        print(f"plots skipped: {files['plots_skipped']}")
+    return 0
+
+
+def _add_pipeline_parser(sub: Any) -> None:
+    from .pipeline import list_presets
+
+    p = sub.add_parser("pipeline", help="baseline -> sparsity -> prune -> fine-tune, with a report",
+                       allow_abbrev=False,
+                       description="The whole Network Slimming job in one resumable command. A preset sets "
+                                   "everything; any flag overrides it.")
+    p.add_argument("--preset", default="quick", choices=list_presets(), help="default quick (Fashion-MNIST, "
+                   "width-0.25 vgg-13, ~10 minutes on a 2-core CPU); the others reproduce the seed's table rows")
+    p.add_argument("--save", metavar="DIR", help="run folder (default runs/<preset>); re-run to resume")
+    p.add_argument("--force", action="store_true", help="start the run folder over")
+    p.add_argument("--dataset")
+    p.add_argument("--arch")
+    p.add_argument("--depth", type=_int_at_least(1))
+    p.add_argument("--width", type=_positive)
+    p.add_argument("--epochs", type=_int_at_least(1), help="epochs of every training stage")
+    p.add_argument("--baseline-epochs", type=_int_at_least(1))
+    p.add_argument("--sparsity-epochs", type=_int_at_least(1))
+    p.add_argument("--finetune-epochs", type=_int_at_least(1))
+    p.add_argument("--batch-size", type=_int_at_least(1))
+    p.add_argument("--test-batch-size", type=_int_at_least(1))
+    p.add_argument("--lr", type=_positive)
+    p.add_argument("--s", type=_non_negative, help="sparsity strength")
+    p.add_argument("--percent", type=_unit, nargs="+", metavar="P", help="prune percents, e.g. 0.5 0.7")
+    p.add_argument("--passes", type=_int_at_least(1), help="sparsity -> prune -> fine-tune passes (paper: multi-pass)")
+    p.add_argument("--max-layer-percent", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    p.add_argument("--mode", choices=("slim", "mask"))
+    p.add_argument("--min-channels", type=_int_at_least(1))
+    p.add_argument("--round-to", type=_int_at_least(1))
+    p.add_argument("--seed", type=_int_at_least(0))
+    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--device")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
+    p.add_argument("--train-subset", type=_int_at_least(1), metavar="N")
+    p.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS")
+    p.add_argument("--data-dir")
+    p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
+    p.add_argument("--latency-seconds", type=_positive, default=0.5, help="time per latency measurement")
+    p.set_defaults(func=cmd_pipeline)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -601,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Network Slimming: sparsity training, channel pruning, fine-tuning.")
     parser.add_argument("--version", action="version", version=f"netslim {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO level)")
+    parser.add_argument("--threads", type=_int_at_least(1), metavar="N",
+                        help="CPU threads for torch (default: torch's; 1 is faster when other jobs share the CPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -625,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     _add_prune_parsers(sub)
-    # pipeline [--preset NAME] ... registers here (netslim.pipeline)
+    _add_pipeline_parser(sub)
     return parser
 
 
@@ -645,6 +762,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
         code = args.func(args)
     except TrainingInterrupted as e:

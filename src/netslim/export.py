@@ -34,10 +34,10 @@ def deployable(model: nn.Module, meta: dict) -> tuple[nn.Module, torch.Tensor]:
 def export_torchscript(model: nn.Module, meta: dict, path: str) -> None:
     """Trace the model and write it atomically (torch.jit.load reads it without netslim)."""
     model, x = deployable(model, meta)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, x)
     buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still widely deployed
+        torch.jit.save(torch.jit.trace(model, x), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -47,13 +47,32 @@ from .errors import PruneError
 # The BatchNorm that reads a subset of its input's channels (the seed's channel selection,
 # done without computing the BN at full width and without NumPy in forward).
 
+def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(1, index), in x's own memory layout ([N, C, ...] -> [N, len(index), ...]).
+
+    On a channels-last tensor, index_select along dim 1 writes a contiguous (NCHW) result,
+    a transposing copy that costs ~5x the gather, and the next conv has to transpose it back.
+    Seen as its [N*H*W, C] matrix, the same gather is a row-wise index_select along the last
+    dim, which stays channels-last (benchmarks/bench_inference.py measures both).
+    """
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=fmt):
+            n, c, *spatial = x.shape
+            order = (0, *range(2, x.dim()), 1)                       # NCHW view -> NHWC (a view)
+            rows = x.permute(order).reshape(-1, c)                   # [N*H*W, C], still a view
+            y = rows.index_select(1, index).view(n, *spatial, index.numel())
+            return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))  # NHWC -> NCHW view
+    return x.index_select(1, index)
+
+
 class _IndexedBatchNorm:
     """Mixin: gather `keep_index` channels of the input, then batch-normalise them."""
 
     keep_index: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.index_select(1, self.keep_index))  # [N, C_in, ...] -> [N, len(keep), ...]
+        return super().forward(gather_channels(x, self.keep_index))  # [N, C_in, ...] -> [N, len(keep), ...]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, reads {self.keep_index.numel()} input channels"

@@ -1,0 +1,270 @@
+"""Inference-time rewrites of a (dense or slim) model: same outputs, fewer passes over memory.
+
+    fast = netslim.fuse.optimize_for_inference(model)                       # eval-only copy
+    fast = netslim.fuse.optimize_for_inference(model, channels_last=True)   # + NHWC weights
+
+The model is traced with torch.fx (BatchNorms as leaves, as the pruning engine sees it)
+and rewritten:
+
+- fold: a BatchNorm that only reads a conv's (or Linear's) output is folded into that
+  conv's weight and bias (eval mode: the BN is a fixed per-channel affine map).
+- fuse: conv -> ReLU, conv -> add(other) and conv -> add -> ReLU become one `FusedConv2d`,
+  which on CPU runs oneDNN's convolution with post-ops
+  (`torch.ops.mkldnn._convolution_pointwise`, the kernels torch.compile's CPU backend
+  uses): the ReLU and the residual add happen while the output tile is still in cache,
+  instead of one more pass each over a tensor that does not fit in cache. oneDNN fuses
+  the add only for channels-last tensors; in NCHW it falls back to conv then an in-place add.
+- channels_last=True stores conv weights channels-last, so oneDNN runs the whole network
+  in NHWC (no reorder to its blocked layout and back around every conv) and the
+  pre-activation gathers of a slim model stay NHWC (graph.gather_channels).
+
+Pre-activation BNs (BN -> ReLU -> conv, the ResNet/DenseNet `bn1`s, gathers included)
+cannot fold: the ReLU sits between the BN and the conv; they stay as they are.
+Outputs match the original eval-mode model up to float rounding (tests/test_fuse.py).
+The result is for inference only: FusedConv2d has no backward through oneDNN's fused
+kernel (it falls back to plain ops when autograd needs them).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .graph import _Tracer, is_indexed_bn
+
+__all__ = ["FusedConv2d", "fold_bn", "optimize_for_inference"]
+
+_RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
+_RELU_METHODS = {"relu", "relu_"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _onednn_pointwise_available() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+class FusedConv2d(nn.Conv2d):
+    """Conv2d [+ add(other)] [+ ReLU] as one oneDNN convolution with post-ops (CPU, eval).
+
+    forward(x) or forward(x, other): relu?(conv(x) + other?). Elsewhere (CUDA, float64,
+    autograd through the weights) it runs the same maths with plain ops.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, add: bool = False) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                         conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.relu = relu
+        self.add = add
+
+    def extra_repr(self) -> str:
+        post = [p for p, on in (("add", self.add), ("relu", self.relu)) if on]
+        return super().extra_repr() + (f", post_ops={'+'.join(post)}" if post else "")
+
+    def _onednn(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == self.weight.dtype
+                and x.dim() == 4 and not (torch.is_grad_enabled() and self.weight.requires_grad)
+                and _onednn_pointwise_available())
+
+    def forward(self, x: torch.Tensor, other: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if (other is None) == self.add:
+            raise TypeError(f"FusedConv2d(add={self.add}) needs {'an' if self.add else 'no'} `other` tensor")
+        if self._onednn(x):
+            pad, stride, dil = list(self.padding), list(self.stride), list(self.dilation)
+            if self.add and other.shape[1:] == (self.out_channels, *other.shape[2:]) \
+                    and other.dtype == x.dtype and other.device == x.device:
+                return torch.ops.mkldnn._convolution_pointwise.binary(
+                    x, other, self.weight, self.bias, pad, stride, dil, self.groups,
+                    "add", None, "relu" if self.relu else None, [], None)
+            if not self.add:
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, self.weight, self.bias, pad, stride, dil, self.groups,
+                    "relu" if self.relu else "none", [], "")
+        y = self._conv_forward(x, self.weight, self.bias)
+        if self.add:
+            y = y + other
+        return torch.relu_(y) if self.relu else y
+
+
+# ----------------------------------------------------------------------------------------
+# BN folding
+
+_FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _can_fold(producer: nn.Module, bn: nn.Module) -> bool:
+    if not isinstance(producer, _FOLDABLE) or isinstance(producer, FusedConv2d):
+        return False
+    if not isinstance(bn, _BatchNorm) or is_indexed_bn(bn) or bn.running_mean is None:
+        return False
+    width = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    return width == bn.num_features
+
+
+def fold_bn(producer: nn.Module, bn: _BatchNorm) -> nn.Module:
+    """A copy of conv/linear `producer` whose output equals bn(producer(x)) with bn in eval mode."""
+    new = copy.deepcopy(producer)
+    with torch.no_grad():
+        w = producer.weight
+        var = bn.running_var.to(torch.float64)
+        scale = (bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(var)) \
+            / torch.sqrt(var + bn.eps)
+        shift = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(var)
+        b = producer.bias.to(torch.float64) if producer.bias is not None else torch.zeros_like(var)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        new.weight = nn.Parameter((w.to(torch.float64) * scale.view(shape)).to(w.dtype),
+                                  requires_grad=w.requires_grad)
+        new.bias = nn.Parameter(((b - bn.running_mean.to(torch.float64)) * scale + shift).to(w.dtype),
+                                requires_grad=w.requires_grad)
+    return new
+
+
+# ----------------------------------------------------------------------------------------
+# The graph rewrite
+
+def _single_use_module(gm: fx.GraphModule, node: fx.Node, types) -> Optional[nn.Module]:
+    """The module `node` calls if it is of `types`, called nowhere else, and `node` has one user."""
+    if node.op != "call_module" or len(node.users) != 1:
+        return None
+    m = gm.get_submodule(node.target)
+    if not isinstance(m, types):
+        return None
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target)
+    return m if calls == 1 else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS and not node.kwargs
+    return node.op == "call_method" and node.target in _RELU_METHODS and len(node.args) == 1
+
+
+def _set(gm: fx.GraphModule, name: str, m: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(gm.get_submodule(parent) if parent else gm, child, m)
+
+
+def _fusable_conv(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Conv2d]:
+    m = _single_use_module(gm, node, nn.Conv2d)
+    if m is None or isinstance(m, FusedConv2d) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return None
+    return m
+
+
+def _fold_pass(gm: fx.GraphModule) -> int:
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        bn = gm.get_submodule(node.target)
+        prev = node.args[0]
+        producer = _single_use_module(gm, prev, _FOLDABLE)
+        if producer is None or not _can_fold(producer, bn) or len(node.args) != 1:
+            continue
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) != 1:
+            continue  # a BN module applied at several places: leave it
+        _set(gm, prev.target, fold_bn(producer, bn))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _fuse_pass(gm: fx.GraphModule, add: bool) -> int:
+    fused = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FusedConv2d):
+            continue
+        # conv -> add(other) [-> relu]
+        if add and node.op == "call_function" and node.target in _ADD_FUNCTIONS and len(node.args) == 2 \
+                and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
+            for i in (0, 1):
+                conv_node, other = node.args[i], node.args[1 - i]
+                conv = _fusable_conv(gm, conv_node)
+                if conv is None or other is conv_node or _shape(conv_node) is None \
+                        or _shape(conv_node) != _shape(other):
+                    continue
+                relu_node = next(iter(node.users)) if len(node.users) == 1 else None
+                relu = relu_node is not None and _is_relu(gm, relu_node)
+                _set(gm, conv_node.target, FusedConv2d(conv, relu=relu, add=True))
+                # other must exist before the conv runs: move the conv call to the add's place
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_module(conv_node.target, (conv_node.args[0], other))
+                new.meta = dict(conv_node.meta)
+                end = relu_node if relu else node
+                end.replace_all_uses_with(new)
+                if relu:
+                    gm.graph.erase_node(relu_node)
+                gm.graph.erase_node(node)
+                gm.graph.erase_node(conv_node)
+                fused += 1
+                break
+            continue
+        # conv -> relu
+        if _is_relu(gm, node) and node.args and isinstance(node.args[0], fx.Node):
+            conv_node = node.args[0]
+            conv = _fusable_conv(gm, conv_node)
+            if conv is None or len(conv_node.args) != 1:
+                continue
+            _set(gm, conv_node.target, FusedConv2d(conv, relu=True))
+            node.replace_all_uses_with(conv_node)
+            gm.graph.erase_node(node)
+            fused += 1
+    return fused
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
+                           fold: bool = True, fuse: bool = True, fuse_add: bool = True,
+                           channels_last: bool = False) -> fx.GraphModule:
+    """An eval-mode copy of `model` with BNs folded into convs and conv post-ops fused.
+
+    `example_input` (default: a zero example of the model's input size) is run once to
+    learn tensor shapes, so an add is fused only where no broadcasting happens.
+    `channels_last` also stores 4-d weights channels-last (run inputs as
+    x.contiguous(memory_format=torch.channels_last), or let the first conv convert them).
+    `model` is not changed. Outputs equal model.eval()'s up to float rounding.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    from .checkpoint import example_input as make_example
+
+    src = copy.deepcopy(model).eval()
+    meta = dict(getattr(model, "netslim_meta", {}) or {})
+    if example_input is None:
+        example_input = make_example(meta.get("input_size"), src)
+    param = next(src.parameters(), None)
+    if param is not None:
+        example_input = example_input.to(device=param.device, dtype=param.dtype)
+    gm = fx.GraphModule(src, _Tracer(set()).trace(src), class_name=type(model).__name__ + "Inference")
+    gm.eval()
+    if fold:
+        _fold_pass(gm)
+    if fuse:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+        _fuse_pass(gm, add=fuse_add)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    if channels_last:
+        gm = gm.to(memory_format=torch.channels_last)
+    gm.netslim_meta = meta
+    return gm

@@ -1,0 +1,107 @@
+"""`netslim prune / profile / export / pipeline` end to end on tiny real-format data."""
+import json
+
+import pytest
+import torch
+
+from netslim import cli
+from netslim.checkpoint import load_checkpoint
+from netslim.profile import count
+
+MODEL = ["--arch", "vgg", "--depth", "11", "--width", "0.125"]
+
+
+def run(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    save = tmp_path_factory.mktemp("run") / "sparsity"
+    code = run(["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), *MODEL, "--epochs", "1",
+                "--train-subset", "256", "-sr", "--s", "1e-3", "--seed", "0", "--save", str(save)])
+    assert code == 0
+    return save / "model_best.pt"
+
+
+def test_prune_writes_checkpoint_and_report(trained, data_dir, tmp_path, capsys):
+    out = tmp_path / "p50"
+    assert run(["prune", "--checkpoint", str(trained), "--percent", "0.5", "--save", str(out),
+                "--data-dir", str(data_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "threshold" in printed and "top-1 right after pruning" in printed
+    report = json.loads((out / "prune.json").read_text())
+    model, meta = load_checkpoint(out / "pruned.pt")
+    assert meta["mode"] == "slim"
+    assert report["after"] == count(model, (1, 32, 32))
+    assert torch.load(out / "pruned.pt", weights_only=True)["metrics"]["top1"] == report["top1"]
+    # refuses to overwrite, then --force replaces
+    assert run(["prune", "--checkpoint", str(trained), "--percent", "0.5", "--save", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert run(["prune", "--checkpoint", str(trained), "--percent", "0.6", "--save", str(out), "--force",
+                "--no-eval", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["percent"] == 0.6
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--percent", "1.0"], "in [0, 1)"),
+    (["--percent", "abc"], "not a number"),
+    (["--percent", "-0.1"], "in [0, 1)"),
+    (["--percent", "0.5", "--min-channels", "0"], "at least 1"),
+])
+def test_prune_bad_flags(trained, tmp_path, capsys, argv, says):
+    assert run(["prune", "--checkpoint", str(trained), "--save", str(tmp_path / "x"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_mask_prune_profile_and_finetune(trained, data_dir, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert run(["prune", "--checkpoint", str(trained), "--percent", "0.95", "--mode", "mask",
+                "--save", str(out), "--no-eval"]) == 0
+    assert "effective" in capsys.readouterr().out
+    assert run(["profile", "--checkpoint", str(out / "pruned.pt"), "--json", "--batch-sizes", "1,4"]) == 0
+    prof = json.loads(capsys.readouterr().out)
+    assert prof["mode"] == "mask" and prof["effective"]["params"] < prof["params"]
+    assert set(prof["latency_ms"]) == {"1", "4"} or set(prof["latency_ms"]) == {1, 4}
+    assert run(["finetune", "--checkpoint", str(out / "pruned.pt"), "--data-dir", str(data_dir),
+                "--epochs", "1", "--train-subset", "128", "--save", str(tmp_path / "ft")]) == 0
+    model, meta = load_checkpoint(tmp_path / "ft" / "model_best.pt")
+    for name, kept in meta["mask"].items():
+        bn = model.get_submodule(name)
+        gone = torch.ones(bn.num_features, dtype=torch.bool)
+        gone[kept] = False
+        assert torch.all(bn.weight[gone] == 0) and torch.all(bn.bias[gone] == 0)
+
+
+def test_profile_an_architecture(capsys):
+    assert run(["profile", "--arch", "vgg", "--depth", "13", "--dataset", "cifar10", "--no-latency"]) == 0
+    out = capsys.readouterr().out
+    assert "9,413,066" in out and "0.46G" in out
+
+
+def test_export(trained, tmp_path, capsys):
+    onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.ts"
+    assert run(["export", "--checkpoint", str(trained), "--onnx", str(onnx_path), "--torchscript", str(ts_path)]) == 0
+    assert onnx_path.stat().st_size > 0
+    model, _ = load_checkpoint(trained)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts_path))(x), model(x))
+
+
+def test_pipeline_command(data_dir, tmp_path, capsys):
+    save = tmp_path / "pipe"
+    argv = ["pipeline", "--save", str(save), "--data-dir", str(data_dir), *MODEL, "--epochs", "1",
+            "--train-subset", "128", "--percent", "0.5", "--latency-seconds", "0.05"]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "Baseline" in out and "Fine-tune (50%)" in out
+    assert (save / "results.md").exists() and (save / "results.json").exists()
+    assert run(argv) == 0  # re-run: everything already done
+    assert "already done" in capsys.readouterr().out
+    assert run(["pipeline", "--preset", "nope"]) == 2
