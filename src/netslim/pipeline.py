@@ -242,8 +242,12 @@ PRESETS: dict[str, dict] = {
     # Fashion-MNIST is the data set installed on these machines (CIFAR cannot be downloaded here).
     # Epochs are sized for ~10 minutes on a 2-core CPU with bf16 autocast (~20-25 s per epoch);
     # change them with preset_config("quick", epochs={...}).
+    # s = 1e-3, not the seed's 1e-4: the L1 step moves a gamma by at most sum(lr * s) over the run,
+    # 160 epochs x 782 steps x 0.053 (mean lr) x 1e-4 = 0.66 in the seed's CIFAR runs, but only
+    # 6 x 469 x 0.052 x 1e-4 = 0.015 in 6 epochs at batch 128: too little to move a gamma that
+    # starts at 0.5. Measured: 8 epochs at 1e-4 left no |gamma| under 0.01 (BENCHMARKS.md).
     "quick": dict(dataset="fashion-mnist", arch="vgg", depth=13, arch_options={"width": 0.25},
-                  epochs={"baseline": 6, "sparsity": 6, "finetune": 4}, batch_size=128, lr=0.1, s=1e-4,
+                  epochs={"baseline": 6, "sparsity": 6, "finetune": 4}, batch_size=128, lr=0.1, s=1e-3,
                   percents=[0.5, 0.7], train_overrides={"seed": 0}),
     "cifar10-vgg13": dict(dataset="cifar10", arch="vgg", depth=13, epochs=99, batch_size=512, lr=0.1, s=1e-4,
                           percents=[0.4]),
@@ -586,6 +590,14 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike, *, on_event: O
 
     cfg.validate()
     run_dir = Path(run_dir)
+    data = None
+    if force or not (run_dir / PIPELINE_NAME).exists():
+        # a new run: fail on missing or damaged data before anything is written (the folder,
+        # pipeline.json); it is read for the first stage anyway
+        from .data import load_dataset
+        from .fileio import check_writable_folder
+        check_writable_folder(run_dir)
+        data = load_dataset(cfg.dataset, **cfg.data_options())
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -593,6 +605,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike, *, on_event: O
     seed = _check_run_dir(run_dir, cfg, force)
     t0 = time.perf_counter()
     runner = _Runner(cfg, run_dir, seed, on_event)
+    runner._data = data
     runner.run()
     runner.emit({"event": "report_start", "run_dir": str(run_dir)})
     results = collect_results(run_dir, latency_seconds=latency_seconds)
