@@ -233,6 +233,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """train / finetune: resolve the run (fresh, --refine or --resume), then fit()."""
     from .checkpoint import load_checkpoint
     from .data import get_spec, list_datasets, load_dataset
+    from .fileio import check_writable_folder
     from .models import build_model, list_models
     from .train import CHECKPOINT_NAME, TrainConfig, fit, init_distributed, resolve_seed
 
@@ -315,6 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt = save / CHECKPOINT_NAME
     if ckpt.exists() and not cfg.force and not (resume is not None and ckpt.resolve() == resume.resolve()):
         raise ConfigError(f"{save} already holds a run; use --resume {ckpt} to continue it or --force to replace it")
+    check_writable_folder(save)
 
     data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset)
     spec = data.spec
@@ -429,13 +431,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import json
 
     from .checkpoint import save_checkpoint
-    from .fileio import atomic_write_json
+    from .fileio import atomic_write_json, check_writable_folder
     from .prune import prune
 
     save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / f"pruned-{round(args.percent * 100):g}"
     target = save / "pruned.pt"
     if target.exists() and not args.force:
         raise ConfigError(f"{target} already exists; use --force to replace it or another --save")
+    check_writable_folder(save)
     model, meta = _load_for_cli(args)
     pruned, report = prune(model, args.percent, mode=args.mode, min_channels=args.min_channels,
                            max_layer_percent=args.max_layer_percent, round_to=args.round_to,

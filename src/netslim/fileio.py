@@ -68,6 +68,50 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def check_writable_folder(folder: str | os.PathLike, flag: str = "--save") -> None:
+    """NetslimError (one line) unless `folder` is, or can be created as, a writable folder.
+
+    Creates nothing: a cheap check before slow work (a data load, a training run)."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:  # the nearest part of the path that exists
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise NetslimError(f"cannot write in {folder}: {probe} is a file, not a folder; choose another {flag}")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise NetslimError(f"cannot write in {folder}: {probe} is not writable; choose another {flag}")
+
+
+def remove_files(*paths: str | os.PathLike) -> None:
+    """Delete files that may not exist; NetslimError (one line) when one cannot be deleted."""
+    for p in paths:
+        try:
+            Path(p).unlink(missing_ok=True)
+        except OSError as e:
+            raise NetslimError(f"cannot write in {Path(p).parent}: {e.strerror or e}; "
+                               "choose a writable --save folder") from None
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files (.NAME.*.tmp) that atomic writes of NAME killed before their
+    rename (kill -9, power loss) left in `folder`; returns what was removed. The files NAME
+    themselves are untouched: an interrupted write never replaced them."""
+    import glob
+
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for name in names:
+        for p in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line. A torn last line (crash mid-write) is skipped by readers."""
     path = Path(path)

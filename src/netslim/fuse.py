@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .graph import _Tracer, is_indexed_bn
+from .graph import _Tracer, gather_channels, is_indexed_bn
 
 __all__ = ["FusedConv2d", "fold_bn", "optimize_for_inference"]
 
@@ -58,7 +58,8 @@ class FusedConv2d(nn.Conv2d):
     autograd through the weights) it runs the same maths with plain ops.
     """
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, add: bool = False) -> None:
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, add: bool = False,
+                 inplace: bool = False) -> None:
         super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                          conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                          conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
@@ -66,9 +67,12 @@ class FusedConv2d(nn.Conv2d):
         self.bias = conv.bias
         self.relu = relu
         self.add = add
+        # inplace: the sum is written into `other` (which must be dead afterwards): one pass
+        # over the residual stream instead of reading it and writing a fresh tensor.
+        self.inplace = inplace and add
 
     def extra_repr(self) -> str:
-        post = [p for p, on in (("add", self.add), ("relu", self.relu)) if on]
+        post = [p for p, on in (("add_" if self.inplace else "add", self.add), ("relu", self.relu)) if on]
         return super().extra_repr() + (f", post_ops={'+'.join(post)}" if post else "")
 
     def _onednn(self, x: torch.Tensor) -> bool:
@@ -83,6 +87,10 @@ class FusedConv2d(nn.Conv2d):
             pad, stride, dil = list(self.padding), list(self.stride), list(self.dilation)
             if self.add and other.shape[1:] == (self.out_channels, *other.shape[2:]) \
                     and other.dtype == x.dtype and other.device == x.device:
+                if self.inplace:
+                    return torch.ops.mkldnn._convolution_pointwise_.binary(
+                        other, x, self.weight, self.bias, pad, stride, dil, self.groups,
+                        "add", None, "relu" if self.relu else None, [], None)
                 return torch.ops.mkldnn._convolution_pointwise.binary(
                     x, other, self.weight, self.bias, pad, stride, dil, self.groups,
                     "add", None, "relu" if self.relu else None, [], None)
@@ -92,7 +100,8 @@ class FusedConv2d(nn.Conv2d):
                     "relu" if self.relu else "none", [], "")
         y = self._conv_forward(x, self.weight, self.bias)
         if self.add:
-            y = y + other
+            inplace = self.inplace and other.shape == y.shape and not torch.is_grad_enabled()
+            y = other.add_(y) if inplace else y + other
         return torch.relu_(y) if self.relu else y
 
 
@@ -127,6 +136,65 @@ def fold_bn(producer: nn.Module, bn: _BatchNorm) -> nn.Module:
         new.bias = nn.Parameter(((b - bn.running_mean.to(torch.float64)) * scale + shift).to(w.dtype),
                                 requires_grad=w.requires_grad)
     return new
+
+
+class ClampActivation(nn.Module):
+    """relu(bn(x[:, keep])) in the form the next conv can absorb: clamp(x[:, keep], lo, hi).
+
+    With BN in eval mode, relu(s*x + b) = s * clamp(x, lo, hi) + relu(b)[s == 0]
+    per channel (lo = -b/s, hi = inf where s > 0; lo = -inf, hi = -b/s where s < 0), so
+    the scale and shift move into the next 1x1 conv's weight and bias and one clamp pass
+    replaces the BN pass and the ReLU pass.
+    """
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, keep_index: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.register_buffer("lo", lo)
+        self.register_buffer("hi", hi)
+        self.register_buffer("keep_index", keep_index)
+
+    def extra_repr(self) -> str:
+        reads = f", reads {self.keep_index.numel()} input channels" if self.keep_index is not None else ""
+        return f"{self.lo.numel()}{reads}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        lo, hi = self.lo.view(shape), self.hi.view(shape)
+        if self.keep_index is not None:
+            return gather_channels(x, self.keep_index).clamp_(lo, hi)  # the gather is fresh
+        return torch.clamp(x, lo, hi)
+
+
+def _bn_affine(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 with bn(x) = scale * x + shift in eval mode."""
+    var = bn.running_var.detach().to(torch.float64)
+    gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(var)
+    beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(var)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - bn.running_mean.detach().to(torch.float64) * scale
+
+
+def preactivation_fold(bn: _BatchNorm, conv: nn.Conv2d) -> tuple[ClampActivation, nn.Conv2d]:
+    """(act, conv2) with conv2(act(x)) == conv(relu(bn(x))), bn in eval mode, conv 1x1 unpadded."""
+    scale, shift = _bn_affine(bn)
+    pos, neg = scale > 0, scale < 0
+    bound = torch.where(scale != 0, -shift / torch.where(scale != 0, scale, 1), 0)
+    inf = torch.full_like(scale, float("inf"))
+    lo = torch.where(pos, bound, -inf)
+    hi = torch.where(neg, bound, inf)
+    # s == 0: the channel is the constant relu(shift); elsewhere the shift is the constant
+    const = torch.where(scale == 0, shift.clamp_min(0), shift)
+    new = copy.deepcopy(conv)
+    with torch.no_grad():
+        w = conv.weight.detach().to(torch.float64)                   # [out, in, 1, 1]
+        b = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+        b = b + (w.flatten(1) * const).sum(1)
+        new.weight = nn.Parameter((w * scale.view(1, -1, 1, 1)).to(conv.weight.dtype),
+                                  requires_grad=conv.weight.requires_grad)
+        new.bias = nn.Parameter(b.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+    dtype = bn.running_mean.dtype
+    keep = bn.keep_index.clone() if is_indexed_bn(bn) else None
+    return ClampActivation(lo.to(dtype), hi.to(dtype), keep), new
 
 
 # ----------------------------------------------------------------------------------------
@@ -182,6 +250,35 @@ def _fold_pass(gm: fx.GraphModule) -> int:
     return folded
 
 
+def _preactivation_pass(gm: fx.GraphModule) -> int:
+    """BN -> ReLU -> 1x1 conv (pre-activation): ClampActivation -> conv with the BN inside."""
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or len(node.users) != 1:
+            continue
+        bn = gm.get_submodule(node.target)
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
+            continue
+        relu_node = next(iter(node.users))
+        if not _is_relu(gm, relu_node) or relu_node.args[0] is not node or len(relu_node.users) != 1:
+            continue
+        conv_node = next(iter(relu_node.users))
+        conv = _single_use_module(gm, conv_node, nn.Conv2d)
+        if conv is None or isinstance(conv, FusedConv2d) or conv.groups != 1 or len(conv_node.args) != 1 \
+                or tuple(conv.kernel_size) != (1, 1) or isinstance(conv.padding, str) \
+                or tuple(conv.padding) != (0, 0) or conv.in_channels != bn.num_features:
+            continue
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target) != 1:
+            continue
+        act, new_conv = preactivation_fold(bn, conv)
+        _set(gm, node.target, act)
+        _set(gm, conv_node.target, new_conv)
+        relu_node.replace_all_uses_with(node)
+        gm.graph.erase_node(relu_node)
+        done += 1
+    return done
+
+
 def _fuse_pass(gm: fx.GraphModule, add: bool) -> int:
     fused = 0
     for node in list(gm.graph.nodes):
@@ -198,7 +295,8 @@ def _fuse_pass(gm: fx.GraphModule, add: bool) -> int:
                     continue
                 relu_node = next(iter(node.users)) if len(node.users) == 1 else None
                 relu = relu_node is not None and _is_relu(gm, relu_node)
-                _set(gm, conv_node.target, FusedConv2d(conv, relu=relu, add=True))
+                inplace = _dead_after(gm, other, node)
+                _set(gm, conv_node.target, FusedConv2d(conv, relu=relu, add=True, inplace=inplace))
                 # other must exist before the conv runs: move the conv call to the add's place
                 with gm.graph.inserting_before(node):
                     new = gm.graph.call_module(conv_node.target, (conv_node.args[0], other))
@@ -225,13 +323,49 @@ def _fuse_pass(gm: fx.GraphModule, add: bool) -> int:
     return fused
 
 
+_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)
+
+
+def _alias_root(gm: fx.GraphModule, node: fx.Node) -> Optional[fx.Node]:
+    """The node that allocated `node`'s storage, following our in-place convs and in-place
+    ReLUs; None when that is unknown (a view, a graph input, an op we do not know)."""
+    while True:
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, FusedConv2d) and m.inplace:
+                node = node.args[1]
+                continue
+            if type(m) is nn.ReLU and m.inplace:
+                node = node.args[0]
+                continue
+            return node if isinstance(m, _FRESH_MODULES) else None
+        if node.op == "call_method" and node.target == "relu_" or \
+                node.op == "call_function" and node.target in (torch.relu_, F.relu_):
+            node = node.args[0]
+            continue
+        if node.op == "call_function" and node.target in (operator.add, torch.add, torch.cat):
+            return node
+        return None
+
+
+def _dead_after(gm: fx.GraphModule, other: fx.Node, at: fx.Node) -> bool:
+    """May `at` overwrite `other`'s storage: is every tensor sharing it unused after `at`?"""
+    root = _alias_root(gm, other)
+    if root is None:
+        return False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    group = [n for n in gm.graph.nodes if n is root or _alias_root(gm, n) is root]
+    return all(order[u] < order[at] or u is at for n in group for u in n.users)
+
+
 def _shape(node: fx.Node):
     meta = node.meta.get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
-                           fold: bool = True, fuse: bool = True, fuse_add: bool = True,
+                           fold: bool = True, preactivation: bool = True, fuse: bool = True,
+                           fuse_add: bool = True,
                            channels_last: bool = False) -> fx.GraphModule:
     """An eval-mode copy of `model` with BNs folded into convs and conv post-ops fused.
 
@@ -256,6 +390,8 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     gm.eval()
     if fold:
         _fold_pass(gm)
+    if preactivation:
+        _preactivation_pass(gm)
     if fuse:
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)

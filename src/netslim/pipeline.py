@@ -264,7 +264,7 @@ PRESETS: dict[str, dict] = {
 }
 
 PRESET_NOTES: dict[str, str] = {
-    "quick": "Fashion-MNIST, vgg-13 at width 0.25, seed recipe (SGD 0.1, /10 at 50%/75%), batch 128, "
+    "quick": "Fashion-MNIST, vgg-13 at width 0.25, seed recipe (SGD 0.1, /10 at 50%/75%), batch 128, s 1e-3, "
              "6+6 epochs, prune 50% and 70%, fine-tune 4; ~10 min on a 2-core CPU",
     "cifar10-vgg13": "seed table 'CIFAR10-Vgg-13': s 1e-4, batch 512, 99 epochs, prune 40%, fine-tune 99",
     "cifar10-resnet164": "seed table 'CIFAR10-Resnet-164': s 1e-5, batch 256, 99 epochs, prune 40% and 60%, "

@@ -38,7 +38,7 @@ from torch import nn
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, NetslimError
-from .fileio import append_jsonl, atomic_write_text
+from .fileio import append_jsonl, atomic_write_text, remove_files, remove_stale_temps
 from .sparsity import BNSparsity, bn_gammas
 
 log = logging.getLogger(__name__)
@@ -546,11 +546,13 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                         metrics=history[-1] if history else {})
 
     if writer:
+        # temporaries of writes a kill -9 interrupted (the files they were to replace are intact)
+        for p in remove_stale_temps(save, (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME)):
+            log.info("removed %s, left by an interrupted write", p)
         if ts:  # drop lines of epochs after the checkpoint (a crash between the two writes)
             atomic_write_text(metrics_path, "".join(_json_line(r) for r in history))
         else:
-            for stale in (best_path, metrics_path):
-                stale.unlink(missing_ok=True)
+            remove_files(best_path, metrics_path)
     if not ts:
         save_latest(0)  # a resumable start: an interrupt in epoch 1 can still resume exactly
 
