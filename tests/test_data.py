@@ -687,3 +687,16 @@ def test_real_fashion_mnist(monkeypatch):
     m32 = m * 784 / 1024
     assert D.get_spec("mnist").mean[0] == pytest.approx(m32, abs=1e-4)
     assert D.get_spec("mnist").std[0] == pytest.approx(((s * s + m * m) * 784 / 1024 - m32 ** 2) ** 0.5, abs=1e-4)
+
+
+def test_training_batches_without_augmentation_are_the_normalised_images():
+    get_spec, BatchLoader, normalize = D.get_spec, D.BatchLoader, D.normalize
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (20, 1, 32, 32), dtype=torch.uint8, generator=g)
+    y = torch.arange(20)
+    spec = get_spec("fashion-mnist")
+    loader = BatchLoader(x, y, spec, 20, train=True, augment=False, drop_last=False)
+    loader.set_epoch(3)
+    (xb, yb), = list(loader)
+    torch.testing.assert_close(xb, normalize(x[yb], spec))
+    assert not torch.equal(yb, y)  # still shuffled

@@ -72,6 +72,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "Unsupported operand" in str(e):  # bytes that are no pickle opcode: a text file, garbage
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file)") from None
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path} holds pickled Python objects, not just weights, and a checkpoint can carry "

@@ -148,6 +148,8 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     g.add_argument("--data-dir", help="where the dataset files are (default: search the usual places)")
     g.add_argument("--download", action="store_true", default=None, help="fetch the dataset if it is missing")
     g.add_argument("--train-subset", type=_int_at_least(1), metavar="N", help="train on the first N images only")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no pad/crop/flip augmentation (e.g. for an MLP, where pixel position matters)")
 
     r = p.add_argument_group("recipe (defaults: the seed's)")
     r.add_argument("--epochs", type=_int_at_least(1), help=f"epochs to train (default {d.epochs})")
@@ -182,7 +184,7 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
 
 
 _RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov",
-                 "sr", "s", "seed", "amp", "channels_last", "compile", "device", "sync_bn", "log_every")
+                 "sr", "s", "seed", "amp", "channels_last", "augment", "compile", "device", "sync_bn", "log_every")
 
 
 def _arch_dict(arch: str, depth: Optional[int], width: Optional[float], spec: Any) -> dict:
@@ -618,7 +620,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if per_stage:
         epochs = {**({"baseline": args.epochs, "sparsity": args.epochs, "finetune": args.epochs}
                      if args.epochs else {}), **per_stage}
-    overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "train_subset",
+    overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "augment", "train_subset",
                                                 "test_batch_size", "log_every") if getattr(args, k) is not None}
     cfg = preset_config(
         args.preset, dataset=args.dataset, arch=args.arch, depth=args.depth,
@@ -704,6 +706,8 @@ def _add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--device")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--train-subset", type=_int_at_least(1), metavar="N")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no pad/crop/flip augmentation (an MLP)")
     p.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS")
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")

@@ -729,7 +729,7 @@ class BatchLoader:
     def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor, spec: DatasetSpec, batch_size: int, *,
                  train: bool, device: str | torch.device = "cpu", seed: int = 0,
                  drop_last: bool | None = None, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, preload: bool = False) -> None:
+                 channels_last: bool = False, preload: bool = False, augment: bool = True) -> None:
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
             raise ValueError(f"x_uint8 must be uint8 [N, C, H, W], got {x_uint8.dtype} {list(x_uint8.shape)}")
         if y.dim() != 1 or len(y) != len(x_uint8):
@@ -746,6 +746,7 @@ class BatchLoader:
         self.spec = spec
         self.batch_size = batch_size
         self.train = train
+        self.augment = augment  # pad/crop/flip on training batches (off for MLPs: position matters)
         self.seed = seed
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
@@ -788,7 +789,8 @@ class BatchLoader:
         if self.x.device != idx.device:
             idx = idx.to(self.x.device)
         # augmentation randomness differs per rank, so ranks do not share crop offsets
-        gen = _seeded_generator("augment", self.seed, self.epoch, self.rank) if self.train else None
+        gen = (_seeded_generator("augment", self.seed, self.epoch, self.rank)
+               if self.train and self.augment else None)
         pin = self.device.type == "cuda" and self.x.device.type == "cpu"
         for b in range(len(self)):
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]

@@ -73,6 +73,7 @@ class TrainConfig:
     s: float = 1e-4                      # its strength (1e-4 VGG, 1e-5 ResNet/DenseNet)
     amp: str = "auto"                    # auto | off | bf16 | fp16
     channels_last: bool = True
+    augment: bool = True                 # pad/crop/flip training batches (an MLP wants it off)
     compile: bool = False
     seed: Optional[int] = None           # None: drawn at random and recorded in the checkpoint
     test_batch_size: int = 256
@@ -508,7 +509,8 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     # is then augmented and normalised there. On the CPU there is nothing to copy.
     preload = device.type == "cuda"
     train_loader = BatchLoader(data.train_x, data.train_y, spec, cfg.batch_size, train=True, device=device,
-                               seed=seed, rank=rank, world_size=world, channels_last=use_cl, preload=preload)
+                               seed=seed, rank=rank, world_size=world, channels_last=use_cl, preload=preload,
+                               augment=cfg.augment)
     # Evaluation is sharded: rank r scores test images r, r+W, ... and _eval_loop all-reduces
     # the sums, so every rank gets the figures for the whole test set.
     test_loader = BatchLoader(data.test_x, data.test_y, spec, cfg.test_batch_size, train=False, device=device,
