@@ -249,7 +249,6 @@ class _Analyzer:
         self.origin: dict[int, list[tuple]] = {}   # slot -> [(kind, name, j)], kind: bn | free
         self.readers: dict[int, list[tuple]] = {}  # slot -> [(kind, name, j)]
         self.pins: dict[int, list[tuple[bool, str]]] = {}  # slot -> [(fatal, reason)]
-        self.absorbed: set[int] = set()            # slots whose free origins an owning BN absorbed
         self.chans: dict[fx.Node, Any] = {}
         self.uses: dict[str, ModuleUse] = {}
         self.bn_order: list[str] = []
@@ -616,8 +615,9 @@ class _Analyzer:
         return self.unknown(node, f"x.{node.target}() moves the channel dimension")
 
     # phase 2: decide how each BN relates to its input -----------------------------------
-    def classify_bns(self) -> None:
-        classes = self._classes()
+    def classify_bns(self) -> "_Classes":
+        """Decide owned / tied / gather for every BN; returns the final per-class aggregates."""
+        classes = _Classes(self)
         for name in self.bn_order:
             use = self.uses.get(name)
             if use is None or use.kind != "bn":
@@ -652,10 +652,7 @@ class _Analyzer:
                 else:
                     modes.add("gather")
             use.bn_mode = modes.pop() if len(modes) == 1 else "mixed"
-        self._class_state = classes
-
-    def _classes(self) -> "_Classes":
-        return _Classes(self)
+        return classes
 
 
 class _Classes:
@@ -666,7 +663,6 @@ class _Classes:
         self.origin: dict[int, list[tuple]] = {}
         self.readers_: dict[int, list[tuple]] = {}
         self.pins: dict[int, list[tuple[bool, str]]] = {}
-        self.absorbed: dict[int, bool] = {}   # root -> its non-BN origins are absorbed
         self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
         for s in range(len(a.parent)):
             r = a.find(s)
@@ -725,8 +721,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     gm = trace(model, example_input, opaque)
     an = _Analyzer(model, gm, exclude)
     an.run()
-    an.classify_bns()
-    cs = an._class_state
+    cs = an.classify_bns()
 
     candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
                   and an.uses[n].kind == "bn"}
