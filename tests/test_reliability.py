@@ -645,3 +645,18 @@ def test_non_finite_loss_stops_with_epoch_step_lr_and_keeps_the_last_good_checkp
     assert all(torch.isfinite(v).all() for v in obj["state_dict"].values() if v.is_floating_point())
     assert not (save / "model_best.pt").exists() and read_jsonl(save / "metrics.jsonl") == []
     assert temps(save) == []
+
+
+def test_resume_refuses_a_changed_recipe(data_dir, tmp_path, capsys):
+    """--lr on --resume would be overridden by the restored optimizer state: refused, nothing written."""
+    from netslim import cli
+    save = tmp_path / "run"
+    base = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), "--arch", "vgg", "--depth", "11",
+            "--width", "0.125", "--train-subset", "64", "--epochs", "1", "--seed", "0", "--save", str(save)]
+    assert cli.main(base) == 0
+    before = (save / "checkpoint.pt").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(save / "checkpoint.pt"), "--lr", "0.01"])
+    assert e.value.code == 2
+    assert "--lr 0.01 differs from the resumed run's 0.1" in capsys.readouterr().err
+    assert (save / "checkpoint.pt").stat().st_mtime_ns == before

@@ -284,6 +284,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         arch = {}
         meta = {}
 
+    # On resume the restored optimizer state and RNG states would silently override these
+    # flags (the run would record one value and train with another). Say so instead.
+    # (--epochs may grow a run; the other recipe flags apply as given.)
+    frozen = ("lr", "momentum", "weight_decay", "nesterov", "seed")
+    changed = [k for k in frozen if stored_cfg and getattr(args, k, None) is not None
+               and k in stored_cfg and getattr(args, k) != stored_cfg[k]]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed run's "
+                          f"{stored_cfg[k]}; a resumed run keeps its recipe (start a new run, or "
+                          f"fine-tune it with --refine)")
+
     # recipe: flags given > the resumed run's stored config > the seed's defaults
     cfg_dict = TrainConfig().as_dict()
     cfg_dict.update({k: v for k, v in stored_cfg.items() if k in cfg_dict})

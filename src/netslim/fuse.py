@@ -76,9 +76,20 @@ class FusedConv2d(nn.Conv2d):
         return super().extra_repr() + (f", post_ops={'+'.join(post)}" if post else "")
 
     def _onednn(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == self.weight.dtype
+        if not (x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and x.dtype == self.weight.dtype
                 and x.dim() == 4 and not (torch.is_grad_enabled() and self.weight.requires_grad)
-                and _onednn_pointwise_available())
+                and _onednn_pointwise_available()):
+            return False
+        if x.dtype != torch.float32:
+            return True
+        # PyTorch's own choice for fp32 (aten's ConvParams::use_mkldnn): for one small image
+        # (and for 1x1 convs on one thread) its im2col + GEMM conv, which vectorises over
+        # pixels, beats oneDNN, which pads channels to the SIMD width: a slim model's narrow
+        # layers at batch 1 run ~1.5x faster that way.
+        n, (kh, kw) = x.shape[0], self.kernel_size
+        first = (any(s != 1 for s in self.stride) or any(d != 1 for d in self.dilation) or n >= 16
+                 or kh != 1 or kw != 1 or torch.get_num_threads() > 1)
+        return first and (self.groups > 1 or (kh > 3 and kw > 3) or n > 1 or x.numel() > 20480)
 
     def forward(self, x: torch.Tensor, other: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (other is None) == self.add:
@@ -152,14 +163,18 @@ class ClampActivation(nn.Module):
         self.register_buffer("lo", lo)
         self.register_buffer("hi", hi)
         self.register_buffer("keep_index", keep_index)
+        # One-sided when every factor has the same sign (the usual case): a clamp with one
+        # broadcast bound is a fast kernel in NCHW too, one with two bounds is not (~2x).
+        self.sides = "min" if bool(torch.isinf(hi).all()) else "max" if bool(torch.isinf(lo).all()) else "both"
 
     def extra_repr(self) -> str:
         reads = f", reads {self.keep_index.numel()} input channels" if self.keep_index is not None else ""
-        return f"{self.lo.numel()}{reads}"
+        return f"{self.lo.numel()}, {self.sides}{reads}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        lo, hi = self.lo.view(shape), self.hi.view(shape)
+        lo = self.lo.view(shape) if self.sides != "max" else None
+        hi = self.hi.view(shape) if self.sides != "min" else None
         if self.keep_index is not None:
             return gather_channels(x, self.keep_index).clamp_(lo, hi)  # the gather is fresh
         return torch.clamp(x, lo, hi)
