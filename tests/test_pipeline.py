@@ -321,3 +321,15 @@ def test_mask_mode_reports_effective_counts(data_dir, tmp_path):
         assert by[key]["stored_params"] == count(model, meta["input_size"])["params"] == by["baseline"]["params"]
     assert by["prune-50"]["params"] < by["baseline"]["params"]
     assert "effective" in (tmp_path / "results.md").read_text()
+
+
+def test_more_passes_reuse_the_finished_ones(data_dir, tmp_path):
+    run = tmp_path / "run"
+    run_pipeline(tiny(data_dir), run)
+    first = {p: p.stat().st_mtime_ns for p in run.rglob("*.pt")}
+    events = []
+    results = run_pipeline(tiny(data_dir, passes=2), run, on_event=events.append)
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # pass 1 untouched
+    started = [e["stage"] for e in events if e["event"] == "stage_start"]
+    assert started and all(s.startswith("pass2") for s in started)
+    assert (run / "pass2").is_dir() and {r["pass"] for r in results["stages"]} == {1, 2}

@@ -65,7 +65,9 @@ _OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force")
 # train_overrides keys that go to load_dataset instead of TrainConfig.
 _DATA_OVERRIDES = ("train_subset",)
 # Settings that change where or how fast a run goes, not its numbers: a resume may change them.
-_IGNORED_ON_COMPARE = ("data_dir", "download")
+# `passes` may grow: pass k depends only on the passes before it, so `--passes 3` on a finished
+# 1-pass run reuses pass 1 and adds passes 2 and 3.
+_IGNORED_ON_COMPARE = ("data_dir", "download", "passes")
 _IGNORED_OVERRIDES_ON_COMPARE = ("device", "log_every", "test_batch_size", "compile")
 
 
@@ -387,6 +389,8 @@ def _check_run_dir(run_dir: Path, cfg: PipelineConfig, force: bool) -> int:
             raise NetslimError(f"{run_dir} holds a pipeline run with different settings ({detail}); re-run with "
                                "the same settings to resume it, choose another folder, or pass force (--force) "
                                "to start over")
+        if (stored.get("config") or {}).get("passes") != cfg.passes:
+            atomic_write_json(path, {**stored, "config": cfg.as_dict(), "compare": want})
         return int(stored["seed"])
     owned = _owned_paths(run_dir)
     if owned and not force:
