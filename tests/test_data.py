@@ -700,3 +700,176 @@ def test_training_batches_without_augmentation_are_the_normalised_images():
     (xb, yb), = list(loader)
     torch.testing.assert_close(xb, normalize(x[yb], spec))
     assert not torch.equal(yb, y)  # still shuffled
+
+
+# ------------------------------------------- imagefolder streamed from disk (memory cap)
+
+_SIZES = [(40, 24), (17, 30), (16, 16), (50, 33), (21, 64), (32, 20)]  # (w, h): resize and crop differ
+
+
+def _write_mixed_images(folder: Path, n_per_class=6, classes=("ant", "bee", "cow"), seed=0):
+    """3 classes x 6 random PNGs of different sizes (one grey), so every transform branch runs."""
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            w, h = _SIZES[i % len(_SIZES)]
+            shape = (h, w) if i == 2 else (h, w, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / c / f"{i:02d}.png")
+
+
+@pytest.fixture
+def both_ways(tmp_path):
+    """The same image folder loaded in memory (a huge cap) and streamed (a 1-byte cap)."""
+    _write_mixed_images(tmp_path / "imgs")
+    mem = D.load_imagefolder(tmp_path / "imgs", image_size=12, val_split=0.2, max_memory_bytes=10 ** 12)
+    disk = D.load_imagefolder(tmp_path / "imgs", image_size=12, val_split=0.2, max_memory_bytes=1)
+    return mem, disk
+
+
+def _batches(loader, epoch=0):
+    loader.set_epoch(epoch)
+    return list(loader)
+
+
+def test_imagefolder_streamed_is_imagefiles_with_the_same_pixels(both_ways):
+    mem, disk = both_ways
+    assert isinstance(mem.train_x, torch.Tensor) and isinstance(disk.train_x, D.ImageFiles)
+    assert isinstance(disk.test_x, D.ImageFiles)
+    assert disk.train_x.shape == mem.train_x.shape == (15, 3, 12, 12) and len(disk.test_x) == len(mem.test_x) == 3
+    assert disk.train_y.dtype == torch.int64 and torch.equal(disk.train_y, mem.train_y)
+    assert torch.equal(disk.test_y, mem.test_y)
+    assert disk.spec == mem.spec  # fewer than 2000 training images: the sample is all of them
+    # the same per-image transform: identical bytes
+    assert torch.equal(disk.train_x.load(range(15)), mem.train_x)
+    assert torch.equal(disk.test_x.load(torch.tensor([2, 0])), mem.test_x[[2, 0]])
+    assert disk.train_x.load([]).shape == (0, 3, 12, 12)
+    assert len(disk.train_x[:4]) == 4 and isinstance(disk.train_x[:4], D.ImageFiles)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagefolder_streamed_batches_equal_in_memory_batches(both_ways, workers):
+    mem, disk = both_ways
+    spec = mem.spec
+    assert spec.flip and spec.crop_pad > 0  # augmentation is on: the random numbers must line up too
+    for epoch in (0, 3):
+        a = D.BatchLoader(mem.train_x, mem.train_y, spec, 4, train=True, seed=5)
+        b = D.BatchLoader(disk.train_x, disk.train_y, spec, 4, train=True, seed=5, workers=workers)
+        ea, eb = _batches(a, epoch), _batches(b, epoch)
+        assert len(a) == len(b) == len(ea) == len(eb) == 3  # drop_last when training
+        for (xa, ya), (xb, yb) in zip(ea, eb):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert xb.dtype == torch.float32 and yb.dtype == torch.int64
+    ta = list(D.BatchLoader(mem.test_x, mem.test_y, spec, 2, train=False))
+    tb = list(D.BatchLoader(disk.test_x, disk.test_y, spec, 2, train=False, workers=workers))
+    assert len(ta) == len(tb) == 2
+    for (xa, ya), (xb, yb) in zip(ta, tb):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # channels_last and drop_last=False behave as for tensors
+    c = D.BatchLoader(disk.train_x, disk.train_y, spec, 4, train=True, drop_last=False, workers=workers,
+                      channels_last=True)
+    ec = _batches(c, 1)
+    assert [len(y) for _, y in ec] == [4, 4, 4, 3]
+    assert ec[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_imagefolder_streamed_sharding(both_ways):
+    mem, disk = both_ways
+    spec = mem.spec
+    plain = D.normalize(mem.train_x, spec)
+
+    def which(x):  # the training index of each image in a batch (no augmentation: exact match)
+        return [int(torch.nonzero((plain == img).flatten(1).all(1))[0]) for img in x]
+
+    shards = []
+    for rank in range(2):
+        kw = dict(train=True, seed=1, rank=rank, world_size=2, drop_last=False, augment=False)
+        a = _batches(D.BatchLoader(mem.train_x, mem.train_y, spec, 3, **kw), 2)
+        b = _batches(D.BatchLoader(disk.train_x, disk.train_y, spec, 3, workers=rank * 2, **kw), 2)
+        assert len(a) == len(b) == 3
+        assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+        shards.append([i for x, _ in b for i in which(x)])
+    assert len(shards[0]) == len(shards[1]) == 8
+    assert set(shards[0]) | set(shards[1]) == set(range(15))
+    assert len(set(shards[0]) & set(shards[1])) == 1  # 15 samples, 16 slots: one wraps round
+    # evaluation shards: disjoint, every test image once
+    ev = [torch.cat([y for _, y in D.BatchLoader(disk.test_x, disk.test_y, spec, 2, train=False, rank=r,
+                                                 world_size=2, workers=0)]) for r in range(2)]
+    assert [len(e) for e in ev] == [2, 1]
+    assert sorted(torch.cat(ev).tolist()) == sorted(disk.test_y.tolist())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_imagefolder_streamed_corrupt_file_is_one_line(tmp_path, workers):
+    _write_mixed_images(tmp_path / "train")
+    _write_mixed_images(tmp_path / "test", n_per_class=2, seed=1)
+    (tmp_path / "test" / "bee" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DatasetError) as e:  # in memory: found while loading
+        D.load_imagefolder(tmp_path, image_size=8, max_memory_bytes=10 ** 12)
+    assert_one_line(e, "zz_bad.png")
+    disk = D.load_imagefolder(tmp_path, image_size=8, max_memory_bytes=1)  # streamed: found when decoded
+    assert len(disk.test_x) == 7
+    loader = D.BatchLoader(disk.test_x, disk.test_y, disk.spec, 2, train=False, workers=workers)
+    with pytest.raises(DatasetError) as e:
+        list(loader)
+    assert_one_line(e, "cannot read image", "zz_bad.png")
+    assert "Traceback" not in str(e.value) and "worker" not in str(e.value)
+
+
+def test_imagefolder_memory_cap_from_env_and_train_subset(tmp_path, monkeypatch):
+    _write_mixed_images(tmp_path / "imgs")
+    need = 18 * 3 * 8 * 8  # every image, train and test, as uint8
+    monkeypatch.setenv("NETSLIM_MAX_MEMORY", str(need))
+    assert isinstance(D.load_imagefolder(tmp_path / "imgs", image_size=8).train_x, torch.Tensor)
+    monkeypatch.setenv("NETSLIM_MAX_MEMORY", str(need - 1))
+    assert isinstance(D.load_imagefolder(tmp_path / "imgs", image_size=8).train_x, D.ImageFiles)
+    monkeypatch.setenv("NETSLIM_MAX_MEMORY", "2K")  # 2048 < 3456
+    b = D.load_dataset("imagefolder", data_dir=tmp_path / "imgs", image_size=8, train_subset=5)
+    assert isinstance(b.train_x, D.ImageFiles) and len(b.train_x) == len(b.train_y) == 5
+    assert torch.equal(b.train_x.labels(), b.train_y)
+    monkeypatch.setenv("NETSLIM_MAX_MEMORY", "1.5g")
+    assert isinstance(D.load_imagefolder(tmp_path / "imgs", image_size=8).train_x, torch.Tensor)
+    assert D._parse_bytes("2GiB", "x") == D.DEFAULT_MAX_MEMORY == 2 * 1024 ** 3
+    assert D._parse_bytes("512M", "x") == 512 * 1024 ** 2 and D._parse_bytes("1000", "x") == 1000
+    monkeypatch.setenv("NETSLIM_MAX_MEMORY", "lots")
+    with pytest.raises(ConfigError, match="NETSLIM_MAX_MEMORY"):
+        D.load_imagefolder(tmp_path / "imgs")
+    with pytest.raises(ConfigError):
+        D.load_imagefolder(tmp_path / "imgs", max_memory_bytes=-1)
+
+
+def test_imagefolder_streamed_stats_sample(tmp_path, monkeypatch):
+    _write_mixed_images(tmp_path / "imgs")
+    monkeypatch.setattr(D, "_STATS_SAMPLE", 4)  # 15 training images: measure a fixed 4 of them
+    a = D.load_imagefolder(tmp_path / "imgs", image_size=8, val_split=0.2, max_memory_bytes=1)
+    b = D.load_imagefolder(tmp_path / "imgs", image_size=8, val_split=0.2, max_memory_bytes=1)
+    full = D.load_imagefolder(tmp_path / "imgs", image_size=8, val_split=0.2, max_memory_bytes=10 ** 12)
+    assert a.spec == b.spec and a.spec.mean != full.spec.mean
+    pick = sorted(np.random.default_rng(0).choice(15, 4, replace=False).tolist())
+    px = full.train_x[pick].double() / 255
+    assert a.spec.mean == pytest.approx(px.mean((0, 2, 3)).tolist(), abs=1e-4)
+
+
+def test_imagefolder_streamed_fit_and_evaluate_match_in_memory(both_ways):
+    from torch import nn
+
+    from netslim.train import TrainConfig, evaluate, fit
+
+    mem, disk = both_ways
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    meta = {"arch": {"name": "t"}, "dataset": mem.spec.as_dict(), "input_size": [3, 12, 12]}
+    runs = []
+    for data in (mem, disk):
+        cfg = TrainConfig(epochs=2, batch_size=4, test_batch_size=2, lr=0.05, seed=3, log_every=1,
+                          device="cpu", amp="off", sr=True, s=1e-3)
+        m = model()
+        out = fit(m, data, cfg, None, meta=meta)
+        runs.append(([(r["train_loss"], r["test_loss"]) for r in out["history"]],
+                     evaluate(m, data.test_x, data.test_y, data.spec, batch_size=2, amp=None)))
+    assert runs[0] == runs[1]

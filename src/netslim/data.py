@@ -5,6 +5,11 @@ A dataset lives in memory as uint8 tensors ([N, C, H, W], 1 byte per pixel); a
 augmentation (pad + random crop, horizontal flip) and normalisation there, a few tensor
 ops per batch. No worker processes, no per-sample Python.
 
+The one exception: an image folder too big for memory (more than `max_memory_bytes`,
+default $NETSLIM_MAX_MEMORY or 2 GiB, as uint8) stays on disk as an `ImageFiles` list;
+BatchLoader then decodes each batch in DataLoader worker processes and does the same
+on-device augmentation and normalisation, so both give identical batches.
+
 Readers (no torchvision):
 - mnist, fashion-mnist: IDX files, gzip or raw; 28x28 images are zero-padded to 32x32
   so the CIFAR architectures apply unchanged.
@@ -27,6 +32,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import struct
 import tarfile
 import zlib
@@ -45,7 +51,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DatasetSpec", "DATASETS", "DataBundle", "BatchLoader", "DownloadSource", "DOWNLOADS", "SYSTEM_DATA_DIR",
     "list_datasets", "get_spec", "load_dataset", "load_imagefolder", "find_dataset",
-    "download_dataset", "search_locations", "augment", "normalize",
+    "download_dataset", "search_locations", "augment", "normalize", "ImageFiles", "DEFAULT_MAX_MEMORY",
 ]
 
 
@@ -124,12 +130,16 @@ def get_spec(name: str) -> DatasetSpec:
 
 @dataclass
 class DataBundle:
-    """A whole dataset in memory: uint8 images [N, C, H, W], int64 labels [N]."""
+    """A dataset: uint8 images [N, C, H, W], int64 labels [N].
+
+    The images are a tensor in memory, or (an image folder over its memory cap, see
+    load_imagefolder) an `ImageFiles` that decodes them from disk on demand; BatchLoader
+    takes either. The labels are always tensors."""
 
     spec: DatasetSpec
-    train_x: torch.Tensor
+    train_x: "torch.Tensor | ImageFiles"
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: "torch.Tensor | ImageFiles"
     test_y: torch.Tensor
 
 
@@ -513,12 +523,13 @@ def _read_svhn_split(path: Path, spec: DatasetSpec) -> tuple[torch.Tensor, torch
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  train_subset: int | None = None, image_size: int | None = None,
-                 val_split: float = 0.1) -> DataBundle:
+                 val_split: float = 0.1, max_memory_bytes: int | None = None) -> DataBundle:
     """Read dataset `name` into memory as uint8 tensors.
 
     `download`: fetch the official files if they are not found. `train_subset`: keep the
-    first N training images. `image_size` (default 32) and `val_split` are for
-    'imagefolder' (see load_imagefolder); the other datasets have a fixed size."""
+    first N training images. `image_size` (default 32), `val_split` and `max_memory_bytes`
+    are for 'imagefolder' (see load_imagefolder: over the cap its images stay on disk as
+    `ImageFiles`); the other datasets have a fixed size and are always in memory."""
     if train_subset is not None and train_subset < 1:
         raise ConfigError(f"train_subset must be at least 1, got {train_subset}")
     if name == IMAGEFOLDER:
@@ -526,7 +537,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             raise ConfigError("dataset 'imagefolder' needs --data-dir: a folder of class sub-folders of images")
         if download:
             raise ConfigError("dataset 'imagefolder' cannot be downloaded: point --data-dir at your images")
-        bundle = load_imagefolder(data_dir, image_size=image_size or 32, val_split=val_split)
+        bundle = load_imagefolder(data_dir, image_size=image_size or 32, val_split=val_split,
+                                  max_memory_bytes=max_memory_bytes)
     else:
         spec = get_spec(name)
         if image_size is not None and image_size != spec.image_size:
@@ -549,8 +561,9 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
         bundle = DataBundle(spec, tx, ty, vx, vy)
         log.info("loaded %s from %s: %d train, %d test images", name, folder, len(ty), len(vy))
     if train_subset is not None and train_subset < len(bundle.train_y):
-        # clone so the rest of the training set can be freed
-        bundle.train_x = bundle.train_x[:train_subset].clone()
+        # clone so the rest of the training set can be freed (an ImageFiles slice is a new list)
+        head = bundle.train_x[:train_subset]
+        bundle.train_x = head.clone() if isinstance(head, torch.Tensor) else head
         bundle.train_y = bundle.train_y[:train_subset].clone()
     elif train_subset is not None and train_subset > len(bundle.train_y):
         log.warning("train_subset=%d > %d training images: using all of them", train_subset, len(bundle.train_y))
@@ -579,37 +592,152 @@ def _list_images(folder: Path, classes: list[str] | None = None) -> tuple[list[s
     return classes, samples
 
 
-def _load_images(samples: list[tuple[Path, int]], size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image, UnidentifiedImageError
+def _decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """One image file -> uint8 [channels, size, size]: the shorter side resized to `size`
+    (bilinear), then centre-cropped (torchvision Resize + CenterCrop). The only image
+    transform: the in-memory and the streamed image folders both use it, so they give
+    identical pixels. DatasetError (one line, naming the file) when it cannot be read."""
+    from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            w, h = im.size
+            s = size / min(w, h)
+            nw, nh = max(size, round(w * s)), max(size, round(h * s))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            left, top = round((nw - size) / 2), round((nh - size) / 2)
+            im = im.crop((left, top, left + size, top + size))
+            a = np.asarray(im, dtype=np.uint8)
+    # UnidentifiedImageError is an OSError; a broken file can also raise SyntaxError,
+    # struct.error, zlib.error, EOFError or IndexError from inside a Pillow plugin
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error, zlib.error,
+            Image.DecompressionBombError) as e:
+        raise DatasetError(f"cannot read image {path}: {_one_line(e)}") from None
+    # a copy: Pillow's array is read-only, and [C, S, S] order is what the tensors hold
+    return np.array(a[None] if channels == 1 else a.transpose(2, 0, 1), dtype=np.uint8, order="C")
+
+
+def _load_images(samples: list[tuple[Path, int]], size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.zeros((len(samples), channels, size, size), dtype=np.uint8)
     for k, (path, _) in enumerate(samples):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB" if channels == 3 else "L")
-                # resize the shorter side to `size`, then centre-crop (torchvision Resize + CenterCrop)
-                w, h = im.size
-                s = size / min(w, h)
-                nw, nh = max(size, round(w * s)), max(size, round(h * s))
-                im = im.resize((nw, nh), Image.BILINEAR)
-                left, top = round((nw - size) / 2), round((nh - size) / 2)
-                im = im.crop((left, top, left + size, top + size))
-                a = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-            raise DatasetError(f"cannot read image {path}: {_one_line(e)}") from None
-        x[k] = a[None] if channels == 1 else a.transpose(2, 0, 1)
+        x[k] = _decode_image(path, size, channels)
     y = np.array([c for _, c in samples], dtype=np.int64)
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
+class ImageFiles:
+    """Images left on disk: (path, label) pairs, decoded on demand to uint8 [C, S, S].
+
+    What an image folder over its memory cap holds instead of a uint8 tensor. It answers
+    what BatchLoader and the training code ask of the images: len(), .shape (N, C, S, S),
+    .dtype (uint8), .dim(), a slice (a new ImageFiles) and `load(indices)`, which decodes
+    those images with the same transform as the in-memory path. Plain data, so it pickles
+    cheaply into DataLoader workers."""
+
+    dtype = torch.uint8
+
+    def __init__(self, samples: list[tuple[str | os.PathLike, int]], image_size: int, channels: int) -> None:
+        self.samples = [(str(p), int(c)) for p, c in samples]
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.samples), self.channels, self.image_size, self.image_size))
+
+    def dim(self) -> int:
+        return 4
+
+    @property
+    def nbytes(self) -> int:
+        """What the decoded images would take in memory as uint8."""
+        return len(self.samples) * self.channels * self.image_size ** 2
+
+    def labels(self) -> torch.Tensor:
+        """The class indices, int64 [N]."""
+        return torch.tensor([c for _, c in self.samples], dtype=torch.int64)
+
+    def __getitem__(self, key: slice) -> "ImageFiles":
+        if not isinstance(key, slice):
+            raise TypeError("ImageFiles takes a slice; use load(indices) for the pixels")
+        return ImageFiles(self.samples[key], self.image_size, self.channels)
+
+    def load(self, indices: torch.Tensor | list[int] | range) -> torch.Tensor:
+        """uint8 [len(indices), C, S, S]: the images at `indices`, decoded in order.
+        DatasetError (one line, naming the file) for a file that cannot be read."""
+        idx = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+        x = np.empty((len(idx), self.channels, self.image_size, self.image_size), dtype=np.uint8)
+        for k, i in enumerate(idx):
+            x[k] = _decode_image(self.samples[i][0], self.image_size, self.channels)
+        return torch.from_numpy(x)
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self)} images, {self.channels}x{self.image_size}x{self.image_size})"
+
+
+DEFAULT_MAX_MEMORY = 2 * 1024 ** 3  # bytes of uint8 images an image folder may hold in memory
+_STATS_SAMPLE = 2000                # images a streamed folder's mean/std are measured on
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+
+
+def _parse_bytes(text: str, where: str) -> int:
+    """'2G', '512M', '1.5GiB', '300000' -> bytes (the suffixes are binary: K = 1024)."""
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?", text.strip().lower())
+    if m is None or (m.group(2) == "" and text.strip().lower().endswith("ib")):
+        raise ConfigError(f"{where}={text!r} is not a size in bytes (e.g. 2G, 512M, 1000000)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _max_memory(max_memory_bytes: int | None) -> int:
+    if max_memory_bytes is not None:
+        if max_memory_bytes < 0:
+            raise ConfigError(f"max_memory_bytes must be >= 0, got {max_memory_bytes}")
+        return int(max_memory_bytes)
+    env = os.environ.get("NETSLIM_MAX_MEMORY")
+    return _parse_bytes(env, "NETSLIM_MAX_MEMORY") if env else DEFAULT_MAX_MEMORY
+
+
+def _channel_stats(counts: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of pixels in [0, 1] from byte-value histograms [C, 256]."""
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    mean, std = [], []
+    for c in counts.double():
+        m = (c * levels).sum() / c.sum()
+        var = (c * levels * levels).sum() / c.sum() - m * m
+        mean.append(round(m.item(), 4))
+        std.append(round(max(var.clamp(min=0).sqrt().item(), 1e-3), 4))  # a constant channel: no 0-division
+    return tuple(mean), tuple(std)
+
+
 def load_imagefolder(root: str | os.PathLike, *, image_size: int = 32, val_split: float = 0.1,
-                     channels: int = 3, flip: bool = True) -> DataBundle:
-    """A folder of class sub-folders of images, in memory as uint8 [N, C, size, size].
+                     channels: int = 3, flip: bool = True, max_memory_bytes: int | None = None) -> DataBundle:
+    """A folder of class sub-folders of images, as uint8 [N, C, size, size].
 
     Uses root/train and root/test (or root/val) when present; otherwise every class keeps
     a `val_split` fraction of its images (a fixed seeded choice, the same on every run)
     for testing. Images are resized (shorter side) and centre-cropped to `image_size`.
-    The normalisation is the per-channel mean/std of the training images."""
+
+    Memory: when the decoded train + test images (N * C * size^2 bytes) fit in
+    `max_memory_bytes` (default: $NETSLIM_MAX_MEMORY, e.g. 8G or 500M, else 2 GiB) they
+    are decoded now into uint8 tensors. Otherwise train_x / test_x are `ImageFiles` and
+    BatchLoader decodes each batch from disk in worker processes (identical pixels; a
+    file that cannot be read is then reported when its batch is decoded).
+
+    The normalisation is the per-channel mean/std of the training pixels: exact over all
+    training images in memory; when streaming, over a fixed sample of at most 2000
+    training images (every one when there are no more; otherwise a seeded choice, the
+    same on every run), so opening a large folder does not decode all of it."""
     try:
         import PIL  # noqa: F401
     except ImportError:
@@ -645,20 +773,34 @@ def load_imagefolder(root: str | os.PathLike, *, image_size: int = 32, val_split
     empty = [c for i, c in enumerate(classes) if not any(lbl == i for _, lbl in train)]
     if empty:
         raise DatasetError(f"{root}: class folders without training images: {', '.join(empty)}")
-    tx, ty = _load_images(train, image_size, channels)
-    vx, vy = _load_images(test, image_size, channels)
-    # per-channel mean/std of the training pixels, exact, from a histogram of byte values
-    # (no float copy of the whole set)
-    levels = torch.arange(256, dtype=torch.float64) / 255
-    mean, std = [], []
-    for c in range(channels):
-        counts = torch.bincount(tx[:, c].flatten(), minlength=256).double()
-        m = (counts * levels).sum() / counts.sum()
-        var = (counts * levels * levels).sum() / counts.sum() - m * m
-        mean.append(round(m.item(), 4))
-        std.append(round(max(var.clamp(min=0).sqrt().item(), 1e-3), 4))  # a constant channel: no 0-division
-    spec = DatasetSpec(IMAGEFOLDER, channels, image_size, len(classes), tuple(mean), tuple(std), flip=flip)
-    log.info("loaded image folder %s: %d classes, %d train, %d test images", root, len(classes), len(ty), len(vy))
+    cap = _max_memory(max_memory_bytes)
+    need = (len(train) + len(test)) * channels * image_size * image_size
+    if need <= cap:
+        tx, ty = _load_images(train, image_size, channels)
+        vx, vy = _load_images(test, image_size, channels)
+        # per-channel mean/std of the training pixels, exact, from a histogram of byte values
+        # (no float copy of the whole set)
+        counts = torch.stack([torch.bincount(tx[:, c].flatten(), minlength=256) for c in range(channels)])
+        how = "in memory"
+    else:
+        tx, vx = ImageFiles(train, image_size, channels), ImageFiles(test, image_size, channels)
+        ty, vy = tx.labels(), vx.labels()
+        n = len(tx)
+        if n <= _STATS_SAMPLE:
+            pick = range(n)
+        else:  # fixed seed: the same sample, so the same normalisation, on every run
+            pick = sorted(np.random.default_rng(0).choice(n, _STATS_SAMPLE, replace=False).tolist())
+        counts = torch.zeros(channels, 256, dtype=torch.int64)
+        for i in pick:
+            a = torch.from_numpy(_decode_image(tx.samples[i][0], image_size, channels))
+            for c in range(channels):
+                counts[c] += torch.bincount(a[c].flatten(), minlength=256)
+        how = (f"streamed from disk ({_fmt_bytes(need)} decoded > the {_fmt_bytes(cap)} cap; "
+               f"normalisation from {len(pick)} training images)")
+    mean, std = _channel_stats(counts)
+    spec = DatasetSpec(IMAGEFOLDER, channels, image_size, len(classes), mean, std, flip=flip)
+    log.info("loaded image folder %s: %d classes, %d train, %d test images, %s",
+             root, len(classes), len(ty), len(vy), how)
     return DataBundle(spec, tx, ty, vx, vy)
 
 
@@ -702,6 +844,24 @@ def augment(x: torch.Tensor, spec: DatasetSpec, generator: torch.Generator) -> t
     return out.view(B, C, H, W)
 
 
+class _BatchDecoder(torch.utils.data.Dataset):
+    """Item b = batch b of `idx` decoded from `files` (uint8 [B, C, S, S]); or, when an image
+    cannot be read, the one-line message, so that the main process raises a DatasetError
+    rather than a worker's traceback."""
+
+    def __init__(self, files: ImageFiles, idx: torch.Tensor, batch_size: int, n_batches: int) -> None:
+        self.files, self.idx, self.batch_size, self.n_batches = files, idx, batch_size, n_batches
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __getitem__(self, b: int) -> torch.Tensor | str:
+        try:
+            return self.files.load(self.idx[b * self.batch_size:(b + 1) * self.batch_size])
+        except DatasetError as e:
+            return str(e)
+
+
 def _seeded_generator(*key: object) -> torch.Generator:
     """A CPU generator seeded by a hash of `key`: distinct keys give unrelated streams."""
     digest = hashlib.sha256(repr(key).encode()).digest()
@@ -724,14 +884,25 @@ class BatchLoader:
 
     Each batch is gathered on the host and sent to `device` as uint8 (1 byte per pixel);
     preload=True instead copies the whole uint8 dataset to `device` once (fastest on a
-    GPU; costs N*C*H*W bytes of device memory)."""
+    GPU; costs N*C*H*W bytes of device memory).
 
-    def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor, spec: DatasetSpec, batch_size: int, *,
-                 train: bool, device: str | torch.device = "cpu", seed: int = 0,
+    `x_uint8` may also be an `ImageFiles` (an image folder left on disk): each batch is then
+    decoded by a torch DataLoader over whole batches of indices, in `workers` processes
+    (default min(4, CPU count); 0 decodes in this process), and augmented and normalised
+    on the device exactly as a tensor's would be: the same order, shards and random
+    numbers, so the same batches. `preload` does not apply to it."""
+
+    def __init__(self, x_uint8: "torch.Tensor | ImageFiles", y: torch.Tensor, spec: DatasetSpec,
+                 batch_size: int, *, train: bool, device: str | torch.device = "cpu", seed: int = 0,
                  drop_last: bool | None = None, rank: int = 0, world_size: int = 1,
-                 channels_last: bool = False, preload: bool = False, augment: bool = True) -> None:
-        if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
-            raise ValueError(f"x_uint8 must be uint8 [N, C, H, W], got {x_uint8.dtype} {list(x_uint8.shape)}")
+                 channels_last: bool = False, preload: bool = False, augment: bool = True,
+                 workers: int | None = None) -> None:
+        files = isinstance(x_uint8, ImageFiles)
+        if not files and (not isinstance(x_uint8, torch.Tensor) or x_uint8.dtype != torch.uint8
+                          or x_uint8.dim() != 4):
+            got = (f"{x_uint8.dtype} {list(x_uint8.shape)}" if isinstance(x_uint8, torch.Tensor)
+                   else type(x_uint8).__name__)
+            raise ValueError(f"x_uint8 must be uint8 [N, C, H, W] or ImageFiles, got {got}")
         if y.dim() != 1 or len(y) != len(x_uint8):
             raise ValueError(f"y must be [N] with N={len(x_uint8)}, got {list(y.shape)}")
         if x_uint8.shape[1] != spec.in_channels:
@@ -742,6 +913,8 @@ class BatchLoader:
             raise ConfigError(f"rank {rank} is not in 0..world_size-1 (world_size {world_size})")
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
+        if workers is not None and workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {workers}")
         self.device = torch.device(device)
         self.spec = spec
         self.batch_size = batch_size
@@ -752,6 +925,8 @@ class BatchLoader:
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
         self.epoch = 0
+        self.workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        preload = preload and not files  # files are decoded batch by batch on the host
         self.x = x_uint8.to(self.device) if preload else x_uint8
         self.y = y.long().to(self.device) if preload else y.long()
         n = len(y)
@@ -784,17 +959,34 @@ class BatchLoader:
             perm = torch.cat([perm, perm.repeat(math.ceil((total - n) / n))[: total - n]])
         return perm[self.rank:total:self.world_size]
 
+    def _host_batches(self, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels) of each batch of `idx`, before any move or augmentation."""
+        if not isinstance(self.x, ImageFiles):
+            if self.x.device != idx.device:
+                idx = idx.to(self.x.device)
+            for b in range(len(self)):
+                sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+                yield self.x.index_select(0, sel), self.y.index_select(0, sel.to(self.y.device))
+            return
+        # one DataLoader item = one whole batch, decoded by a worker; the order stays ours
+        batches = _BatchDecoder(self.x, idx, self.batch_size, len(self))
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False,
+                                             num_workers=min(self.workers, len(batches)),
+                                             persistent_workers=False)
+        for b, xb in enumerate(loader):
+            if isinstance(xb, str):  # a worker could not read an image: say which, in one line
+                raise DatasetError(xb)
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            yield xb, self.y.index_select(0, sel.to(self.y.device))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self._indices()
-        if self.x.device != idx.device:
-            idx = idx.to(self.x.device)
         # augmentation randomness differs per rank, so ranks do not share crop offsets
         gen = (_seeded_generator("augment", self.seed, self.epoch, self.rank)
                if self.train and self.augment else None)
-        pin = self.device.type == "cuda" and self.x.device.type == "cpu"
-        for b in range(len(self)):
-            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            xb, yb = self.x.index_select(0, sel), self.y.index_select(0, sel)
+        host = isinstance(self.x, ImageFiles) or self.x.device.type == "cpu"
+        pin = self.device.type == "cuda" and host
+        for xb, yb in self._host_batches(idx):
             if xb.device != self.device:
                 if pin:  # page-locked host memory lets the copy run asynchronously
                     xb, yb = xb.pin_memory(), yb.pin_memory()

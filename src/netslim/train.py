@@ -337,6 +337,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Any, *, b
              channels_last: Optional[bool] = None, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
     """(mean cross-entropy, top-1 %) of `model` on uint8 images `x` [N, C, H, W] and labels `y`.
 
+    `x` may also be a data.ImageFiles (an image folder streamed from disk): BatchLoader
+    decodes its batches in worker processes.
+
     `device` defaults to the model's; `amp` is a resolve_amp name or a dtype (None = fp32);
     `channels_last` defaults to the layout of the model's conv weights. With world_size > 1
     each rank evaluates x[rank::world_size] and the sums are all-reduced: every rank
@@ -506,7 +509,9 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         torch.manual_seed(seed + rank)  # dropout and other in-model randomness
 
     # On a GPU the uint8 dataset is copied to device memory once (1 byte/pixel); each batch
-    # is then augmented and normalised there. On the CPU there is nothing to copy.
+    # is then augmented and normalised there. On the CPU there is nothing to copy. An image
+    # folder over its memory cap (data.train_x / test_x are ImageFiles) is never preloaded:
+    # BatchLoader decodes its batches in DataLoader workers, then augments them the same way.
     preload = device.type == "cuda"
     train_loader = BatchLoader(data.train_x, data.train_y, spec, cfg.batch_size, train=True, device=device,
                                seed=seed, rank=rank, world_size=world, channels_last=use_cl, preload=preload,
