@@ -105,3 +105,29 @@ def test_pipeline_command(data_dir, tmp_path, capsys):
     assert run(argv) == 0  # re-run: everything already done
     assert "already done" in capsys.readouterr().out
     assert run(["pipeline", "--preset", "nope"]) == 2
+
+
+def test_imagefolder_train_prune_finetune_eval(tmp_path, capsys):
+    """An image folder at --image-size 40 end to end; later commands find the data themselves."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(6):
+                img = (rng.random((50, 60, 3)) * 255).astype("uint8")
+                Image.fromarray(img).save(root / split / f"c{c}" / f"{i}.png")
+    arch = ["--arch", "resnet-cifar", "--depth", "8", "--epochs", "1", "--batch-size", "4"]
+    assert run(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "40", *arch,
+                "--save", str(tmp_path / "run")]) == 0
+    assert run(["prune", "--checkpoint", str(tmp_path / "run" / "model_best.pt"), "--percent", "0.5",
+                "--save", str(tmp_path / "p")]) == 0
+    assert "top-1 right after pruning" in capsys.readouterr().out
+    assert run(["finetune", "--checkpoint", str(tmp_path / "p" / "pruned.pt"), "--epochs", "1", "--batch-size", "4",
+                "--save", str(tmp_path / "ft")]) == 0
+    assert run(["eval", "--checkpoint", str(tmp_path / "ft" / "model_best.pt")]) == 0
+    assert "on imagefolder test, 12 images" in capsys.readouterr().out
+    _, meta = load_checkpoint(tmp_path / "ft" / "model_best.pt")
+    assert meta["input_size"] == [3, 40, 40]

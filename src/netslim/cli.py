@@ -148,6 +148,8 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     g.add_argument("--data-dir", help="where the dataset files are (default: search the usual places)")
     g.add_argument("--download", action="store_true", default=None, help="fetch the dataset if it is missing")
     g.add_argument("--train-subset", type=_int_at_least(1), metavar="N", help="train on the first N images only")
+    g.add_argument("--image-size", type=_int_at_least(8), metavar="S",
+                   help="imagefolder: resize and centre-crop images to SxS (default 32)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no pad/crop/flip augmentation (e.g. for an MLP, where pixel position matters)")
 
@@ -276,6 +278,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset = args.dataset or (meta.get("dataset") or {}).get("name")
         if dataset is None:
             raise ConfigError(f"{args.refine} does not record its dataset: pass --dataset")
+        if dataset == (meta.get("dataset") or {}).get("name"):  # where that run found its data
+            stored = meta.get("data_options") or {}
+            data_opts = {k: stored[k] for k in ("data_dir", "image_size") if stored.get(k) is not None}
     else:
         if args.dataset is None or args.arch is None:
             missing = " and ".join(f for f, v in (("--dataset", args.dataset), ("--arch", args.arch)) if v is None)
@@ -307,6 +312,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # data options: flags given > stored (resume); data_dir stored absolute so the resume line is short
     data_dir = args.data_dir if args.data_dir is not None else data_opts.get("data_dir")
     train_subset = args.train_subset if args.train_subset is not None else data_opts.get("train_subset")
+    image_size = args.image_size if args.image_size is not None else data_opts.get("image_size")
     download = bool(args.download if args.download is not None else data_opts.get("download", False))
     source = str(resume or args.refine)
     # Check everything cheap before the (slow) data load. imagefolder's spec comes from its files.
@@ -332,7 +338,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{save} already holds a run; use --resume {ckpt} to continue it or --force to replace it")
     check_writable_folder(save)
 
-    data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset)
+    data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset,
+                        image_size=image_size)
     spec = data.spec
     if not arch:
         arch = _arch_dict(args.arch, args.depth, args.width, spec)
@@ -349,7 +356,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
         run_meta = {"arch": arch, "dataset": spec.as_dict(), "input_size": list(input_size),
                     "data_options": {"data_dir": str(Path(data_dir).resolve()) if data_dir else None,
-                                     "train_subset": train_subset, "download": download}}
+                                     "train_subset": train_subset, "download": download,
+                                     "image_size": image_size}}
         progress = Progress() if rank == 0 else None
         try:
             summary = fit(model, data, cfg, save, meta=run_meta, resume=resume, on_progress=progress)
@@ -383,7 +391,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.checkpoint} does not record its dataset: pass --dataset")
     if dataset != "imagefolder":  # check before the data load: get_spec also rejects unknown names
         _check_fits(meta.get("arch") or {}, get_spec(dataset), args.checkpoint)
-    data = load_dataset(dataset, data_dir=args.data_dir, download=args.download)
+    stored = (meta.get("data_options") or {}) if dataset == (meta.get("dataset") or {}).get("name") else {}
+    data = load_dataset(dataset, data_dir=args.data_dir or stored.get("data_dir"), download=args.download,
+                        image_size=stored.get("image_size"))
     _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -423,10 +433,12 @@ def _try_top1(model: Any, meta: dict, args: argparse.Namespace) -> Optional[floa
     name = getattr(args, "dataset", None) or (meta.get("dataset") or {}).get("name")
     if not name or getattr(args, "no_eval", False):
         return None
+    stored = meta.get("data_options") or {}  # where the checkpoint's run read its data
     try:
-        data = load_dataset(name, data_dir=getattr(args, "data_dir", None))
-    except DatasetError as e:
-        log.warning("not evaluating: %s", e)
+        data = load_dataset(name, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"),
+                            image_size=stored.get("image_size"))
+    except NetslimError as e:
+        log.warning("not evaluating after pruning: %s", e)
         return None
     _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
     _, top1 = evaluate(model, data.test_x, data.test_y, data.spec, device=resolve_device(args.device))
@@ -461,7 +473,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     top1 = _try_top1(pruned, meta, args)
     report["top1"] = top1
     report["checkpoint"] = str(args.checkpoint)
-    keep_meta = {k: meta[k] for k in ("arch", "dataset") if meta.get(k)}
+    keep_meta = {k: meta[k] for k in ("arch", "dataset", "data_options") if meta.get(k)}
     save_checkpoint(target, pruned, **keep_meta, metrics={"top1": top1, "prune": {
         k: report[k] for k in ("percent", "threshold", "mode", "channels_total", "channels_kept")}})
     atomic_write_json(save / "prune.json", report)

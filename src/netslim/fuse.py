@@ -4,25 +4,32 @@
     fast = netslim.fuse.optimize_for_inference(model, channels_last=True)   # + NHWC weights
 
 The model is traced with torch.fx (BatchNorms as leaves, as the pruning engine sees it)
-and rewritten:
+and rewritten, in eval mode (BN = a fixed per-channel affine map s*x + b):
 
-- fold: a BatchNorm that only reads a conv's (or Linear's) output is folded into that
-  conv's weight and bias (eval mode: the BN is a fixed per-channel affine map).
+- fold: a BN that only reads a conv's (or Linear's) output goes into that conv's weight
+  and bias (VGG's BNs, the ResNet bottleneck's bn2/bn3).
+- pre-activation: BN -> ReLU -> 1x1 conv (the pre-activation ResNet's bn1, gathers
+  included; DenseNet's transitions) becomes `ClampActivation` -> conv: relu(s*x + b) =
+  s*clamp(x, lo, hi) + const per channel, so s and the constant move into the conv and one
+  clamp pass replaces the BN pass and the ReLU pass. (Not before a padded 3x3 conv: the
+  zero padding would then stand for the wrong value.)
 - fuse: conv -> ReLU, conv -> add(other) and conv -> add -> ReLU become one `FusedConv2d`,
   which on CPU runs oneDNN's convolution with post-ops
   (`torch.ops.mkldnn._convolution_pointwise`, the kernels torch.compile's CPU backend
-  uses): the ReLU and the residual add happen while the output tile is still in cache,
-  instead of one more pass each over a tensor that does not fit in cache. oneDNN fuses
-  the add only for channels-last tensors; in NCHW it falls back to conv then an in-place add.
+  uses): the ReLU and the residual add happen while the output tile is still in cache.
+  Where the other addend is dead after the add (a residual stream), the sum is written
+  into it in place: one read and one write of the stream instead of two reads and a
+  write to a fresh tensor. oneDNN fuses the add only for channels-last tensors; in NCHW
+  it runs the conv, then an in-place add.
 - channels_last=True stores conv weights channels-last, so oneDNN runs the whole network
   in NHWC (no reorder to its blocked layout and back around every conv) and the
-  pre-activation gathers of a slim model stay NHWC (graph.gather_channels).
+  pre-activation gathers of a slim model stay NHWC (graph.gather_channels). Best from a
+  few images per batch up; for batch 1 keep NCHW (FusedConv2d then hands small convs to
+  PyTorch's im2col path, as plain Conv2d does).
 
-Pre-activation BNs (BN -> ReLU -> conv, the ResNet/DenseNet `bn1`s, gathers included)
-cannot fold: the ReLU sits between the BN and the conv; they stay as they are.
-Outputs match the original eval-mode model up to float rounding (tests/test_fuse.py).
-The result is for inference only: FusedConv2d has no backward through oneDNN's fused
-kernel (it falls back to plain ops when autograd needs them).
+Outputs match the original eval-mode model up to float rounding (tests/test_fuse.py);
+the input is never written to. The result is for inference: FusedConv2d runs plain ops
+(no fused kernel) when autograd needs its weights.
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .graph import _Tracer, gather_channels, is_indexed_bn
 
-__all__ = ["FusedConv2d", "fold_bn", "optimize_for_inference"]
+__all__ = ["ClampActivation", "FusedConv2d", "fold_bn", "optimize_for_inference", "preactivation_fold"]
 
 _RELU_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
@@ -302,7 +309,8 @@ def _fuse_pass(gm: fx.GraphModule, add: bool) -> int:
         # conv -> add(other) [-> relu]
         if add and node.op == "call_function" and node.target in _ADD_FUNCTIONS and len(node.args) == 2 \
                 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args):
-            for i in (0, 1):
+            # `a += conv(x)` mutates a: only `conv(x) += a` (or a plain add) may be rewritten
+            for i in ((0,) if node.target is operator.iadd else (0, 1)):
                 conv_node, other = node.args[i], node.args[1 - i]
                 conv = _fusable_conv(gm, conv_node)
                 if conv is None or other is conv_node or _shape(conv_node) is None \
@@ -378,20 +386,36 @@ def _shape(node: fx.Node):
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _propagate_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Tensor shapes on every node: from shapes alone (fake tensors), else a real forward."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with torch.no_grad():
+            ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(example_input))
+        return
+    except Exception:  # noqa: BLE001 - any failure of the shape-only path: run it for real
+        pass
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example_input)
+
+
 def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tensor] = None, *,
                            fold: bool = True, preactivation: bool = True, fuse: bool = True,
                            fuse_add: bool = True,
                            channels_last: bool = False) -> fx.GraphModule:
     """An eval-mode copy of `model` with BNs folded into convs and conv post-ops fused.
 
-    `example_input` (default: a zero example of the model's input size) is run once to
-    learn tensor shapes, so an add is fused only where no broadcasting happens.
+    `example_input` (default: a zero example of the model's input size) gives the tensor
+    shapes (traced on fake tensors), so an add is fused only where nothing broadcasts.
+    fold / preactivation / fuse / fuse_add switch the rewrites (module doc) on and off.
     `channels_last` also stores 4-d weights channels-last (run inputs as
     x.contiguous(memory_format=torch.channels_last), or let the first conv convert them).
     `model` is not changed. Outputs equal model.eval()'s up to float rounding.
     """
-    from torch.fx.passes.shape_prop import ShapeProp
-
     from .checkpoint import example_input as make_example
 
     src = copy.deepcopy(model).eval()
@@ -408,8 +432,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     if preactivation:
         _preactivation_pass(gm)
     if fuse:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+        _propagate_shapes(gm, example_input)
         _fuse_pass(gm, add=fuse_add)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
