@@ -131,3 +131,21 @@ def test_imagefolder_train_prune_finetune_eval(tmp_path, capsys):
     assert "on imagefolder test, 12 images" in capsys.readouterr().out
     _, meta = load_checkpoint(tmp_path / "ft" / "model_best.pt")
     assert meta["input_size"] == [3, 40, 40]
+
+
+def test_imagefolder_val_split(tmp_path, capsys):
+    """A flat folder of class sub-folders: --val-split holds out a fraction; eval reuses it."""
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "flat"
+    rng = np.random.default_rng(1)
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray((rng.random((40, 40, 3)) * 255).astype("uint8")).save(root / f"c{c}" / f"{i}.png")
+    assert run(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--val-split", "0.4",
+                "--arch", "resnet-cifar", "--depth", "8", "--epochs", "1", "--batch-size", "4",
+                "--save", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert run(["eval", "--checkpoint", str(tmp_path / "run" / "model_best.pt")]) == 0
+    assert "on imagefolder test, 8 images" in capsys.readouterr().out

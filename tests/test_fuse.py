@@ -5,7 +5,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import netslim.models as M
-from netslim.fuse import ClampActivation, FusedConv2d, fold_bn, optimize_for_inference, preactivation_fold
+from netslim.fuse import (ClampActivation, FusedConv2d, MaxPool2x2, fold_bn, optimize_for_inference,
+                          preactivation_fold)
 from netslim.graph import gather_channels, is_indexed_bn
 from netslim.prune import prune
 
@@ -87,6 +88,7 @@ def test_what_it_rewrites(pairs):
         assert sum(m.add and m.inplace for m in fused) == 6
     vgg = optimize_for_inference(pairs["vgg"][1])
     assert not any(isinstance(m, _BatchNorm) for m in vgg.modules())
+    assert sum(isinstance(m, MaxPool2x2) for m in vgg.modules()) == 4
     # the model itself is not changed
     assert any(is_indexed_bn(m) for m in slim.modules())
 
@@ -179,3 +181,12 @@ def test_in_place_add_only_when_dead():
     x = torch.randn(2, 4, 8, 8)
     with torch.inference_mode():
         close(m(x), fast(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 5, 7, 9), (1, 4, 2, 3)])
+def test_maxpool2x2_equals_max_pool2d(shape):
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")
+    for t in (x, x.contiguous(memory_format=torch.channels_last)):
+        ref, out = torch.nn.functional.max_pool2d(t, 2), MaxPool2x2()(t)
+        assert torch.equal(ref.nan_to_num(), out.nan_to_num()) and torch.equal(ref.isnan(), out.isnan())

@@ -150,6 +150,9 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     g.add_argument("--train-subset", type=_int_at_least(1), metavar="N", help="train on the first N images only")
     g.add_argument("--image-size", type=_int_at_least(8), metavar="S",
                    help="imagefolder: resize and centre-crop images to SxS (default 32)")
+    g.add_argument("--val-split", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="F",
+                   help="imagefolder without train/ and test/ sub-folders: hold out this fraction for testing "
+                        "(default 0.1)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no pad/crop/flip augmentation (e.g. for an MLP, where pixel position matters)")
 
@@ -280,7 +283,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.refine} does not record its dataset: pass --dataset")
         if dataset == (meta.get("dataset") or {}).get("name"):  # where that run found its data
             stored = meta.get("data_options") or {}
-            data_opts = {k: stored[k] for k in ("data_dir", "image_size") if stored.get(k) is not None}
+            data_opts = {k: stored[k] for k in ("data_dir", "image_size", "val_split") if stored.get(k) is not None}
     else:
         if args.dataset is None or args.arch is None:
             missing = " and ".join(f for f, v in (("--dataset", args.dataset), ("--arch", args.arch)) if v is None)
@@ -313,6 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data_dir = args.data_dir if args.data_dir is not None else data_opts.get("data_dir")
     train_subset = args.train_subset if args.train_subset is not None else data_opts.get("train_subset")
     image_size = args.image_size if args.image_size is not None else data_opts.get("image_size")
+    val_split = args.val_split if args.val_split is not None else data_opts.get("val_split")
     download = bool(args.download if args.download is not None else data_opts.get("download", False))
     source = str(resume or args.refine)
     # Check everything cheap before the (slow) data load. imagefolder's spec comes from its files.
@@ -339,7 +343,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_writable_folder(save)
 
     data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset,
-                        image_size=image_size)
+                        image_size=image_size, **({"val_split": val_split} if val_split is not None else {}))
     spec = data.spec
     if not arch:
         arch = _arch_dict(args.arch, args.depth, args.width, spec)
@@ -357,7 +361,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_meta = {"arch": arch, "dataset": spec.as_dict(), "input_size": list(input_size),
                     "data_options": {"data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                                      "train_subset": train_subset, "download": download,
-                                     "image_size": image_size}}
+                                     "image_size": image_size, "val_split": val_split}}
         progress = Progress() if rank == 0 else None
         try:
             summary = fit(model, data, cfg, save, meta=run_meta, resume=resume, on_progress=progress)
@@ -393,7 +397,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_fits(meta.get("arch") or {}, get_spec(dataset), args.checkpoint)
     stored = (meta.get("data_options") or {}) if dataset == (meta.get("dataset") or {}).get("name") else {}
     data = load_dataset(dataset, data_dir=args.data_dir or stored.get("data_dir"), download=args.download,
-                        image_size=stored.get("image_size"))
+                        image_size=stored.get("image_size"),
+                        **({"val_split": stored["val_split"]} if stored.get("val_split") else {}))
     _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -436,7 +441,8 @@ def _try_top1(model: Any, meta: dict, args: argparse.Namespace) -> Optional[floa
     stored = meta.get("data_options") or {}  # where the checkpoint's run read its data
     try:
         data = load_dataset(name, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"),
-                            image_size=stored.get("image_size"))
+                            image_size=stored.get("image_size"),
+                            **({"val_split": stored["val_split"]} if stored.get("val_split") else {}))
     except NetslimError as e:
         log.warning("not evaluating after pruning: %s", e)
         return None
