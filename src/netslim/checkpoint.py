@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NetslimError
 from .fileio import atomic_torch_save
 
 FORMAT_PREFIX = "netslim-checkpoint/"
@@ -134,12 +134,20 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
             raise CheckpointError(f"{source} holds a model outside netslim's registry; build it and pass it "
                                   "to load_checkpoint(path, model=...)")
         name = arch.pop("name")
-        model = build_model(name, **arch)
-    example = example_input(obj.get("input_size"), model)
-    if obj.get("plan"):
-        model = apply_plan(model, obj["plan"], example_input=example)
-    if obj.get("mask"):
-        model = apply_mask(model, obj["mask"])
+        try:
+            model = build_model(name, **arch)
+        except (NetslimError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{source} names an architecture netslim cannot build ({e}); "
+                                  "the file is damaged or from another tool") from None
+    try:
+        example = example_input(obj.get("input_size"), model)
+        if obj.get("plan"):
+            model = apply_plan(model, obj["plan"], example_input=example)
+        if obj.get("mask"):
+            model = apply_mask(model, obj["mask"])
+    except (NetslimError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{source} holds a pruning plan that does not fit its architecture "
+                              f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); the file is damaged") from None
     try:
         missing, unexpected = model.load_state_dict(obj["state_dict"], strict=strict)
     except RuntimeError as e:
