@@ -10,6 +10,7 @@
 from .checkpoint import load_any_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchLoader, DataBundle, get_spec, list_datasets, load_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError, PruneError
+from .fuse import optimize_for_inference
 from .graph import analyze
 from .models import build_model, list_models
 from .profile import count, measure_latency, profile
@@ -24,7 +25,7 @@ __all__ = [
     "load_dataset", "list_datasets", "get_spec", "BatchLoader", "DataBundle",
     "fit", "evaluate", "TrainConfig", "bn_l1_", "BNSparsity",
     "prune", "apply_plan", "apply_mask", "analyze",
-    "count", "measure_latency", "profile",
+    "count", "measure_latency", "profile", "optimize_for_inference",
     "save_checkpoint", "load_checkpoint", "load_any_checkpoint",
     "NetslimError", "ConfigError", "DatasetError", "CheckpointError", "PruneError",
 ]
