@@ -143,6 +143,14 @@ _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 # ----------------------------------------------------------------------------------------
 # Analysis result
 
+def _find(parent: list[int], s: int) -> int:
+    """Union-find root of slot `s`, halving the path on the way."""
+    while parent[s] != s:
+        parent[s] = parent[parent[s]]
+        s = parent[s]
+    return s
+
+
 @dataclass
 class ChannelInfo:
     """Slots of a tensor's channel dim; `block` consecutive features per slot after flatten."""
@@ -180,11 +188,7 @@ class Analysis:
     parent: list[int]                        # union-find over slots (resolved)
 
     def find(self, s: int) -> int:
-        p = self.parent
-        while p[s] != s:
-            p[s] = p[p[s]]
-            s = p[s]
-        return s
+        return _find(self.parent, s)
 
     def coupled_layers(self) -> list[tuple[str, ...]]:
         return sorted({u.layer for u in self.units if len(u.layer) > 1})
@@ -261,11 +265,7 @@ class _Analyzer:
         return list(range(start, start + n))
 
     def find(self, s: int) -> int:
-        p = self.parent
-        while p[s] != s:
-            p[s] = p[p[s]]
-            s = p[s]
-        return s
+        return _find(self.parent, s)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
