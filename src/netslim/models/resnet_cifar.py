@@ -6,38 +6,19 @@ channels of each stage's stream as one coupled group.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
 from ._common import BN_INIT, init_weights
+from .resnet_imagenet import BasicBlock
 
 __all__ = ["CifarBasicBlock", "CifarResNet", "resnet_cifar"]
 
 
-class CifarBasicBlock(nn.Module):
-    """conv3x3(stride)-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: Optional[nn.Module] = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+# The block is torchvision's BasicBlock (conv3x3-BN-ReLU, conv3x3-BN, + shortcut, ReLU).
+CifarBasicBlock = BasicBlock
 
 
 class CifarResNet(nn.Module):
