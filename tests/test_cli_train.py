@@ -1,6 +1,7 @@
 """`netslim train / finetune / eval` end to end on tiny Fashion-MNIST IDX files in a temp folder."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from netslim import cli
 from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.fileio import read_jsonl
 from netslim.models import build_model
+from netslim.profile import count
 
 MODEL = ["--arch", "vgg", "--depth", "11", "--width", "0.125"]
 FAST = ["--train-subset", "256", "--batch-size", "64", "--test-batch-size", "128", "--seed", "0", "--device", "cpu"]
@@ -214,3 +216,36 @@ def test_torchrun_two_processes(data_dir, tmp_path):
     assert ck["train_state"]["world_size"] == 2 and len(ck["train_state"]["rng_per_rank"]) == 2
     model, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert not any(k.startswith("module.") for k in model.state_dict())
+
+
+def test_torchrun_pipeline_two_processes(data_dir, tmp_path):
+    """The whole pipeline under torchrun (gloo): every stage done once, one report, loadable files."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    save = tmp_path / "pipe"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "netslim", "pipeline", "--save", str(save), "--data-dir", str(data_dir),
+           "--arch", "vgg", "--depth", "11", "--width", "0.125", "--epochs", "2", "--batch-size", "32",
+           "--lr", "0.05", "--train-subset", "192", "--percent", "0.5", "--seed", "0", "--device", "cpu",
+           "--latency-seconds", "0.02"]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("Fine-tune (50%)") == 1  # rank 0 alone prints the table
+    names = {p.name for p in save.iterdir()}
+    assert {"baseline", "sparsity", "prune-50", "finetune-50", "pipeline.json", "results.md",
+            "results.json"} <= names and not any(n.endswith(".tmp") for n in names)
+    for stage in ("baseline", "sparsity", "finetune-50"):
+        ck = torch.load(save / stage / "checkpoint.pt", weights_only=True)
+        assert ck["train_state"]["world_size"] == 2
+        rows = read_jsonl(save / stage / "metrics.jsonl")
+        assert [r["epoch"] for r in rows] == [1, 2]  # written once, by rank 0
+    assert read_jsonl(save / "baseline" / "metrics.jsonl")[-1]["train_loss"] < \
+        read_jsonl(save / "baseline" / "metrics.jsonl")[0]["train_loss"]
+    pruned, meta = load_checkpoint(save / "finetune-50" / "model_best.pt")
+    assert count(pruned, (1, 32, 32))["params"] < count(load_checkpoint(save / "baseline" / "model_best.pt")[0],
+                                                        (1, 32, 32))["params"]
+    results = json.loads((save / "results.json").read_text())
+    assert [r["key"] for r in results["stages"]] == ["baseline", "sparsity", "prune-50", "finetune-50"]
+    assert results["complete"]
+    # re-running resumes nothing: every stage is done
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and res.stdout.count("already done") == 4, res.stderr[-2000:]

@@ -642,8 +642,6 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     from .report import render_table
     from .train import TrainingInterrupted
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("the pipeline runs in one process; use torchrun with `netslim train` stages instead")
     epochs: Any = args.epochs
     per_stage = {k: v for k, v in (("baseline", args.baseline_epochs), ("sparsity", args.sparsity_epochs),
                                    ("finetune", args.finetune_epochs)) if v is not None}
@@ -692,6 +690,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         raise SystemExit(128 + e.signum) from None
     finally:
         progress.close()
+    if _rank() != 0:  # under torchrun: one report on the screen
+        return 0
     print()
     print(render_table(results))
     files = results.get("report") or {}

@@ -22,12 +22,17 @@ checkpoint.pt (fit(resume=...), exact on CPU), an interrupted prune stage is red
 takes seconds). A run_dir that holds a run of a different config is refused unless
 `force`, which starts over.
 
-Single process only (no torchrun): the stage bookkeeping is written by this process.
+Under torchrun (`torchrun --nproc-per-node N -m netslim pipeline ...`) every rank trains
+each training stage (DistributedDataParallel, as `netslim train`); rank 0 alone decides
+what is done, prunes, writes the bookkeeping and the report, and tells the others
+(`_Ranks.on_rank0`). The run folder must be one folder every rank sees (a shared
+filesystem across nodes): later stages read earlier stages' checkpoints from it.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -421,18 +426,53 @@ def read_done(stage_dir: Path) -> Optional[dict]:
 # --------------------------------------------------------------------------- running
 
 
+class _Ranks:
+    """The processes of one pipeline run: one without torchrun, else the process group's."""
+
+    def __init__(self) -> None:
+        from .train import _world
+        self.rank, self.world = _world()
+
+    def on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """fn() on rank 0 only; every rank returns its result, or raises its error.
+
+        Also a barrier: no rank goes on before rank 0 has finished fn (and written its files).
+        """
+        if self.world == 1:
+            return fn()
+        import torch.distributed as dist
+        box: list = [None]
+        error: Optional[BaseException] = None
+        if self.rank == 0:
+            try:
+                box = [("ok", fn())]
+            except BaseException as e:  # the others must hear of it, or they wait forever
+                error = e
+                box = [("error", isinstance(e, NetslimError), str(e))]
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        status, *rest = box[0]
+        if status == "ok":
+            return rest[0]
+        is_user_error, message = rest
+        raise NetslimError(message) if is_user_error else RuntimeError(f"rank 0 failed: {message}")
+
+
 class _Runner:
     """Runs the stages of one pipeline; holds the lazily loaded data set."""
 
-    def __init__(self, cfg: PipelineConfig, run_dir: Path, seed: int, on_event: Optional[EventFn]) -> None:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, seed: int, on_event: Optional[EventFn],
+                 ranks: Optional[_Ranks] = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.seed = seed
         self.on_event = on_event
+        self.ranks = ranks or _Ranks()
         self._data: Any = None
 
     def emit(self, event: dict) -> None:
-        if self.on_event is not None:
+        if self.on_event is not None and self.ranks.rank == 0:
             self.on_event(event)
 
     @property
@@ -478,7 +518,7 @@ class _Runner:
 
     # ---- training stages
 
-    def train(self, stage: Stage) -> dict:
+    def train(self, stage: Stage, resume: bool) -> dict:
         from .checkpoint import load_checkpoint
         from .models import build_model
         from .train import CHECKPOINT_NAME, fit
@@ -497,18 +537,17 @@ class _Runner:
             model.train()
             arch = dict(meta["arch"])
             input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
-        ckpt = save / CHECKPOINT_NAME
-        resume = ckpt if ckpt.exists() else None
-        if resume is not None:
-            log.info("stage %s: resuming from %s", stage.key, resume)
+        ckpt = save / CHECKPOINT_NAME if resume else None
+        if ckpt is not None:
+            log.info("stage %s: resuming from %s", stage.key, ckpt)
 
         def progress(ev: dict) -> None:
             self.emit({**ev, "stage": stage.key})
 
         summary = fit(model, data, tcfg, save, meta=self.run_meta(stage, spec, arch, input_size),
-                      resume=resume, on_progress=progress)
+                      resume=ckpt, on_progress=progress)
         return {"best_top1": summary["best_top1"], "final_top1": summary["final_top1"],
-                "epochs": summary["epochs"], "seed": summary["seed"], "resumed": resume is not None}
+                "epochs": summary["epochs"], "seed": summary["seed"], "resumed": resume}
 
     # ---- prune stages
 
@@ -549,31 +588,42 @@ class _Runner:
 
     # ---- the loop
 
+    def stage_state(self, stage: Stage) -> str:
+        """'done', 'resume' (an interrupted training stage) or 'new'."""
+        folder = self.stage_dir(stage)
+        if read_done(folder) is not None:
+            if not (folder / stage.output).exists():
+                raise CheckpointError(f"stage {stage.key} is marked done but {folder / stage.output} is missing; "
+                                      "pass force (--force) to redo the run")
+            return "done"
+        return "resume" if stage.kind == "train" and (folder / "checkpoint.pt").exists() else "new"
+
     def run(self) -> None:
         stages = plan_stages(self.cfg)
+        on_rank0 = self.ranks.on_rank0
         self.emit({"event": "pipeline_start", "run_dir": str(self.run_dir), "stages": [s.key for s in stages],
-                   "seed": self.seed})
+                   "seed": self.seed, "world_size": self.ranks.world})
         for i, stage in enumerate(stages, 1):
             folder = self.stage_dir(stage)
-            done = read_done(folder)
+            state = on_rank0(lambda: self.stage_state(stage))  # every rank acts on rank 0's view
             common = {"stage": stage.key, "kind": stage.kind, "role": stage.role, "pass": stage.pass_no,
                       "percent": stage.percent, "index": i, "total": len(stages)}
-            if done is not None:
-                if not (folder / stage.output).exists():
-                    raise CheckpointError(f"stage {stage.key} is marked done but {folder / stage.output} is missing; "
-                                          "pass force (--force) to redo the run")
+            if state == "done":
                 log.info("stage %s: finished earlier, skipped", stage.key)
                 self.emit({"event": "stage_skip", **common, "reason": "done"})
                 continue
             epochs = self.cfg.stage_epochs()[stage.role] if stage.kind == "train" else None
-            self.emit({"event": "stage_start", **common, "epochs": epochs,
-                       "resume": stage.kind == "train" and (folder / "checkpoint.pt").exists()})
+            self.emit({"event": "stage_start", **common, "epochs": epochs, "resume": state == "resume"})
             log.info("stage %d/%d: %s", i, len(stages), stage.key)
             t0 = time.perf_counter()
-            result = self.train(stage) if stage.kind == "train" else self.prune(stage)
+            if stage.kind == "train":  # every rank trains (DDP under torchrun)
+                result = self.train(stage, resume=state == "resume")
+            else:  # pruning takes seconds and needs no data parallelism: rank 0 alone
+                result = on_rank0(lambda: self.prune(stage))
             seconds = time.perf_counter() - t0
-            atomic_write_json(folder / DONE_NAME, {"stage": stage.key, "kind": stage.kind, "seconds": seconds,
-                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **result})
+            on_rank0(lambda: atomic_write_json(folder / DONE_NAME, {
+                "stage": stage.key, "kind": stage.kind, "seconds": seconds,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **result}))
             self.emit({"event": "stage_end", **common, "seconds": seconds, **result})
 
 
@@ -589,32 +639,62 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike, *, on_event: O
     and starts over. `latency_seconds` is the time spent per latency measurement in the
     report. Raises ConfigError for a bad config, NetslimError for a run_dir holding another
     config's run, TrainingInterrupted on SIGINT/SIGTERM (re-run to resume).
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; the training stages run data
+    parallel, rank 0 alone writes, and every rank returns the same results.
     """
-    from .report import collect_results, write_report
+    from .train import init_distributed
 
     cfg.validate()
-    run_dir = Path(run_dir)
+    _, _, _, created = init_distributed(cfg.train_overrides.get("device", "auto"))
+    try:
+        results = _run_pipeline(cfg, Path(run_dir), on_event, force, latency_seconds)
+        if created:  # no rank tears the group down while another still reads from it (gloo aborts)
+            torch.distributed.barrier()
+        return results
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
+            # Free the collectives' last tensors now, not during interpreter teardown, where
+            # gloo aborts the process now and then ("terminate called without an active exception").
+            gc.collect()
+
+
+def _run_pipeline(cfg: PipelineConfig, run_dir: Path, on_event: Optional[EventFn], force: bool,
+                  latency_seconds: float) -> dict:
+    from .data import load_dataset
+    from .fileio import check_writable_folder
+    from .report import collect_results, write_report
+
+    ranks = _Ranks()
     data = None
-    if force or not (run_dir / PIPELINE_NAME).exists():
+    if ranks.on_rank0(lambda: force or not (run_dir / PIPELINE_NAME).exists()):
         # a new run: fail on missing or damaged data before anything is written (the folder,
         # pipeline.json); it is read for the first stage anyway
-        from .data import load_dataset
-        from .fileio import check_writable_folder
-        check_writable_folder(run_dir)
+        ranks.on_rank0(lambda: check_writable_folder(run_dir))
         data = load_dataset(cfg.dataset, **cfg.data_options())
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NetslimError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
-    seed = _check_run_dir(run_dir, cfg, force)
+
+    def claim_run_dir() -> int:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NetslimError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
+        return _check_run_dir(run_dir, cfg, force)
+
+    seed = ranks.on_rank0(claim_run_dir)
     t0 = time.perf_counter()
-    runner = _Runner(cfg, run_dir, seed, on_event)
+    runner = _Runner(cfg, run_dir, seed, on_event, ranks)
     runner._data = data
     runner.run()
     runner.emit({"event": "report_start", "run_dir": str(run_dir)})
-    results = collect_results(run_dir, latency_seconds=latency_seconds)
-    files = write_report(run_dir, results)
-    results["report"] = files
+
+    def report() -> dict:
+        results = collect_results(run_dir, latency_seconds=latency_seconds)
+        results["report"] = write_report(run_dir, results)
+        return results
+
+    results = ranks.on_rank0(report)
+    files = results["report"]
     runner.emit({"event": "pipeline_end", "run_dir": str(run_dir), "seconds": time.perf_counter() - t0,
                  "results": files["json"], "markdown": files["markdown"]})
     return results

@@ -315,7 +315,11 @@ def _is_channels_last(model: nn.Module) -> bool:
 @torch.no_grad()
 def _eval_loop(model: nn.Module, loader: Any, amp: Optional[torch.dtype], device: torch.device
                ) -> tuple[float, float]:
-    """Mean loss and top-1 % over `loader`, summed over all ranks when distributed."""
+    """Mean loss and top-1 % over `loader`, summed over all ranks when the loader is sharded.
+
+    An unsharded loader (world_size 1) is scored by this process alone, even inside a
+    process group: the pipeline's rank 0 evaluates a pruned model while the others wait.
+    """
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -326,7 +330,9 @@ def _eval_loop(model: nn.Module, loader: Any, amp: Optional[torch.dtype], device
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += y.numel()
     model.train(was_training)
-    loss_sum, correct, n = _all_reduce(sums).tolist()
+    if getattr(loader, "world_size", 1) > 1:
+        _all_reduce(sums)
+    loss_sum, correct, n = sums.tolist()
     if n == 0:
         return float("nan"), float("nan")
     return loss_sum / n, 100.0 * correct / n
