@@ -315,7 +315,50 @@ class MLP(nn.Module):
         return self.fc3(F.relu(self.bn2(self.fc2(x))))
 
 
+class ChunkNet(nn.Module):
+    """Channel splits: chunk into a branch and a pass-through (ShuffleNet v2's unit, no shuffle),
+    a split sized from the tensor, and a hard-coded split that must keep its width."""
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2 = nn.Conv2d(16, 12, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.conv3 = nn.Conv2d(6, 10, 1)
+        self.bn3 = nn.BatchNorm2d(10)
+        self.fc = nn.Linear(4 + 6, 5)
+
+    def forward(self, x):
+        a, b = self.stem(x).chunk(2, dim=1)
+        x = torch.cat([self.branch(a), b], dim=1)
+        x = F.relu(self.bn2(self.conv2(x)))
+        p, q = torch.split(x, x.size(1) // 2, dim=1)      # computed from the tensor: follows it
+        x = p * q
+        y = F.relu(self.bn3(self.conv3(x)))
+        u, v = torch.split(y, [4, 6], dim=1)               # hard-coded sizes: keep the width
+        return self.fc(torch.cat([u.mean((2, 3)), v.amax((2, 3))], dim=1))
+
+
+class GroupNet(nn.Module):
+    """Grouped convs (ResNeXt's), one with a channel multiplier (groups == in_channels < out)."""
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.gconv = nn.Conv2d(16, 24, 3, padding=1, groups=4, bias=False)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.pw = nn.Sequential(nn.Conv2d(24, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.mult = nn.Conv2d(12, 24, 3, padding=1, groups=12)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.gconv(self.stem(x))))
+        return self.fc(F.relu(self.bn2(self.mult(self.pw(x)))).mean((2, 3)))
+
+
 HAND = {
+    "chunk": (ChunkNet, (3, 8, 8)),
+    "groups": (GroupNet, (3, 8, 8)),
     "postact": (PostActNet, (3, 16, 16)),
     "branches": (BranchNet, (3, 32, 32)),
     "inputbn": (InputBNNet, (3, 8, 8)),
@@ -356,6 +399,35 @@ def test_post_activation_residual_is_one_coupled_group():
     slim, report = prune(model, 0.5, skip_coupled=True, example_input=torch.zeros(1, 3, 16, 16))
     assert slim.bn.num_features == 8 and slim.b2.bn2.num_features == 16
     assert "b1.bn2" in report["unprunable"]
+
+
+def test_channel_splits():
+    model = randomize_bn(ChunkNet(), seed=3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    slim, report = prune(model, 0.5, example_input=x[:1])
+    # chunk(2): both halves keep the same count, so the slim model's own chunk cuts right
+    assert slim.stem[1].num_features % 2 == 0 and slim.stem[1].num_features < 16
+    assert slim.branch[0].in_channels == slim.stem[1].num_features // 2
+    assert slim.bn2.num_features % 2 == 0 and slim.bn2.num_features < 12
+    assert slim.bn3.num_features == 10  # split into [4, 6] written in the code
+    assert "unequal parts [4, 6]" in report["unprunable"]["bn3"]
+
+
+def test_grouped_convs_keep_their_groups_and_prune_within_them():
+    model = randomize_bn(GroupNet(), seed=5).eval()
+    x = torch.randn(2, 3, 8, 8)
+    # group score mean: a class ties a channel of every group, and their max is rarely small
+    slim, report = prune(model, 0.5, group_score="mean", example_input=x[:1])
+    g = slim.gconv
+    assert g.groups == 4 and g.in_channels % 4 == 0 and g.out_channels % 4 == 0
+    assert g.in_channels < 16 and g.out_channels < 24  # pruned inside the groups
+    assert slim.stem[1].num_features == g.in_channels and slim.bn1.num_features == g.out_channels
+    # one input channel per group: pruning one would change `groups`, so all are tied
+    assert slim.mult.groups == 12 and slim.mult.in_channels == 12 and slim.pw[1].num_features == 12
+    assert slim.mult.out_channels % 12 == 0
+    with torch.no_grad():
+        masked, _ = prune(model, 0.5, mode="mask", group_score="mean", example_input=x[:1])
+        torch.testing.assert_close(slim(x), masked(x), rtol=1e-4, atol=1e-5)
 
 
 def test_input_bn_gathers():

@@ -7,6 +7,10 @@ one *slot* per channel. Ops then say how slots relate:
 - `+`, `*`, `cat` on other dims tie the slots of their operands (union-find);
 - `cat` on dim 1 concatenates slot lists, `flatten` turns C slots into C blocks of H*W
   features for the Linear behind it;
+- `split` / `chunk` on dim 1 cut the slot list into equal parts and tie position j of
+  every part, so each part keeps the same number of channels and the model's own
+  `x.chunk(n, 1)` (or a split size computed from `x.size(1)`) cuts the slim tensor at
+  the right places; parts of unequal or hard-coded size keep their width;
 - conv / linear read slots (their input channels) and create fresh ones (their outputs).
 
 A BatchNorm reads slots and creates fresh ones (its scaling factors, the candidates).
@@ -138,6 +142,8 @@ _CAT_OPS = {torch.cat, torch.concat}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk}
+_SPLIT_METHODS = {"split", "chunk"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,7 +168,7 @@ class ChannelInfo:
 class ModuleUse:
     """How one parametrised module touches slots; what the surgery needs to slice it."""
     name: str
-    kind: str                      # conv | dwconv | linear | bn | bn_passive
+    kind: str                      # conv | gconv (grouped) | dwconv | linear | bn | bn_passive
     in_slots: list[int] = field(default_factory=list)
     out_slots: list[int] = field(default_factory=list)
     in_block: int = 1
@@ -399,9 +405,21 @@ class _Analyzer:
                     self.origin.setdefault(s, []).append(("free", name, j))
             self.uses[name] = ModuleUse(name, "dwconv", list(x.slots), list(x.slots))
             return ChannelInfo(list(x.slots))
-        self.pin(x.slots, f"grouped conv {name} (groups={m.groups})")
+        # Grouped: every group must keep as many input (and output) channels as the others,
+        # so the conv stays a valid grouped conv with the same `groups`. Position j of every
+        # group is tied into one slot class: they are kept or removed together.
+        g = m.groups
         out = self.new(m.out_channels)
-        self.pin(out, f"grouped conv {name} (groups={m.groups})")
+        for slots in (x.slots, out):
+            per = len(slots) // g
+            for i in range(1, g):
+                for j in range(per):
+                    self.union(slots[j], slots[i * per + j])
+        for j, s in enumerate(x.slots):
+            self.readers.setdefault(s, []).append(("conv", name, j))
+        for j, s in enumerate(out):
+            self.origin.setdefault(s, []).append(("free", name, j))
+        self.uses[name] = ModuleUse(name, "gconv", list(x.slots), out)
         return ChannelInfo(out)
 
     def linear(self, node, name, m, x: ChannelInfo | None):
@@ -488,6 +506,8 @@ class _Analyzer:
             return self.reduce(node)
         if t is operator.getitem:
             return self.getitem(node)
+        if t in _SPLIT_FUNCTIONS:
+            return self.split(node)
         if t is getattr or _shape(node) is None and not self.tensor_inputs(node):
             return self.fresh(node)
         if _shape(node) is None and node.meta.get("tensor_meta") is None:
@@ -515,6 +535,8 @@ class _Analyzer:
             return self.reduce(node)
         if t in _RESHAPE_METHODS:
             return self.reshape(node, x)
+        if t in _SPLIT_METHODS:
+            return self.split(node)
         return self.unknown(node, f"method .{t}()")
 
     def binary(self, node, operands, additive: bool):
@@ -563,6 +585,44 @@ class _Analyzer:
             for a, b in zip(first.slots, c.slots):
                 self.union(a, b)
         return first
+
+    def split(self, node):
+        """torch.split / torch.chunk / x.split / x.chunk: a tuple of parts of the input's slots."""
+        x = self.info(node.args[0]) if node.args else None
+        shape_in = _shape(node.args[0]) if node.args else None
+        meta = node.meta.get("tensor_meta")
+        if x is None or shape_in is None or not isinstance(meta, (tuple, list)) or hasattr(meta, "shape"):
+            return self.unknown(node, f"{node.name}: a split netslim cannot follow")
+        shapes = [tuple(m.shape) for m in meta]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if not isinstance(dim, int):
+            return self.unknown(node, f"{node.name}: split along a computed dimension")
+        dim %= len(shape_in)
+        if dim != 1:  # along batch or space: every part has all the channels
+            return tuple(x for _ in shapes)
+        if x.block != 1:
+            return self.unknown(node, f"{node.name}: split of flattened features")
+        sizes = [int(sh[1]) for sh in shapes]
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(x.slots[start:start + n])
+            start += n
+        how = node.args[1] if len(node.args) > 1 else (node.kwargs.get("chunks") or
+                                                        node.kwargs.get("split_size_or_sections") or
+                                                        node.kwargs.get("split_size"))
+        is_chunk = node.target in (torch.chunk, "chunk")
+        # The slim model runs the same forward code on a narrower tensor. chunk(n) cuts it into
+        # equal parts, and so does a split size computed from the tensor (an fx node); a size
+        # written in the code (an int or a list) would cut the slim tensor in the wrong places.
+        follows_width = is_chunk or isinstance(how, fx.Node)
+        if follows_width and len(set(sizes)) == 1:
+            for part in parts[1:]:
+                for a, b in zip(parts[0], part):
+                    self.union(a, b)
+        else:
+            why = "unequal parts" if len(set(sizes)) > 1 else "a size written in the code"
+            self.pin(x.slots, f"{node.name} splits the channels into {why} {sizes}; they keep their width")
+        return tuple(ChannelInfo(part) for part in parts)
 
     def reduce(self, node):
         x = self.info(node.args[0])
@@ -625,13 +685,15 @@ class _Analyzer:
             if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
                 continue
             in_roots = [self.find(s) for s in use.in_slots]
-            if len(set(in_roots)) != len(in_roots):
-                use.bn_mode = "gather"
-                continue
+            # Owned: this BN alone reads its input classes. A class may cover several of its
+            # channels (a grouped conv ties position j of every group): then all of them.
+            own_readers: dict[int, set] = {}
+            for j, root in enumerate(in_roots):
+                own_readers.setdefault(root, set()).add(("bn", name, j))
             owned = all(
-                [r for r in classes.readers(root)] == [("bn", name, j)]
-                and not classes.pinned(root)
-                for j, root in enumerate(in_roots))
+                classes.readers(root) and set(classes.readers(root)) == mine
+                and len(classes.readers(root)) == len(mine) and not classes.pinned(root)
+                for root, mine in own_readers.items())
             if owned:
                 for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
                     classes.absorb(self.find(s_in))

@@ -213,6 +213,18 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
                 if m.bias is not None:
                     m.bias = _param(m.bias[ko])
                 m.in_channels, m.out_channels = len(ki), len(ko)
+            elif use.kind == "gconv":
+                ki, ko = keep(use.in_slots), keep(use.out_slots)
+                if len(ki) == m.in_channels and len(ko) == m.out_channels:
+                    continue
+                # graph.py ties position j of every group, so each group keeps the same
+                # positions: slice the weight's per-group input dim by group 0's.
+                per_in = m.in_channels // m.groups
+                kj = [j for j in ki if j < per_in]
+                m.weight = _param(m.weight[ko][:, kj])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[ko])
+                m.in_channels, m.out_channels = len(ki), len(ko)
             elif use.kind == "dwconv":
                 k = keep(use.in_slots)
                 if len(k) == m.in_channels:
