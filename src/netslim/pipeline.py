@@ -655,8 +655,10 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike, *, on_event: O
     finally:
         if created:
             torch.distributed.destroy_process_group()
-            # Free the collectives' last tensors now, not during interpreter teardown, where
-            # gloo aborts the process now and then ("terminate called without an active exception").
+            # Free the collectives' last tensors now rather than during interpreter teardown,
+            # where gloo now and then aborts a finished process ("terminate called without an
+            # active exception"; 2 of 8 runs before, 0 of 12 after). `python -m netslim` also
+            # skips the teardown under torchrun (__main__.py).
             gc.collect()
 
 
