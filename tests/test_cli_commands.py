@@ -84,6 +84,19 @@ def test_profile_an_architecture(capsys):
     assert "9,413,066" in out and "0.46G" in out
 
 
+def test_profile_optimized(trained, tmp_path, capsys):
+    out = tmp_path / "p50"
+    assert run(["prune", "--checkpoint", str(trained), "--percent", "0.5", "--save", str(out)]) == 0
+    capsys.readouterr()
+    assert run(["profile", "--checkpoint", str(out / "pruned.pt"), "--batch-sizes", "1,16", "--optimized",
+                "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert sorted(result["latency_optimized_ms"]) == sorted(result["latency_ms"]) == ["1", "16"]
+    assert all(ms > 0 for ms in result["latency_optimized_ms"].values())
+    assert run(["profile", "--checkpoint", str(out / "pruned.pt"), "--batch-sizes", "16", "--optimized"]) == 0
+    assert "latency batch 16, optimized for inference" in capsys.readouterr().out
+
+
 def test_export(trained, tmp_path, capsys):
     onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.ts"
     assert run(["export", "--checkpoint", str(trained), "--onnx", str(onnx_path), "--torchscript", str(ts_path)]) == 0
