@@ -16,7 +16,7 @@ from netslim.data import DataBundle, DatasetSpec
 from netslim.errors import ConfigError, NetslimError
 from netslim.fileio import read_jsonl
 from netslim.train import (NonFiniteLoss, TrainConfig, TrainingInterrupted, epoch_milestones, evaluate, fit,
-                           resolve_amp)
+                           resolve_amp, scheduled_lr)
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -86,6 +86,21 @@ def test_milestones_are_integers_and_fire_for_odd_epochs():
     assert lrs == pytest.approx([0.1, 0.01, 0.001])
 
 
+def test_per_step_schedules():
+    assert scheduled_lr("step", 0.1, 0.3) is None  # per epoch, by MultiStepLR
+    assert scheduled_lr("cosine", 0.1, 0.0) == pytest.approx(0.1)
+    assert scheduled_lr("cosine", 0.1, 0.5) == pytest.approx(0.05)
+    assert scheduled_lr("onecycle", 0.1, 0.0) == pytest.approx(0.01)
+    assert scheduled_lr("onecycle", 0.1, 0.25) == pytest.approx(0.1)
+    ramp = [scheduled_lr("onecycle", 0.1, t / 100) for t in range(101)]
+    assert ramp == sorted(ramp[:26]) + sorted(ramp[26:], reverse=True) and ramp[-1] == pytest.approx(0.0)
+    # fit sets it every step: the last step of a 4-step, 1-epoch run starts 3/4 of the way in
+    seen = []
+    fit(tiny_model(), tiny_data(), cfg(epochs=1, schedule="onecycle"), None, meta=META,
+        on_progress=lambda ev: seen.append(ev["lr"]) if ev["event"] == "step" else None)
+    assert seen == pytest.approx([scheduled_lr("onecycle", 0.05, k / 4) for k in range(4)])
+
+
 def test_sparsity_moves_gamma_by_lr_s_sign_beyond_plain_sgd():
     data = tiny_data(n_train=16)  # one step per epoch
     gamma0 = tiny_model().bn.weight.detach().clone()
@@ -141,15 +156,17 @@ def _interrupt_at(epoch: int, signum: int = signal.SIGINT):
     return on_progress
 
 
-@pytest.mark.parametrize("stop_epoch", [3, 1])  # stop in the last epoch / in the very first one
-def test_interrupt_then_resume_is_bit_identical(tmp_path, stop_epoch):
+# stop in the last epoch / in the very first one; a per-step schedule mid-run
+@pytest.mark.parametrize("stop_epoch,schedule", [(3, "step"), (1, "step"), (2, "onecycle")])
+def test_interrupt_then_resume_is_bit_identical(tmp_path, stop_epoch, schedule):
     data = tiny_data()
     straight = tiny_model()
-    fit(straight, data, cfg(), tmp_path / "a", meta=META)
+    fit(straight, data, cfg(schedule=schedule), tmp_path / "a", meta=META)
 
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as info:
-        fit(tiny_model(), data, cfg(), tmp_path / "b", meta=META, on_progress=_interrupt_at(stop_epoch))
+        fit(tiny_model(), data, cfg(schedule=schedule), tmp_path / "b", meta=META,
+            on_progress=_interrupt_at(stop_epoch))
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
     e = info.value
     assert e.signum == signal.SIGINT and e.epoch == stop_epoch - 1
@@ -157,7 +174,7 @@ def test_interrupt_then_resume_is_bit_identical(tmp_path, stop_epoch):
     assert read_checkpoint(e.checkpoint)["train_state"]["epoch"] == stop_epoch - 1
 
     resumed = tiny_model(seed=123)  # other initial weights: the checkpoint must replace them all
-    out = fit(resumed, data, cfg(seed=None), tmp_path / "b", meta=META, resume=tmp_path / "b")
+    out = fit(resumed, data, cfg(seed=None, schedule=schedule), tmp_path / "b", meta=META, resume=tmp_path / "b")
     assert weights_equal(straight, resumed)
     a = read_jsonl(tmp_path / "a" / "metrics.jsonl")
     b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
@@ -221,7 +238,7 @@ def test_huge_lr_is_reported_not_silently_nan(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(s=-1e-4), dict(lr=0.0),
-                                 dict(lr=-0.1), dict(amp="fp8"), dict(momentum=1.0)])
+                                 dict(lr=-0.1), dict(amp="fp8"), dict(momentum=1.0), dict(schedule="linear")])
 def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
     with pytest.raises(ConfigError):
         fit(tiny_model(), tiny_data(), cfg(**bad), tmp_path / "run", meta=META)

@@ -101,8 +101,10 @@ class Progress:
         if kind == "start":
             resumed = f", resuming after epoch {ev['start_epoch']}" if ev["start_epoch"] else ""
             procs = f", {ev['world_size']} processes" if ev["world_size"] > 1 else ""
+            sched = (f"lr decays at epochs {ev['milestones']}" if ev.get("schedule", "step") == "step"
+                     else f"{ev['schedule']} lr schedule")
             print(f"training {ev['params']:,} parameters for {ev['epochs']} epochs x {ev['steps']} steps "
-                  f"(lr decays at epochs {ev['milestones']}) on {ev['device']}{procs}, amp {ev['amp']}, "
+                  f"({sched}) on {ev['device']}{procs}, amp {ev['amp']}, "
                   f"channels_last {'on' if ev['channels_last'] else 'off'}, seed {ev['seed']}{resumed}",
                   file=self.err, flush=True)
             self.last = time.monotonic()
@@ -160,10 +162,14 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     r.add_argument("--epochs", type=_int_at_least(1), help=f"epochs to train (default {d.epochs})")
     r.add_argument("--batch-size", type=_int_at_least(1), help=f"images per step and process (default {d.batch_size})")
     r.add_argument("--test-batch-size", type=_int_at_least(1), help=f"default {d.test_batch_size}")
-    r.add_argument("--lr", type=_positive, help=f"learning rate, /10 at 50%% and 75%% of the epochs (default {d.lr})")
+    r.add_argument("--lr", type=_positive, help=f"learning rate (default {d.lr}); see --schedule")
     r.add_argument("--momentum", type=_unit, help=f"default {d.momentum}")
     r.add_argument("--weight-decay", "--wd", type=_non_negative, help=f"default {d.weight_decay:g}")
     r.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (the paper's)")
+    r.add_argument("--schedule", choices=("step", "cosine", "onecycle"),
+                   help="lr schedule: step (default, the seed's: /10 at 50%% and 75%% of the epochs), cosine "
+                        "(per step, down to 0) or onecycle (per step: warm-up over 25%%, then cosine to 0; "
+                        "better for short runs)")
     r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
                    help="train with the L1 sparsity term on BatchNorm gammas")
     r.add_argument("--s", type=_non_negative, help=f"sparsity strength (default {d.s:g}; 1e-5 for resnet/densenet)")
@@ -188,7 +194,7 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     s.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS", help="steps between progress updates")
 
 
-_RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov",
+_RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule",
                  "sr", "s", "seed", "amp", "channels_last", "augment", "compile", "device", "sync_bn", "log_every")
 
 
@@ -295,7 +301,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # On resume the restored optimizer state and RNG states would silently override these
     # flags (the run would record one value and train with another). Say so instead.
     # (--epochs may grow a run; the other recipe flags apply as given.)
-    frozen = ("lr", "momentum", "weight_decay", "nesterov", "seed")
+    frozen = ("lr", "momentum", "weight_decay", "nesterov", "schedule", "seed")
     changed = [k for k in frozen if stored_cfg and getattr(args, k, None) is not None
                and k in stored_cfg and getattr(args, k) != stored_cfg[k]]
     if changed:
@@ -664,7 +670,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         epochs = {**({"baseline": args.epochs, "sparsity": args.epochs, "finetune": args.epochs}
                      if args.epochs else {}), **per_stage}
     overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "augment", "train_subset",
-                                                "test_batch_size", "log_every") if getattr(args, k) is not None}
+                                                "test_batch_size", "log_every", "schedule")
+                 if getattr(args, k) is not None}
     cfg = preset_config(
         args.preset, dataset=args.dataset, arch=args.arch, depth=args.depth,
         arch_options={"width": args.width} if args.width is not None else None, epochs=epochs,
@@ -748,6 +755,8 @@ def _add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--round-to", type=_int_at_least(1))
     p.add_argument("--seed", type=_int_at_least(0))
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--schedule", choices=("step", "cosine", "onecycle"), help="lr schedule of every training "
+                   "stage (default step, the seed's; see netslim train --help)")
     p.add_argument("--device")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     p.add_argument("--train-subset", type=_int_at_least(1), metavar="N")
