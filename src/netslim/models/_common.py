@@ -1,8 +1,8 @@
-"""Helpers shared by the model families: the seed's weight initialisation."""
+"""Helpers shared by the model families: the seed's weight initialisation, ResNet stages."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -35,3 +35,22 @@ def init_weights(model: nn.Module, bn_init: float = BN_INIT, linear_std: Optiona
             nn.init.normal_(m.weight, 0.0, linear_std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def make_stage(block: Any, inplanes: int, planes: int, blocks: int, stride: int = 1,
+               shortcut_bn: bool = True) -> tuple[nn.Sequential, int]:
+    """One ResNet stage of `blocks` blocks, and the width of the stream it leaves.
+
+    `block(inplanes, planes, stride, downsample)` with `block.expansion`, as in torchvision.
+    The first block gets a 1x1-conv shortcut where the stride or the width changes, with a
+    BN behind it (`shortcut_bn`) in post-activation nets; the pre-activation ResNet has a
+    bare conv there, because the next block's bn1 pre-activates the stream.
+    """
+    outplanes = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != outplanes:
+        shortcut = [nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False)]
+        downsample = nn.Sequential(*shortcut, *([nn.BatchNorm2d(outplanes)] if shortcut_bn else []))
+    layers = [block(inplanes, planes, stride, downsample)]
+    layers += [block(outplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers), outplanes

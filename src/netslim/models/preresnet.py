@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._common import BN_INIT, init_weights
+from ._common import BN_INIT, init_weights, make_stage
 
 __all__ = ["PreActBottleneck", "PreResNet", "preresnet"]
 
@@ -67,17 +67,10 @@ class PreResNet(nn.Module):
         init_weights(self, bn_init=bn_init)  # fc keeps PyTorch's default, as in the seed
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        outplanes = planes * PreActBottleneck.expansion
-        downsample = None
-        if stride != 1 or self.inplanes != outplanes:
-            # A bare 1x1 conv (no BN): the stream is pre-activated by the next block.
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
-            )
-        layers = [PreActBottleneck(self.inplanes, planes, stride, downsample)]
-        self.inplanes = outplanes
-        layers += [PreActBottleneck(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        # A bare 1x1-conv shortcut (no BN): the stream is pre-activated by the next block.
+        layer, self.inplanes = make_stage(PreActBottleneck, self.inplanes, planes, blocks, stride,
+                                          shortcut_bn=False)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._common import BN_INIT, init_weights
+from ._common import BN_INIT, init_weights, make_stage
 from .resnet_imagenet import BasicBlock
 
 __all__ = ["CifarBasicBlock", "CifarResNet", "resnet_cifar"]
@@ -40,16 +40,8 @@ class CifarResNet(nn.Module):
         init_weights(self, bn_init=bn_init)
 
     def _make_layer(self, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-        layers = [CifarBasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        layers += [CifarBasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        layer, self.inplanes = make_stage(CifarBasicBlock, self.inplanes, planes, blocks, stride)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ._common import BN_INIT, init_weights
+from ._common import BN_INIT, init_weights, make_stage
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet_imagenet", "resnet18", "resnet34", "resnet50",
            "IMAGENET_DEPTHS"]
@@ -108,16 +108,8 @@ class ResNet(nn.Module):
         init_weights(self, bn_init=bn_init)
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                conv1x1(self.inplanes, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
+        layer, self.inplanes = make_stage(block, self.inplanes, planes, blocks, stride)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))   # /4
