@@ -238,11 +238,29 @@ def test_huge_lr_is_reported_not_silently_nan(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(s=-1e-4), dict(lr=0.0),
-                                 dict(lr=-0.1), dict(amp="fp8"), dict(momentum=1.0), dict(schedule="linear")])
+                                 dict(lr=-0.1), dict(amp="fp8"), dict(momentum=1.0), dict(schedule="linear"),
+                                 dict(crop_pad=-1)])
 def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
     with pytest.raises(ConfigError):
         fit(tiny_model(), tiny_data(), cfg(**bad), tmp_path / "run", meta=META)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("crop_pad,want", [(None, SPEC.crop_pad), (0, 0), (3, 3)])
+def test_crop_pad_reaches_the_training_batches(tmp_path, monkeypatch, crop_pad, want):
+    """--crop-pad overrides the dataset's pad for the training batches only (None: the dataset's)."""
+    import netslim.data as data_mod
+    pads = []
+    real_augment = data_mod.augment
+
+    def spy(x, spec, gen):
+        pads.append(spec.crop_pad)
+        return real_augment(x, spec, gen)
+
+    monkeypatch.setattr(data_mod, "augment", spy)
+    fit(tiny_model(), tiny_data(), cfg(epochs=1, crop_pad=crop_pad), tmp_path, meta=META)
+    assert pads and set(pads) == {want}
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["train_state"]["config"]["crop_pad"] == crop_pad
 
 
 def test_resolve_amp():

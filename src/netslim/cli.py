@@ -157,6 +157,9 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
                         "(default 0.1)")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no pad/crop/flip augmentation (e.g. for an MLP, where pixel position matters)")
+    g.add_argument("--crop-pad", type=_int_at_least(0), metavar="PX",
+                   help="zero-pad training images by PX pixels before the random crop (default: the "
+                        "dataset's, 4 for the 32x32 sets, 2 for the 28x28 ones; 0: no crop)")
 
     r = p.add_argument_group("recipe (defaults: the seed's)")
     r.add_argument("--epochs", type=_int_at_least(1), help=f"epochs to train (default {d.epochs})")
@@ -195,7 +198,8 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
 
 
 _RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule",
-                 "sr", "s", "seed", "amp", "channels_last", "augment", "compile", "device", "sync_bn", "log_every")
+                 "sr", "s", "seed", "amp", "channels_last", "augment", "crop_pad", "compile", "device", "sync_bn",
+                 "log_every")
 
 
 def _arch_dict(arch: str, depth: Optional[int], width: Optional[float], spec: Any) -> dict:
@@ -669,8 +673,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if per_stage:
         epochs = {**({"baseline": args.epochs, "sparsity": args.epochs, "finetune": args.epochs}
                      if args.epochs else {}), **per_stage}
-    overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "augment", "train_subset",
-                                                "test_batch_size", "log_every", "schedule")
+    overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "augment", "crop_pad",
+                                                "train_subset", "test_batch_size", "log_every", "schedule")
                  if getattr(args, k) is not None}
     cfg = preset_config(
         args.preset, dataset=args.dataset, arch=args.arch, depth=args.depth,
@@ -762,6 +766,8 @@ def _add_pipeline_parser(sub: Any) -> None:
     p.add_argument("--train-subset", type=_int_at_least(1), metavar="N")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no pad/crop/flip augmentation (an MLP)")
+    p.add_argument("--crop-pad", type=_int_at_least(0), metavar="PX",
+                   help="zero padding before the random crop (default: the dataset's, 2 for Fashion-MNIST)")
     p.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS")
     p.add_argument("--data-dir")
     p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
