@@ -82,6 +82,8 @@ def test_profile_an_architecture(capsys):
     assert run(["profile", "--arch", "vgg", "--depth", "13", "--dataset", "cifar10", "--no-latency"]) == 0
     out = capsys.readouterr().out
     assert "9,413,066" in out and "0.46G" in out
+    # the seed's initialisation: every BN factor 0.5
+    assert "BN |gamma| (2,944 factors): median 0.5 (10%-90% 0.5-0.5); < 0.01 0.0%" in out
 
 
 def test_profile_optimized(trained, tmp_path, capsys):

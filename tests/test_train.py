@@ -127,6 +127,21 @@ def test_sparsity_training_shrinks_gammas():
     assert sums[True] < sums[False] - 0.05
 
 
+def test_gamma_summary_by_hand():
+    from netslim.sparsity import gamma_summary
+    m = nn.Sequential(nn.Conv2d(1, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6),
+                      nn.BatchNorm2d(3, affine=False))  # no factors: not counted
+    with torch.no_grad():
+        m[1].weight.copy_(torch.tensor([0.005, -0.05, 0.15, -0.25]))
+        m[3].weight.copy_(torch.tensor([0.5, 0.6, -0.7, 0.8, 0.9, 1.0]))
+    g = gamma_summary(m)
+    assert g["count"] == 10 and g["sum"] == pytest.approx(4.955)
+    assert g["frac_below_0.01"] == g["frac_below_1e-2"] == pytest.approx(0.1)
+    assert (g["frac_below_0.1"], g["frac_below_0.2"], g["frac_below_0.3"]) == pytest.approx((0.2, 0.3, 0.4))
+    assert g["median"] == pytest.approx(0.5)  # torch's median: the lower of the two middle values
+    assert gamma_summary(nn.Sequential(nn.Conv2d(1, 2, 1))) == {"count": 0}
+
+
 def test_files_written_and_loadable(tmp_path):
     out = fit(tiny_model(), tiny_data(), cfg(), tmp_path, meta=META)
     assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "model_best.pt", "metrics.jsonl"}

@@ -526,6 +526,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .models import build_model
     from .profile import count, profile
     from .prune import apply_plan
+    from .sparsity import GAMMA_THRESHOLDS, gamma_summary
     from .train import resolve_device
 
     if args.checkpoint:
@@ -549,6 +550,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         effective = apply_plan(model, mask)
         result["effective"] = count(effective, input_size)
     result["mode"] = meta.get("mode", "dense")
+    result["bn_gamma"] = gamma_summary(model)
     if args.optimized and not args.no_latency:
         from .fuse import optimize_for_inference
         from .profile import measure_latency
@@ -568,6 +570,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if mask:
         e = result["effective"]
         print(f"  effective (mask as if removed): params {_fmt_count(e['params'])}, FLOPs {_fmt_count(e['flops'])}")
+    g = result["bn_gamma"]
+    if g["count"]:
+        below = ", ".join(f"< {t:g} {g[f'frac_below_{t:g}']:.1%}" for t in GAMMA_THRESHOLDS)
+        print(f"  BN |gamma| ({g['count']:,} factors): median {g['median']:.3g} (10%-90% {g['q10']:.3g}-{g['q90']:.3g}); "
+              f"{below}")
     for bs, ms in (result.get("latency_ms") or {}).items():
         print(f"  latency batch {bs}: {ms:.2f} ms ({result['device']}, {result['threads']} threads)")
     for bs, ms in (result.get("latency_optimized_ms") or {}).items():

@@ -31,6 +31,7 @@ import torch
 
 from .errors import NetslimError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from .sparsity import gamma_summary
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +66,6 @@ def _stage_label(stage: Any, s: float) -> str:
         return f"Sparsity ({s:.0e}{suffix})".replace("e-0", "e-")
     name = "Prune" if stage.role == "prune" else "Fine-tune"
     return f"{name} ({percent_label(stage.percent)}%{suffix})"
-
-
-def _gamma_summary(model: torch.nn.Module) -> dict:
-    from .sparsity import bn_gammas
-    g = [p.detach().abs().float().flatten() for p in bn_gammas(model)]
-    if not g:
-        return {"count": 0}
-    v = torch.cat(g)
-    return {"count": int(v.numel()), "sum": float(v.sum()), "median": float(v.median()),
-            "frac_below_1e-2": float((v < 1e-2).float().mean())}
 
 
 def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
@@ -143,7 +134,7 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
                               threads=n_threads) if latency_seconds > 0 else {}
         row["latency_ms"] = {str(b): float(ms) for b, ms in lat.items()}
         if stage.role in ("baseline", "sparsity") and stage.pass_no == 1:
-            gamma[stage.role] = _gamma_summary(model)
+            gamma[stage.role] = gamma_summary(model)
         stages_out.append(row)
 
     by_key = {r["key"]: r for r in stages_out}

@@ -16,6 +16,27 @@ def bn_gammas(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
 
 
+# Where the fraction of small factors is counted: 0.01 is "as good as pruned", 0.1-0.3 is
+# where a few epochs of the L1 term visibly move mass (a step moves a factor by lr * s).
+GAMMA_THRESHOLDS = (0.01, 0.1, 0.2, 0.3)
+
+
+def gamma_summary(model: nn.Module) -> dict:
+    """How far sparsity training has pushed the BN scaling factors toward zero: count,
+    sum, median and quantiles of |gamma| over all BNs, and the fraction below each of
+    GAMMA_THRESHOLDS (keys "frac_below_<t>")."""
+    g = [p.detach().abs().float().flatten() for p in bn_gammas(model)]
+    if not g:
+        return {"count": 0}
+    v = torch.cat(g)
+    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9]))
+    out = {"count": int(v.numel()), "sum": float(v.sum()), "median": float(v.median()),
+           "q10": float(q[0]), "q90": float(q[2])}
+    out.update({f"frac_below_{t:g}": float((v < t).float().mean()) for t in GAMMA_THRESHOLDS})
+    out["frac_below_1e-2"] = out["frac_below_0.01"]  # the key results.json has always had
+    return out
+
+
 class BNSparsity:
     """Adds s * sign(gamma) to every BN gamma's gradient in one fused foreach call.
 
