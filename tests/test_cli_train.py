@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from netslim import cli
-from netslim.checkpoint import load_checkpoint, save_checkpoint
+from netslim.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from netslim.fileio import read_jsonl
 from netslim.models import build_model
 from netslim.profile import count
@@ -74,6 +74,13 @@ def test_loss_falls_and_progress_is_shown(data_dir, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "epoch 1/3" in out and "epoch 3/3" in out and "done: best top-1" in out
     assert "training" in err and "img/s" in err  # start line and (plain, non-tty) progress lines
+    assert "augment crop pad 2 + flip" in err  # Fashion-MNIST's default crop (28x28 images)
+
+
+def test_crop_pad_flag_is_recorded(data_dir, tmp_path, capsys):
+    assert cli.main(train_args(data_dir, tmp_path / "r", "--epochs", "1", "--crop-pad", "0")) == 0
+    assert "augment flip," in capsys.readouterr().err
+    assert read_checkpoint(tmp_path / "r" / "checkpoint.pt")["train_state"]["config"]["crop_pad"] == 0
 
 
 def test_default_save_folder_and_finetune(run_dir, data_dir, tmp_path, monkeypatch):
@@ -147,6 +154,7 @@ def test_refuses_to_overwrite_a_run(run_dir, data_dir, capsys):
     (["--lr", "nan"], "--lr: must be > 0"),
     (["--epochs", "two"], "not an integer"),
     (["--amp", "fp8"], "invalid choice"),
+    (["--crop-pad", "-1"], "--crop-pad: must be at least 0"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet': use one of"),
     (["--arch", "alexnet"], "unknown arch 'alexnet': use one of vgg, resnet"),
     (["--depth", "12"], "depth 12 is not valid for vgg"),

@@ -105,7 +105,8 @@ class Progress:
                      else f"{ev['schedule']} lr schedule")
             print(f"training {ev['params']:,} parameters for {ev['epochs']} epochs x {ev['steps']} steps "
                   f"({sched}) on {ev['device']}{procs}, amp {ev['amp']}, "
-                  f"channels_last {'on' if ev['channels_last'] else 'off'}, seed {ev['seed']}{resumed}",
+                  f"channels_last {'on' if ev['channels_last'] else 'off'}, augment {ev.get('augment', 'off')}, "
+                  f"seed {ev['seed']}{resumed}",
                   file=self.err, flush=True)
             self.last = time.monotonic()
         elif kind == "step":

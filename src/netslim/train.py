@@ -609,6 +609,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     report({"event": "start", "epochs": cfg.epochs, "start_epoch": start_epoch, "steps": steps,
             "world_size": world, "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off",
             "channels_last": use_cl, "seed": seed, "milestones": milestones, "schedule": cfg.schedule,
+            "augment": _augment_label(train_spec) if cfg.augment else "off",
             "params": sum(p.numel() for p in raw.parameters())})
 
     autocast_dtype = amp or torch.float32
@@ -719,6 +720,12 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     return {"best_top1": best_top1 if history else float("nan"), "final_top1": final,
             "epochs": len(history), "seconds": time.perf_counter() - t_start, "history": history,
             "seed": seed, "save_dir": str(save) if save is not None else None}
+
+
+def _augment_label(spec: Any) -> str:
+    """What the training batches get, as the start line prints it: "crop pad 2 + flip"."""
+    parts = ([f"crop pad {spec.crop_pad}"] if spec.crop_pad else []) + (["flip"] if spec.flip else [])
+    return " + ".join(parts) or "none"
 
 
 def _json_line(record: dict) -> str:
