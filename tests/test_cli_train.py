@@ -83,6 +83,18 @@ def test_crop_pad_flag_is_recorded(data_dir, tmp_path, capsys):
     assert read_checkpoint(tmp_path / "r" / "checkpoint.pt")["train_state"]["config"]["crop_pad"] == 0
 
 
+def test_resuming_a_run_from_before_crop_pad_keeps_its_pad_of_4(data_dir, tmp_path, capsys):
+    save = tmp_path / "r"
+    assert cli.main(train_args(data_dir, save, "--epochs", "1")) == 0
+    ckpt = torch.load(save / "checkpoint.pt", weights_only=True)
+    del ckpt["train_state"]["config"]["crop_pad"]  # as an older netslim wrote it
+    torch.save(ckpt, save / "checkpoint.pt")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(save / "checkpoint.pt"), "--epochs", "2"]) == 0
+    assert "augment crop pad 4 + flip" in capsys.readouterr().err
+    assert read_checkpoint(save / "checkpoint.pt")["train_state"]["config"]["crop_pad"] == 4
+
+
 def test_default_save_folder_and_finetune(run_dir, data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # a dense checkpoint refines like a pruned one (a pruned one carries its plan and rebuilds itself)

@@ -318,6 +318,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # recipe: flags given > the resumed run's stored config > the seed's defaults
     cfg_dict = TrainConfig().as_dict()
     cfg_dict.update({k: v for k, v in stored_cfg.items() if k in cfg_dict})
+    if stored_cfg and "crop_pad" not in stored_cfg:
+        cfg_dict["crop_pad"] = 4  # a run from before --crop-pad existed cropped every dataset with pad 4
     cfg_dict.update({k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None})
     cfg_dict["force"] = bool(args.force)
     cfg = TrainConfig.from_dict(cfg_dict)
