@@ -48,6 +48,7 @@ seen. What it cannot see is scratch memory a kernel allocates and frees internal
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import statistics
@@ -498,11 +499,20 @@ def peak_memory(model: nn.Module, input_size: Sequence[int], batch_size: int = 6
                 # Measure relative to what was allocated before, so other live tensors of
                 # the process do not count; then add back what the model itself holds.
                 return torch.cuda.max_memory_allocated(dev) - before + _resident_bytes(resident)
-            with _LiveBytes() as tracker:
-                for t in resident:
-                    tracker.track(t)
-                out = net(x)
-                del out
+            # The cyclic GC stays off while storages are tracked: a collection in mid-forward
+            # (when it fires depends on the process's allocation history, even on
+            # PYTHONHASHSEED) delayed one free and moved the peak by a tensor now and then.
+            gc_was_on = gc.isenabled()
+            gc.disable()
+            try:
+                with _LiveBytes() as tracker:
+                    for t in resident:
+                        tracker.track(t)
+                    out = net(x)
+                    del out
+            finally:
+                if gc_was_on:
+                    gc.enable()
             return tracker.peak
     finally:
         net.train(was_training)
