@@ -129,6 +129,13 @@ def build_model(arch: str, depth: Optional[int] = None, num_classes: int = 10, i
     if "bn_init" in options and not isinstance(options["bn_init"], (int, float)):
         raise ConfigError(f"bn_init {options['bn_init']!r} is not valid: use a number (the seed uses 0.5)")
     if fam.default_depth is None:
-        return fam.builder(num_classes=num_classes, in_channels=in_channels, **options)
-    return fam.builder(fam.default_depth if depth is None else depth,
-                       num_classes=num_classes, in_channels=in_channels, **options)
+        model = fam.builder(num_classes=num_classes, in_channels=in_channels, **options)
+        recipe = {"name": arch}
+    else:
+        depth = fam.default_depth if depth is None else depth
+        model = fam.builder(depth, num_classes=num_classes, in_channels=in_channels, **options)
+        recipe = {"name": arch, "depth": depth}
+    # What rebuilds it: save_checkpoint stores this, so a built (or pruned) model reloads from
+    # its file alone. The same dict as a checkpoint's "arch".
+    model.netslim_meta = {"arch": {**recipe, "num_classes": num_classes, "in_channels": in_channels, **options}}
+    return model
