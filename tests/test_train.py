@@ -254,7 +254,7 @@ def test_huge_lr_is_reported_not_silently_nan(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(epochs=0), dict(batch_size=0), dict(s=-1e-4), dict(lr=0.0),
                                  dict(lr=-0.1), dict(amp="fp8"), dict(momentum=1.0), dict(schedule="linear"),
-                                 dict(crop_pad=-1)])
+                                 dict(crop_pad=-1), dict(crop_pad=8)])  # SPEC's images are 8x8
 def test_bad_config_raises_config_error_and_writes_nothing(tmp_path, bad):
     with pytest.raises(ConfigError):
         fit(tiny_model(), tiny_data(), cfg(**bad), tmp_path / "run", meta=META)

@@ -481,6 +481,9 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         log.warning("this CPU has no native bf16: --amp bf16 will be slower than --amp off")
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); drop it on CPU")
+    if cfg.crop_pad is not None and cfg.crop_pad >= spec.image_size:
+        raise ConfigError(f"crop-pad {cfg.crop_pad} is not valid for {spec.image_size}x{spec.image_size} images: "
+                          "use a pad smaller than the image (the 28x28 sets default to 2, the rest to 4)")
 
     # ---- state to continue from
     ts: dict = {}
