@@ -105,7 +105,7 @@ _MNIST_MEAN, _MNIST_STD = 0.1001, 0.2752
 # The 28x28 sets crop with a 2-pixel pad: their objects are centred and size-normalised,
 # and on top of the 2 px of padding to 32x32 the CIFAR pad of 4 shifts them by up to 4 px
 # (1/7 of the object). Measured with the 8-epoch width-0.25 vgg-13 on Fashion-MNIST (step
-# schedule, seed 1): pad 4 -> 92.05%, pad 2 -> 92.79% (BENCHMARKS.md, "Short runs").
+# schedule, seeds 1 / 2): pad 4 -> 92.05 / 92.00%, pad 2 -> 92.79 / 92.71% (BENCHMARKS.md).
 DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec("fashion-mnist", 1, 32, 10, (_FASHION_MEAN,), (_FASHION_STD,), flip=True,
                                  crop_pad=2),
