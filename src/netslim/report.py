@@ -31,7 +31,7 @@ import torch
 
 from .errors import NetslimError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
-from .sparsity import gamma_summary
+from .sparsity import abs_gammas, gamma_summary
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +307,10 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
 
 def _bn_abs_gammas(path: Path) -> Optional[torch.Tensor]:
     from .checkpoint import load_checkpoint
-    from .sparsity import bn_gammas
     if not path.exists():
         return None
     model, _ = load_checkpoint(path)
-    g = [p.detach().abs().float().flatten() for p in bn_gammas(model)]
-    return torch.cat(g) if g else None
+    return abs_gammas(model)
 
 
 def _plots(run_dir: Path, results: dict) -> list[str]:

@@ -16,6 +16,13 @@ def bn_gammas(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, _BatchNorm) and m.weight is not None]
 
 
+@torch.no_grad()
+def abs_gammas(model: nn.Module) -> "torch.Tensor | None":
+    """|gamma| of every affine BN of `model`, as one flat float32 tensor (None if it has none)."""
+    g = [p.detach().abs().float().flatten() for p in bn_gammas(model)]
+    return torch.cat(g) if g else None
+
+
 # Where the fraction of small factors is counted: 0.01 is "as good as pruned", 0.1-0.3 is
 # where a few epochs of the L1 term visibly move mass (a step moves a factor by lr * s).
 GAMMA_THRESHOLDS = (0.01, 0.1, 0.2, 0.3)
@@ -25,13 +32,11 @@ def gamma_summary(model: nn.Module) -> dict:
     """How far sparsity training has pushed the BN scaling factors toward zero: count,
     sum, median and quantiles of |gamma| over all BNs, and the fraction below each of
     GAMMA_THRESHOLDS (keys "frac_below_<t>")."""
-    g = [p.detach().abs().float().flatten() for p in bn_gammas(model)]
-    if not g:
+    v = abs_gammas(model)
+    if v is None:
         return {"count": 0}
-    v = torch.cat(g)
-    q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9]))
-    out = {"count": int(v.numel()), "sum": float(v.sum()), "median": float(v.median()),
-           "q10": float(q[0]), "q90": float(q[2])}
+    q10, q90 = torch.quantile(v, torch.tensor([0.1, 0.9], device=v.device)).tolist()
+    out = {"count": int(v.numel()), "sum": float(v.sum()), "median": float(v.median()), "q10": q10, "q90": q90}
     out.update({f"frac_below_{t:g}": float((v < t).float().mean()) for t in GAMMA_THRESHOLDS})
     out["frac_below_1e-2"] = out["frac_below_0.01"]  # the key results.json has always had
     return out

@@ -39,7 +39,7 @@ from torch import nn
 from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, NetslimError
 from .fileio import append_jsonl, atomic_write_text, remove_files, remove_stale_temps
-from .sparsity import BNSparsity, bn_gammas
+from .sparsity import BNSparsity, abs_gammas
 
 log = logging.getLogger(__name__)
 
@@ -399,11 +399,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, spec: Any, *, b
 
 def _gamma_stats(model: nn.Module) -> tuple[float, float]:
     """(sum |gamma| over all BN layers, fraction of |gamma| below 1e-2): sparsity at a glance."""
-    gammas = bn_gammas(model)
-    if not gammas:
+    g = abs_gammas(model)
+    if g is None:
         return 0.0, 0.0
-    with torch.no_grad():
-        g = torch.cat([p.detach().abs().float().flatten() for p in gammas])
     return float(g.sum()), float((g < 1e-2).float().mean())
 
 
