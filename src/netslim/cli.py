@@ -356,7 +356,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_writable_folder(save)
 
     data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset,
-                        image_size=image_size, **({"val_split": val_split} if val_split is not None else {}))
+                        image_size=image_size, val_split=val_split)
     spec = data.spec
     if not arch:
         arch = _arch_dict(args.arch, args.depth, args.width, spec)
@@ -410,8 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _check_fits(meta.get("arch") or {}, get_spec(dataset), args.checkpoint)
     stored = (meta.get("data_options") or {}) if dataset == (meta.get("dataset") or {}).get("name") else {}
     data = load_dataset(dataset, data_dir=args.data_dir or stored.get("data_dir"), download=args.download,
-                        image_size=stored.get("image_size"),
-                        **({"val_split": stored["val_split"]} if stored.get("val_split") else {}))
+                        image_size=stored.get("image_size"), val_split=stored.get("val_split"))
     _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -454,8 +453,7 @@ def _try_top1(model: Any, meta: dict, args: argparse.Namespace) -> Optional[floa
     stored = meta.get("data_options") or {}  # where the checkpoint's run read its data
     try:
         data = load_dataset(name, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"),
-                            image_size=stored.get("image_size"),
-                            **({"val_split": stored["val_split"]} if stored.get("val_split") else {}))
+                            image_size=stored.get("image_size"), val_split=stored.get("val_split"))
     except NetslimError as e:
         log.warning("not evaluating after pruning: %s", e)
         return None

@@ -528,11 +528,11 @@ def _read_svhn_split(path: Path, spec: DatasetSpec) -> tuple[torch.Tensor, torch
 
 def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  train_subset: int | None = None, image_size: int | None = None,
-                 val_split: float = 0.1, max_memory_bytes: int | None = None) -> DataBundle:
+                 val_split: float | None = None, max_memory_bytes: int | None = None) -> DataBundle:
     """Read dataset `name` into memory as uint8 tensors.
 
     `download`: fetch the official files if they are not found. `train_subset`: keep the
-    first N training images. `image_size` (default 32), `val_split` and `max_memory_bytes`
+    first N training images. `image_size` (default 32), `val_split` (default 0.1) and `max_memory_bytes`
     are for 'imagefolder' (see load_imagefolder: over the cap its images stay on disk as
     `ImageFiles`); the other datasets have a fixed size and are always in memory."""
     if train_subset is not None and train_subset < 1:
@@ -542,7 +542,8 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike | None = None, downlo
             raise ConfigError("dataset 'imagefolder' needs --data-dir: a folder of class sub-folders of images")
         if download:
             raise ConfigError("dataset 'imagefolder' cannot be downloaded: point --data-dir at your images")
-        bundle = load_imagefolder(data_dir, image_size=image_size or 32, val_split=val_split,
+        bundle = load_imagefolder(data_dir, image_size=image_size or 32,
+                                  val_split=0.1 if val_split is None else val_split,
                                   max_memory_bytes=max_memory_bytes)
     else:
         spec = get_spec(name)
