@@ -119,6 +119,10 @@ def test_pipeline_command(data_dir, tmp_path, capsys):
     assert (save / "results.md").exists() and (save / "results.json").exists()
     assert run(argv) == 0  # re-run: everything already done
     assert "already done" in capsys.readouterr().out
+    # the written configuration is this run's: repeated from it, every stage is found done
+    # (pipeline.json refuses a run_dir whose settings differ)
+    assert run(["pipeline", "--config", str(save / "config.toml"), "--save", str(save)]) == 0
+    assert capsys.readouterr().out.count("already done") == 4
     assert run(["pipeline", "--preset", "nope"]) == 2
 
 

@@ -49,7 +49,7 @@ def one_error_line(capsys) -> str:
 
 
 def test_train_writes_loadable_files(run_dir, data_dir, capsys):
-    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "model_best.pt", "metrics.jsonl"}
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.pt", "model_best.pt", "metrics.jsonl", "config.toml"}
     for name in ("checkpoint.pt", "model_best.pt"):
         obj = torch.load(run_dir / name, weights_only=True)
         assert obj["arch"] == {"name": "vgg", "depth": 11, "num_classes": 10, "in_channels": 1, "width": 0.125}
@@ -228,7 +228,8 @@ def test_torchrun_two_processes(data_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("done: best top-1") == 1 and "2 processes" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "metrics.jsonl", "model_best.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "config.toml", "metrics.jsonl",
+                                                                     "model_best.pt"]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]

@@ -35,6 +35,8 @@ log = logging.getLogger("netslim")
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `netslim: error: <what> (see <prog> --help)`, exit 2."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}  # the subcommands' parsers, by name (top level)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"netslim: error: {message} (see {self.prog} --help)\n")
 
@@ -138,11 +140,17 @@ class Progress:
 # --------------------------------------------------------------------------- train / finetune
 
 
-def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
-    """The seed's flags (same names and meanings) plus netslim's. Recipe flags default to None
-    so that a resumed run keeps the values stored in its checkpoint unless one is given."""
+def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
+    """The seed's flags (same names and meanings) plus netslim's, for `train`, `finetune` and
+    `pipeline` (which sets -sr, --epochs per stage, --refine and --resume itself). Recipe flags
+    default to None: "not given", so that a resumed run or a preset keeps its values."""
     from .train import TrainConfig
     d = TrainConfig()
+    pipeline = command == "pipeline"
+
+    def default(value: Any) -> str:
+        return "the preset's" if pipeline else str(value)
+
     g = p.add_argument_group("model and data")
     g.add_argument("--dataset", help="dataset name (default: the checkpoint's with --refine/--resume)")
     g.add_argument("--arch", help="architecture (vgg, resnet, densenet, ...; see the error for the full list)")
@@ -163,10 +171,12 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
                         "dataset's, 4 for the 32x32 sets, 2 for the 28x28 ones; 0: no crop)")
 
     r = p.add_argument_group("recipe (defaults: the seed's)")
-    r.add_argument("--epochs", type=_int_at_least(1), help=f"epochs to train (default {d.epochs})")
-    r.add_argument("--batch-size", type=_int_at_least(1), help=f"images per step and process (default {d.batch_size})")
+    r.add_argument("--epochs", type=_int_at_least(1),
+                   help="epochs of every training stage" if pipeline else f"epochs to train (default {d.epochs})")
+    r.add_argument("--batch-size", type=_int_at_least(1),
+                   help=f"images per step (default {default(d.batch_size)})")
     r.add_argument("--test-batch-size", type=_int_at_least(1), help=f"default {d.test_batch_size}")
-    r.add_argument("--lr", type=_positive, help=f"learning rate (default {d.lr}); see --schedule")
+    r.add_argument("--lr", type=_positive, help=f"learning rate (default {default(d.lr)}); see --schedule")
     r.add_argument("--momentum", type=_unit, help=f"default {d.momentum}")
     r.add_argument("--weight-decay", "--wd", type=_non_negative, help=f"default {d.weight_decay:g}")
     r.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum (the paper's)")
@@ -174,20 +184,23 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
                    help="lr schedule: step (default, the seed's: /10 at 50%% and 75%% of the epochs), cosine "
                         "(per step, down to 0) or onecycle (per step: warm-up over 25%%, then cosine to 0; "
                         "better for short runs)")
-    r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
-                   help="train with the L1 sparsity term on BatchNorm gammas")
-    r.add_argument("--s", type=_non_negative, help=f"sparsity strength (default {d.s:g}; 1e-5 for resnet/densenet)")
+    if not pipeline:
+        r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
+                       help="train with the L1 sparsity term on BatchNorm gammas")
+    r.add_argument("--s", type=_non_negative,
+                   help=f"sparsity strength (default {default(f'{d.s:g}')}; 1e-5 for resnet/densenet)")
     r.add_argument("--seed", type=_int_at_least(0), help="random seed (default: drawn and recorded)")
 
     s = p.add_argument_group("run")
-    if finetune:
+    if command == "finetune":
         s.add_argument("--checkpoint", dest="refine", required=True, metavar="PRUNED",
                        help="the pruned checkpoint to fine-tune")
-    else:
+    elif command == "train":
         s.add_argument("--refine", metavar="PRUNED", help="fine-tune this pruned checkpoint (same recipe)")
-    s.add_argument("--resume", metavar="CKPT", help="continue an interrupted run (its checkpoint.pt or folder)")
-    s.add_argument("--save", metavar="DIR", help="output folder (default runs/<arch><depth>/<stage>)")
-    s.add_argument("--force", action="store_true", help="replace a run already in --save")
+    if not pipeline:
+        s.add_argument("--resume", metavar="CKPT", help="continue an interrupted run (its checkpoint.pt or folder)")
+        s.add_argument("--save", metavar="DIR", help="output folder (default runs/<arch><depth>/<stage>)")
+        s.add_argument("--force", action="store_true", help="replace a run already in --save")
     s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     s.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision (default auto: bf16 where the hardware has it)")
@@ -198,9 +211,12 @@ def _add_train_flags(p: argparse.ArgumentParser, *, finetune: bool) -> None:
     s.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS", help="steps between progress updates")
 
 
+# TrainConfig fields that have a flag; flags given > --config file > stored (resume) > TrainConfig's defaults
 _RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule",
                  "sr", "s", "seed", "amp", "channels_last", "augment", "crop_pad", "compile", "device", "sync_bn",
                  "log_every")
+# load_dataset's options that have a flag (stored in checkpoints as `data_options`)
+_DATA_FLAGS = ("data_dir", "download", "train_subset", "image_size", "val_split")
 
 
 def _arch_dict(arch: str, depth: Optional[int], width: Optional[float], spec: Any) -> dict:
@@ -243,6 +259,32 @@ def _same_or_error(flag: str, given: Any, stored: Any, what: str) -> None:
                           f"leave {flag} out")
 
 
+def _config_header(command: str) -> str:
+    return (f"The configuration this run resolved to (flags > --config file > stored > defaults).\n"
+            f"Repeat the run with: netslim {command} --config THIS_FILE [--save ANOTHER_FOLDER]")
+
+
+def _train_config_values(command: str, cfg: Any, dataset: str, arch: dict, data_opts: dict,
+                         refine: Optional[str], save: Path, resume: Optional[Path]) -> Optional[dict]:
+    """The train command's flags as this run resolved them (its config.toml), or None when there
+    is nothing faithful to write: a resumed run keeps the file its start wrote (recipe updated)."""
+    from .config import CONFIG_NAME, read_config_file
+
+    recipe = {k: v for k, v in cfg.as_dict().items() if k in _RECIPE_FLAGS}
+    if resume is not None:
+        previous = save / CONFIG_NAME
+        return {**read_config_file(previous), **recipe} if previous.exists() else None
+    values: dict = {"dataset": dataset}
+    if refine:  # the pruned checkpoint fixes the model
+        values["checkpoint" if command == "finetune" else "refine"] = str(Path(refine).resolve())
+    else:
+        values.update(arch=arch["name"], depth=arch.get("depth"), width=arch.get("width", arch.get("width_mult")))
+    values.update({k: data_opts.get(k) for k in _DATA_FLAGS})
+    if values["data_dir"]:
+        values["data_dir"] = str(Path(values["data_dir"]).resolve())
+    return {**values, **recipe}
+
+
 def _stage(sr: bool, refine: bool) -> str:
     return "finetune" if refine else "sparsity" if sr else "baseline"
 
@@ -253,7 +295,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .data import get_spec, list_datasets, load_dataset
     from .fileio import check_writable_folder
     from .models import build_model, list_models
-    from .train import CHECKPOINT_NAME, TrainConfig, fit, init_distributed, resolve_seed
+    from .config import CONFIG_NAME, resolve, write_config_file
+    from .train import CHECKPOINT_NAME, TrainConfig, check_resume_recipe, fit, init_distributed, resolve_seed
 
     if args.resume and args.refine:
         raise ConfigError("give --resume or --refine, not both: a resumed run already holds its pruned model")
@@ -294,7 +337,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.refine} does not record its dataset: pass --dataset")
         if dataset == (meta.get("dataset") or {}).get("name"):  # where that run found its data
             stored = meta.get("data_options") or {}
-            data_opts = {k: stored[k] for k in ("data_dir", "image_size", "val_split") if stored.get(k) is not None}
+            data_opts = {k: stored.get(k) for k in ("data_dir", "image_size", "val_split")}
     else:
         if args.dataset is None or args.arch is None:
             missing = " and ".join(f for f, v in (("--dataset", args.dataset), ("--arch", args.arch)) if v is None)
@@ -303,34 +346,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         arch = {}
         meta = {}
 
-    # On resume the restored optimizer state and RNG states would silently override these
-    # flags (the run would record one value and train with another). Say so instead.
-    # (--epochs may grow a run; the other recipe flags apply as given.)
-    frozen = ("lr", "momentum", "weight_decay", "nesterov", "schedule", "seed")
-    changed = [k for k in frozen if stored_cfg and getattr(args, k, None) is not None
-               and k in stored_cfg and getattr(args, k) != stored_cfg[k]]
-    if changed:
-        k = changed[0]
-        raise ConfigError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the resumed run's "
-                          f"{stored_cfg[k]}; a resumed run keeps its recipe (start a new run, or "
-                          f"fine-tune it with --refine)")
-
-    # recipe: flags given > the resumed run's stored config > the seed's defaults
-    cfg_dict = TrainConfig().as_dict()
-    cfg_dict.update({k: v for k, v in stored_cfg.items() if k in cfg_dict})
-    if stored_cfg and "crop_pad" not in stored_cfg:
-        cfg_dict["crop_pad"] = 4  # a run from before --crop-pad existed cropped every dataset with pad 4
-    cfg_dict.update({k: getattr(args, k) for k in _RECIPE_FLAGS if getattr(args, k) is not None})
-    cfg_dict["force"] = bool(args.force)
-    cfg = TrainConfig.from_dict(cfg_dict)
+    given = {k: getattr(args, k) for k in _RECIPE_FLAGS}
+    check_resume_recipe(stored_cfg, given)
+    # A run from before --crop-pad existed cropped every dataset with pad 4.
+    legacy = {"crop_pad": 4} if stored_cfg and "crop_pad" not in stored_cfg else {}
+    cfg = TrainConfig.from_dict(resolve(TrainConfig().as_dict(), stored_cfg, legacy, given,
+                                        {"force": bool(args.force)}))
     cfg.validate()
-
-    # data options: flags given > stored (resume); data_dir stored absolute so the resume line is short
-    data_dir = args.data_dir if args.data_dir is not None else data_opts.get("data_dir")
-    train_subset = args.train_subset if args.train_subset is not None else data_opts.get("train_subset")
-    image_size = args.image_size if args.image_size is not None else data_opts.get("image_size")
-    val_split = args.val_split if args.val_split is not None else data_opts.get("val_split")
-    download = bool(args.download if args.download is not None else data_opts.get("download", False))
+    data_opts = resolve({"download": False}, data_opts, {k: getattr(args, k) for k in _DATA_FLAGS})
+    data_dir, train_subset, download = data_opts.get("data_dir"), data_opts.get("train_subset"), data_opts["download"]
+    image_size, val_split = data_opts.get("image_size"), data_opts.get("val_split")
     source = str(resume or args.refine)
     # Check everything cheap before the (slow) data load. imagefolder's spec comes from its files.
     if dataset != "imagefolder":
@@ -375,9 +400,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                     "data_options": {"data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                                      "train_subset": train_subset, "download": download,
                                      "image_size": image_size, "val_split": val_split}}
+        run_values = _train_config_values(args.command, cfg, dataset, arch, data_opts, args.refine, save, resume)
         progress = Progress() if rank == 0 else None
+
+        def on_progress(ev: dict) -> None:
+            if ev["event"] == "start" and run_values is not None:  # the run has begun: record what it runs
+                write_config_file(save / CONFIG_NAME, run_values, _config_header(args.command))
+            progress(ev)
+
         try:
-            summary = fit(model, data, cfg, save, meta=run_meta, resume=resume, on_progress=progress)
+            summary = fit(model, data, cfg, save, meta=run_meta, resume=resume,
+                          on_progress=on_progress if progress is not None else None)
         finally:
             if progress is not None:
                 progress.close()
@@ -671,7 +704,8 @@ def _add_prune_parsers(sub: Any) -> None:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """baseline -> sparsity -> prune -> fine-tune (-> more passes), resumable, with a report."""
-    from .pipeline import PRESET_NOTES, preset_config, run_pipeline
+    from .config import CONFIG_NAME, write_config_file
+    from .pipeline import PIPELINE_OWN_TRAIN_FIELDS, PRESET_NOTES, preset_config, run_pipeline
     from .report import render_table
     from .train import TrainingInterrupted
 
@@ -681,9 +715,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if per_stage:
         epochs = {**({"baseline": args.epochs, "sparsity": args.epochs, "finetune": args.epochs}
                      if args.epochs else {}), **per_stage}
-    overrides = {k: getattr(args, k) for k in ("seed", "amp", "device", "channels_last", "augment", "crop_pad",
-                                                "train_subset", "test_batch_size", "log_every", "schedule")
-                 if getattr(args, k) is not None}
+    # every train flag the pipeline does not set per stage applies to each training stage
+    shared = [k for k in (*_RECIPE_FLAGS, *_DATA_FLAGS) if k not in PIPELINE_OWN_TRAIN_FIELDS
+              and k not in ("data_dir", "download")]
+    overrides = {k: getattr(args, k) for k in shared if getattr(args, k, None) is not None}
     cfg = preset_config(
         args.preset, dataset=args.dataset, arch=args.arch, depth=args.depth,
         arch_options={"width": args.width} if args.width is not None else None, epochs=epochs,
@@ -698,7 +733,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         kind = ev["event"]
         if kind in ("start", "step", "epoch"):
             progress(ev)
-        elif kind == "pipeline_start":
+        elif kind == "pipeline_start":  # run_dir is claimed: record what this run resolved to
+            write_config_file(run_dir / CONFIG_NAME, _pipeline_config_values(args, cfg, ev["seed"]),
+                              _config_header("pipeline"))
             print(f"pipeline {args.preset} in {run_dir}: {PRESET_NOTES.get(args.preset, '')}".rstrip(": "),
                   flush=True)
         elif kind == "stage_start":
@@ -736,6 +773,20 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline_config_values(args: argparse.Namespace, cfg: Any, seed: int) -> dict:
+    """The pipeline command's flags as `cfg` (a PipelineConfig) and the run's seed resolve them."""
+    epochs = cfg.stage_epochs()
+    values = {"preset": args.preset, "dataset": cfg.dataset, "arch": cfg.arch, "depth": cfg.depth,
+              **{k: v for k, v in cfg.arch_options.items()},
+              **{f"{stage}_epochs": n for stage, n in epochs.items()},
+              "batch_size": cfg.batch_size, "lr": cfg.lr, "s": cfg.s, "percent": [float(p) for p in cfg.percents],
+              "passes": cfg.passes, "max_layer_percent": cfg.max_layer_percent, "mode": cfg.prune_mode,
+              "min_channels": cfg.min_channels, "round_to": cfg.round_to,
+              "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, "download": cfg.download,
+              "latency_seconds": args.latency_seconds}
+    return {**values, **cfg.train_overrides, "seed": seed}
+
+
 def _add_pipeline_parser(sub: Any) -> None:
     from .pipeline import list_presets
 
@@ -747,38 +798,17 @@ def _add_pipeline_parser(sub: Any) -> None:
                    "width-0.25 vgg-13, ~10 minutes on a 2-core CPU); the others reproduce the seed's table rows")
     p.add_argument("--save", metavar="DIR", help="run folder (default runs/<preset>); re-run to resume")
     p.add_argument("--force", action="store_true", help="start the run folder over")
-    p.add_argument("--dataset")
-    p.add_argument("--arch")
-    p.add_argument("--depth", type=_int_at_least(1))
-    p.add_argument("--width", type=_positive)
-    p.add_argument("--epochs", type=_int_at_least(1), help="epochs of every training stage")
-    p.add_argument("--baseline-epochs", type=_int_at_least(1))
-    p.add_argument("--sparsity-epochs", type=_int_at_least(1))
-    p.add_argument("--finetune-epochs", type=_int_at_least(1))
-    p.add_argument("--batch-size", type=_int_at_least(1))
-    p.add_argument("--test-batch-size", type=_int_at_least(1))
-    p.add_argument("--lr", type=_positive)
-    p.add_argument("--s", type=_non_negative, help="sparsity strength")
-    p.add_argument("--percent", type=_unit, nargs="+", metavar="P", help="prune percents, e.g. 0.5 0.7")
-    p.add_argument("--passes", type=_int_at_least(1), help="sparsity -> prune -> fine-tune passes (paper: multi-pass)")
-    p.add_argument("--max-layer-percent", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"))
-    p.add_argument("--mode", choices=("slim", "mask"))
-    p.add_argument("--min-channels", type=_int_at_least(1))
-    p.add_argument("--round-to", type=_int_at_least(1))
-    p.add_argument("--seed", type=_int_at_least(0))
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
-    p.add_argument("--schedule", choices=("step", "cosine", "onecycle"), help="lr schedule of every training "
-                   "stage (default step, the seed's; see netslim train --help)")
-    p.add_argument("--device")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
-    p.add_argument("--train-subset", type=_int_at_least(1), metavar="N")
-    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
-                   help="no pad/crop/flip augmentation (an MLP)")
-    p.add_argument("--crop-pad", type=_int_at_least(0), metavar="PX",
-                   help="zero padding before the random crop (default: the dataset's, 2 for Fashion-MNIST)")
-    p.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS")
-    p.add_argument("--data-dir")
-    p.add_argument("--download", action="store_true", help="fetch the dataset if it is missing")
+    _add_train_flags(p, "pipeline")
+    e = p.add_argument_group("pipeline")
+    e.add_argument("--baseline-epochs", type=_int_at_least(1))
+    e.add_argument("--sparsity-epochs", type=_int_at_least(1))
+    e.add_argument("--finetune-epochs", type=_int_at_least(1))
+    e.add_argument("--percent", type=_unit, nargs="+", metavar="P", help="prune percents, e.g. 0.5 0.7")
+    e.add_argument("--passes", type=_int_at_least(1), help="sparsity -> prune -> fine-tune passes (paper: multi-pass)")
+    e.add_argument("--max-layer-percent", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"))
+    e.add_argument("--mode", choices=("slim", "mask"), help="prune mode (default slim)")
+    e.add_argument("--min-channels", type=_int_at_least(1))
+    e.add_argument("--round-to", type=_int_at_least(1))
     p.add_argument("--latency-seconds", type=_positive, default=0.5, help="time per latency measurement")
     p.set_defaults(func=cmd_pipeline)
 
@@ -799,11 +829,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (baseline, or -sr for sparsity)", allow_abbrev=False,
                        description="Train from scratch (--dataset --arch --depth), fine-tune a pruned "
                                    "checkpoint (--refine), or continue a run (--resume).")
-    _add_train_flags(p, finetune=False)
+    _add_train_flags(p, "train")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a pruned checkpoint (= train --refine)", allow_abbrev=False)
-    _add_train_flags(p, finetune=True)
+    _add_train_flags(p, "finetune")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1 of a checkpoint on a test split", allow_abbrev=False)
@@ -818,7 +848,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_prune_parsers(sub)
     _add_pipeline_parser(sub)
+    for command in sub.choices.values():
+        command.add_argument("--config", metavar="FILE",
+                             help="read flags from a TOML file: the same keys as the flags (batch_size = 128, "
+                                  "sr = true); flags given here win. Every run writes its own as config.toml")
+    parser.commands = dict(sub.choices)
     return parser
+
+
+def _expand_config(parser: "_Parser", argv: list[str]) -> list[str]:
+    """argv with the flags of its `--config FILE` placed right after the command name, so that
+    argparse checks them as typed flags and flags typed after them win."""
+    from .config import config_tokens, find_config_arg, read_config_file
+
+    at = next((i for i, tok in enumerate(argv) if tok in parser.commands), None)
+    if at is None:
+        return argv
+    path = find_config_arg(argv[at + 1:])
+    if path is None:
+        return argv
+    tokens = config_tokens(parser.commands[argv[at]], read_config_file(path), path)
+    return argv[:at + 1] + tokens + argv[at + 1:]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -835,6 +885,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train import TrainingInterrupted
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = _expand_config(parser, argv)
+    except NetslimError as e:
+        parser.exit(2, f"netslim: error: {e}\n")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if args.threads:

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PipelineConfig", "PRESETS", "PRESET_NOTES", "preset_config", "list_presets", "run_pipeline",
-    "plan_stages", "Stage", "EventFn", "STAGE_KEYS", "DONE_NAME", "PIPELINE_NAME",
+    "plan_stages", "Stage", "EventFn", "STAGE_KEYS", "DONE_NAME", "PIPELINE_NAME", "PIPELINE_OWN_TRAIN_FIELDS",
 ]
 
 EventFn = Callable[[dict], None]
@@ -66,9 +66,9 @@ PRUNE_REPORT_NAME = "prune.json"
 PIPELINE_FORMAT = "netslim-pipeline/1"
 
 # TrainConfig fields the pipeline sets itself, per stage: not allowed in train_overrides.
-_OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force")
+PIPELINE_OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force")
 # train_overrides keys that go to load_dataset instead of TrainConfig.
-_DATA_OVERRIDES = ("train_subset",)
+_DATA_OVERRIDES = ("train_subset", "image_size", "val_split")
 # Settings that change where or how fast a run goes, not its numbers: a resume may change them.
 # `passes` may grow: pass k depends only on the passes before it, so `--passes 3` on a finished
 # 1-pass run reuses pass 1 and adds passes 2 and 3.
@@ -87,8 +87,8 @@ class PipelineConfig:
     same sparsity model; the first one is the "main" percent that later passes continue.
     `epochs` is one int for every stage or {"baseline", "sparsity", "finetune"}.
     `train_overrides` holds any other TrainConfig field (amp, seed, channels_last, momentum,
-    nesterov, device, ...) and `train_subset` (train on the first N images); they apply to
-    every training stage.
+    nesterov, device, ...) and the data options `train_subset` (train on the first N images),
+    `image_size` and `val_split` (imagefolder); they apply to every training stage.
     """
     dataset: str = "cifar10"
     arch: str = "vgg"
@@ -127,7 +127,7 @@ class PipelineConfig:
     def data_options(self) -> dict:
         """load_dataset's keyword arguments."""
         return {"data_dir": self.data_dir, "download": self.download,
-                "train_subset": self.train_overrides.get("train_subset")}
+                **{k: self.train_overrides.get(k) for k in _DATA_OVERRIDES}}
 
     # ---- checks and (de)serialisation
 
@@ -182,7 +182,7 @@ class PipelineConfig:
                 raise ConfigError(f"{name} {v!r} is not valid: use an integer >= 1")
         if not isinstance(self.train_overrides, dict):
             raise ConfigError(f"train_overrides must be a dict, got {self.train_overrides!r}")
-        own = sorted(set(self.train_overrides) & set(_OWN_TRAIN_FIELDS))
+        own = sorted(set(self.train_overrides) & set(PIPELINE_OWN_TRAIN_FIELDS))
         if own:
             raise ConfigError(f"train_overrides may not set {', '.join(own)}: the pipeline sets them per stage "
                               "(use PipelineConfig.epochs / batch_size / lr / s, and force=run_pipeline's)")
@@ -190,7 +190,7 @@ class PipelineConfig:
         unknown = sorted(set(self.train_overrides) - known)
         if unknown:
             raise ConfigError(f"unknown train override {', '.join(unknown)}: use TrainConfig fields "
-                              f"({', '.join(sorted(known - set(_OWN_TRAIN_FIELDS)))})")
+                              f"({', '.join(sorted(known - set(PIPELINE_OWN_TRAIN_FIELDS)))})")
         ts = self.train_overrides.get("train_subset")
         if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int) or ts < 1):
             raise ConfigError(f"train_subset {ts!r} is not valid: use an integer >= 1")
@@ -245,7 +245,7 @@ def percent_label(p: float) -> str:
 
 _SEED_RECIPE = {"lr": 0.1, "batch_size": 64}  # the seed's main.py defaults (SGD 0.1, /10 at 50% and 75%)
 
-PRESETS: dict[str, dict] = {
+_PRESET_SETTINGS: dict[str, dict] = {
     # Fashion-MNIST is the data set installed on these machines (CIFAR cannot be downloaded here).
     # Epochs are sized for ~10 minutes on a 2-core CPU with bf16 autocast (~20-25 s per epoch);
     # change them with preset_config("quick", epochs={...}).
@@ -269,6 +269,9 @@ PRESETS: dict[str, dict] = {
     "cifar100-densenet40": dict(dataset="cifar100", arch="densenet", depth=40, epochs=160, s=1e-5,
                                 percents=[0.4, 0.6], **_SEED_RECIPE),
 }
+
+# Each preset is a PipelineConfig: the same typed configuration a command line or a library call makes.
+PRESETS: dict[str, PipelineConfig] = {name: PipelineConfig(**kw) for name, kw in _PRESET_SETTINGS.items()}
 
 PRESET_NOTES: dict[str, str] = {
     "quick": "Fashion-MNIST, vgg-13 at width 0.25, seed recipe (SGD 0.1, /10 at 50%/75%), batch 128, s 1e-3, "
@@ -303,7 +306,7 @@ def preset_config(name: str = "quick", **overrides: Any) -> PipelineConfig:
     """
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
-    base = copy.deepcopy(PRESETS[name])
+    base = dataclasses.asdict(PRESETS[name])  # a deep copy
     given = {k: v for k, v in overrides.items() if v is not None}
     known = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(given) - known)
@@ -501,8 +504,8 @@ class _Runner:
         """What fit stores in the stage's checkpoints besides the model (and its plan/mask)."""
         opts = self.cfg.data_options()
         return {"arch": arch, "dataset": spec.as_dict(), "input_size": list(input_size),
-                "data_options": {"data_dir": str(Path(opts["data_dir"]).resolve()) if opts["data_dir"] else None,
-                                 "train_subset": opts["train_subset"], "download": opts["download"]},
+                "data_options": {**opts,
+                                 "data_dir": str(Path(opts["data_dir"]).resolve()) if opts["data_dir"] else None},
                 "pipeline_stage": stage.key}
 
     def stage_dir(self, stage: Stage | str) -> Path:

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "TrainConfig", "fit", "evaluate", "resolve_amp", "resolve_device", "epoch_milestones", "scheduled_lr",
-    "init_distributed", "resolve_seed", "TrainingInterrupted", "NonFiniteLoss",
+    "init_distributed", "resolve_seed", "TrainingInterrupted", "NonFiniteLoss", "check_resume_recipe",
     "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME",
 ]
 
@@ -132,6 +132,20 @@ class TrainConfig:
         if "milestones" in kw:
             kw["milestones"] = tuple(kw["milestones"])
         return cls(**kw)
+
+
+# Recipe values a resumed run cannot change: the restored optimizer, scheduler and RNG states
+# would silently override them (the run would record one value and train with another).
+# --epochs may grow a run; the others (amp, device, ...) change speed, not the recipe.
+RESUME_FROZEN = ("lr", "momentum", "weight_decay", "nesterov", "schedule", "seed")
+
+
+def check_resume_recipe(stored: dict, given: dict) -> None:
+    """ConfigError when a value in `given` (None: not given) differs from the resumed run's `stored` config."""
+    for k in RESUME_FROZEN:
+        if given.get(k) is not None and k in stored and given[k] != stored[k]:
+            raise ConfigError(f"--{k.replace('_', '-')} {given[k]} differs from the resumed run's {stored[k]}; "
+                              "a resumed run keeps its recipe (start a new run, or fine-tune it with --refine)")
 
 
 class TrainingInterrupted(NetslimError):
