@@ -576,9 +576,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model, meta = build_model(name, **arch).eval(), {"mode": "dense"}
         input_size = [spec.in_channels, spec.image_size, spec.image_size]
         what = f"{name}-{arch.get('depth', '')} on {spec.name}".replace("- on", " on")
-    device = resolve_device(args.device)
+    # onnxruntime's latency is measured on the CPU (its CPU execution provider)
+    device = "cpu" if args.runtime == "onnxruntime" and args.device == "auto" else resolve_device(args.device)
     result = profile(model, input_size, batch_sizes=args.batch_sizes, device=device,
-                     latency=not args.no_latency, threads=args.threads)
+                     latency=not args.no_latency, threads=args.threads, runtime=args.runtime)
     mask = (meta.get("mask") or {}) if isinstance(meta, dict) else {}
     if mask:
         effective = apply_plan(model, mask)
@@ -610,7 +611,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"  BN |gamma| ({g['count']:,} factors): median {g['median']:.3g} (10%-90% {g['q10']:.3g}-{g['q90']:.3g}); "
               f"{below}")
     for bs, ms in (result.get("latency_ms") or {}).items():
-        print(f"  latency batch {bs}: {ms:.2f} ms ({result['device']}, {result['threads']} threads)")
+        print(f"  latency batch {bs}: {ms:.2f} ms ({result['runtime']}, {result['device']}, "
+              f"{result['threads']} threads)")
     for bs, ms in (result.get("latency_optimized_ms") or {}).items():
         print(f"  latency batch {bs}, optimized for inference: {ms:.2f} ms "
               f"({result['latency_ms'][bs] / ms:.2f}x the model as stored)")
@@ -684,6 +686,9 @@ def _add_prune_parsers(sub: Any) -> None:
     p.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[1, 64],
                    metavar="B1,B2", help="latency batch sizes (default 1,64)")
     p.add_argument("--threads", type=_int_at_least(1), help="CPU threads (default: torch's)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",  # profile.RUNTIMES
+                   help="where latency is measured: torch (eager, default) or onnxruntime (the model as "
+                        "`netslim export --onnx` writes it, in an onnxruntime CPU session)")
     p.add_argument("--no-latency", action="store_true", help="count only")
     p.add_argument("--optimized", action="store_true",
                    help="also time the model after netslim.optimize_for_inference (BNs folded, gathers "

@@ -8,13 +8,13 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .checkpoint import example_input
-from .errors import NetslimError
+from .errors import ConfigError, NetslimError
 from .fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,45 @@ def export_torchscript(model: nn.Module, meta: dict, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 17) -> bytes:
+    """`model` (eval mode) as an ONNX file in memory, batch dimension dynamic.
+
+    The one exporter netslim uses: `export_onnx` writes its bytes and `profile`'s
+    onnxruntime latency times them, so what is timed is what is deployed.
+    """
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+        try:
+            torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=opset, input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as e:  # the exporter raises many types for unsupported ops
+            raise NetslimError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    return buf.getvalue()
+
+
+def onnxruntime_session(data: bytes, threads: Optional[int] = None, *, profile_prefix: Optional[str] = None) -> Any:
+    """An onnxruntime CPU InferenceSession as it is deployed for latency: `threads` intra-op
+    threads (None: onnxruntime's default), sequential execution, every graph optimisation
+    on. `profile_prefix` turns on onnxruntime's per-op profiler (session.end_profiling())."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("onnxruntime is not installed: pip install onnxruntime "
+                          "(or netslim[onnx])") from None
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: it warns about unused initializers of folded BNs
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
 def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, atol: float = 1e-4) -> dict[str, Any]:
     """Write ONNX (batch dimension dynamic) and compare onnxruntime's outputs with PyTorch's.
 
@@ -48,23 +87,15 @@ def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, ato
     nothing is written.
     """
     model, x = deployable(model, meta)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
-        try:
-            torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"],
-                              output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-        except Exception as e:  # the exporter raises many types for unsupported ops
-            raise NetslimError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    data = buf.getvalue()
+    data = onnx_bytes(model, x, opset=opset)
     result: dict[str, Any] = {"opset": opset, "checked": False, "max_abs_diff": None}
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         log.warning("onnxruntime is not installed: the ONNX file was not checked (pip install onnxruntime)")
     else:
         batch = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        session = onnxruntime_session(data)
         got = torch.from_numpy(session.run(None, {"input": batch.numpy()})[0])
         with torch.no_grad():
             want = model(batch)

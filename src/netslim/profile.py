@@ -67,7 +67,10 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError
 
-__all__ = ["count", "count_params", "measure_latency", "peak_memory", "profile"]
+__all__ = ["RUNTIMES", "count", "count_params", "measure_latency", "peak_memory", "profile"]
+
+# Where latency is measured: PyTorch eager, or the exported ONNX graph in onnxruntime.
+RUNTIMES = ("torch", "onnxruntime")
 
 log = logging.getLogger(__name__)
 
@@ -367,30 +370,77 @@ def _check_batches(batch_sizes: Sequence[int]) -> list[int]:
     return sizes
 
 
-def _time_once(net: nn.Module, x: Tensor, device: torch.device) -> float:
-    """Seconds for one forward, until its work is done."""
-    t0 = time.perf_counter()
+def _forward(net: nn.Module, x: Tensor, device: torch.device) -> None:
+    """One forward, until its work is done."""
     net(x)
     _sync(device)  # CUDA launches are asynchronous
-    return time.perf_counter() - t0
+
+
+def _median_ms(run: Callable[[], Any], warmup: int, repeats: Optional[int], target_seconds: float) -> tuple[float, int]:
+    """(median milliseconds of `run`, how many timed runs): `warmup` untimed runs first;
+    `repeats` None times enough runs (at least 3) to fill about `target_seconds`."""
+    for _ in range(warmup):
+        run()
+    t0 = time.perf_counter()
+    run()
+    times = [time.perf_counter() - t0]
+    n = repeats if repeats is not None else max(3, math.ceil(target_seconds / max(times[0], 1e-6)))
+    for _ in range(n - 1):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, len(times)
+
+
+def _onnxruntime_latency(model: nn.Module, size: tuple[int, ...], batches: list[int], *, warmup: int,
+                         repeats: Optional[int], target_seconds: float, threads: Optional[int]) -> dict[int, float]:
+    """{batch size: median ms} of the model exported in memory and run in onnxruntime (CPU)."""
+    from .export import onnx_bytes, onnxruntime_session
+
+    net = _prepare(model, torch.device("cpu"), None, False)
+    was_training = net.training
+    net.eval()
+    try:
+        data = onnx_bytes(net, _random_input((1, *size), torch.device("cpu"), torch.float32))
+    finally:
+        net.train(was_training)
+    threads = threads if threads is not None else torch.get_num_threads()
+    session = onnxruntime_session(data, threads)
+    result: dict[int, float] = {}
+    for bs in batches:
+        feed = {"input": _random_input((bs, *size), torch.device("cpu"), torch.float32).numpy()}
+        result[bs], n = _median_ms(lambda: session.run(None, feed), warmup, repeats, target_seconds)
+        log.debug("onnxruntime latency batch %d: %.3f ms, median of %d runs, %d threads", bs, result[bs], n, threads)
+    return result
 
 
 def measure_latency(model: nn.Module, input_size: Sequence[int], batch_sizes: Sequence[int] = (1, 64), *,
                     device: DeviceLike = "cpu", warmup: int = 2, repeats: Optional[int] = None,
                     target_seconds: float = 0.5, threads: Optional[int] = None,
-                    channels_last: bool = False, dtype: Optional[torch.dtype] = None) -> dict[int, float]:
+                    channels_last: bool = False, dtype: Optional[torch.dtype] = None,
+                    runtime: str = "torch") -> dict[int, float]:
     """{batch size: median milliseconds per eval-mode forward}.
 
     Runs under inference_mode after `warmup` untimed forwards. `repeats` None picks, per
     batch size, enough timed runs (at least 3) to fill about `target_seconds`. `threads`
     sets torch's intra-op threads for the measurement (restored after); `dtype` casts
     weights and input (e.g. torch.bfloat16); the caller's model is not modified.
+    `runtime` "onnxruntime" times the model as netslim exports it (export.onnx_bytes) in
+    an onnxruntime CPU session with `threads` intra-op threads (default: torch's count).
     """
     size, batches = _check_size(input_size), _check_batches(batch_sizes)
     dev = _resolve_device(device)
     if warmup < 0 or (repeats is not None and repeats < 1) or not target_seconds > 0:
         raise ConfigError(f"warmup {warmup} / repeats {repeats} / target_seconds {target_seconds} not valid: "
                           "use warmup >= 0, repeats >= 1, target_seconds > 0")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        if dev.type != "cpu" or channels_last or dtype not in (None, torch.float32):
+            raise ConfigError("the onnxruntime latency runs on the CPU in float32 "
+                              "(no device, channels_last or dtype options)")
+        return _onnxruntime_latency(model, size, batches, warmup=warmup, repeats=repeats,
+                                    target_seconds=target_seconds, threads=threads)
     net = _prepare(model, dev, dtype, channels_last)
     was_training, prev_threads = net.training, torch.get_num_threads()
     if threads is not None:
@@ -401,15 +451,9 @@ def measure_latency(model: nn.Module, input_size: Sequence[int], batch_sizes: Se
         with torch.inference_mode():
             for bs in batches:
                 x = _input(net, bs, size, channels_last)
-                for _ in range(warmup):
-                    net(x)
-                _sync(dev)
-                times = [_time_once(net, x, dev)]  # seconds
-                n = repeats if repeats is not None else max(3, math.ceil(target_seconds / max(times[0], 1e-6)))
-                times += [_time_once(net, x, dev) for _ in range(n - 1)]
-                result[bs] = statistics.median(times) * 1e3  # ms
+                result[bs], n = _median_ms(lambda: _forward(net, x, dev), warmup, repeats, target_seconds)
                 log.debug("latency batch %d: %.3f ms, median of %d runs, %d threads, %s",
-                          bs, result[bs], len(times), torch.get_num_threads(), dev)
+                          bs, result[bs], n, torch.get_num_threads(), dev)
     finally:
         net.train(was_training)
         torch.set_num_threads(prev_threads)
@@ -522,13 +566,14 @@ def profile(model: nn.Module, input_size: Sequence[int], *, batch_sizes: Sequenc
             device: DeviceLike = "cpu", latency: bool = True, memory: bool = True,
             exclude: Iterable[str] = (), warmup: int = 2, repeats: Optional[int] = None,
             target_seconds: float = 0.5, threads: Optional[int] = None, channels_last: bool = False,
-            dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
-    """Everything at once: {'params', 'macs', 'flops', 'latency_ms', 'threads', 'device',
-    'peak_memory_bytes', 'memory_batch_size'}.
+            dtype: Optional[torch.dtype] = None, runtime: str = "torch") -> dict[str, Any]:
+    """Everything at once: {'params', 'macs', 'flops', 'latency_ms', 'runtime', 'threads',
+    'device', 'peak_memory_bytes', 'memory_batch_size'}.
 
     MACs are per example (batch 1, see `count`); latency is {batch size: median ms} ({}
-    when `latency` is False); peak memory is at the largest batch size (None when `memory`
-    is False); `threads` is torch's intra-op thread count during the measurement.
+    when `latency` is False) in `runtime` (see `measure_latency`); peak memory (PyTorch's)
+    is at the largest batch size (None when `memory` is False); `threads` is the intra-op
+    thread count during the measurement.
     """
     dev, batches = _resolve_device(device), _check_batches(batch_sizes)
     result: dict[str, Any] = dict(count(model, input_size, exclude=exclude))
@@ -536,11 +581,13 @@ def profile(model: nn.Module, input_size: Sequence[int], *, batch_sizes: Sequenc
     if threads is not None:
         torch.set_num_threads(threads)
     try:
+        result["runtime"] = runtime
         result["threads"] = torch.get_num_threads()
         result["device"] = str(dev)
         result["latency_ms"] = measure_latency(
             model, input_size, batches, device=dev, warmup=warmup, repeats=repeats,
-            target_seconds=target_seconds, channels_last=channels_last, dtype=dtype) if latency else {}
+            target_seconds=target_seconds, channels_last=channels_last, dtype=dtype,
+            runtime=runtime) if latency else {}
         mem_bs = max(batches)
         result["memory_batch_size"] = mem_bs if memory else None
         result["peak_memory_bytes"] = peak_memory(
