@@ -7,9 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+import netslim
 from netslim import cli
 from netslim.errors import ConfigError
+from netslim.latency_target import MAX_PERCENT, TargetUnreachable, prune_to_latency
+from netslim.models import build_model
 from netslim.profile import measure_latency, profile
+from netslim.sparsity import bn_gammas
 
 
 def small_cnn(width: int) -> nn.Module:
@@ -64,3 +68,80 @@ def test_profile_command_onnxruntime(capsys):
     assert "latency batch 4: " in (text := capsys.readouterr().out) and "(onnxruntime, cpu, 1 threads)" in text
     assert run(argv[:-4] + ["--runtime", "tvm"]) == 2
     assert "invalid choice: 'tvm'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency targets
+
+def sparse_vgg(width: float = 0.25) -> nn.Module:
+    """A vgg-11 for 1x32x32 whose BN factors are spread like a sparsity-trained model's."""
+    torch.manual_seed(0)
+    model = build_model("vgg", depth=11, num_classes=10, in_channels=1, width=width)
+    with torch.no_grad():
+        for g in bn_gammas(model):
+            g.copy_(torch.rand_like(g))
+    model.netslim_meta = {**model.netslim_meta, "input_size": [1, 32, 32]}
+    return model.eval()
+
+
+def test_prune_to_a_latency_target_bisects_on_measured_latency():
+    torch.set_num_threads(1)
+    slim, report = prune_to_latency(sparse_vgg(), 0.5, runtime="onnxruntime", batch_size=1, target_seconds=0.2)
+    lt = report["latency_target"]
+    assert lt["ratio"] <= 0.5 and lt["runtime"] == "onnxruntime" and lt["threads"] == 1
+    assert report["percent"] == lt["percent"] > 0 and lt["slim_ms"] < lt["dense_ms"]
+    probes = lt["probes"]
+    assert probes[-1]["percent"] == MAX_PERCENT and 3 <= len(probes) <= 10
+    # the bisection's invariant: the chosen percent fits, the nearest smaller one tried does not
+    below = [p for p in probes if p["percent"] < lt["percent"]]
+    assert below and below[-1]["ratio"] > 0.5
+    assert lt["percent"] - below[-1]["percent"] <= 0.05
+    # the model is the one prune() makes at that percent
+    again, _ = netslim.prune(sparse_vgg(), lt["percent"])
+    assert [p.shape for p in slim.parameters()] == [p.shape for p in again.parameters()]
+
+
+def unprunable_heavy() -> nn.Module:
+    """A wide conv with no BN behind it (its channels cannot go) before a small prunable part."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 96, 3, padding=1), nn.Conv2d(96, 8, 1, bias=False), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    model.netslim_meta = {"input_size": [3, 32, 32]}
+    return model.eval()
+
+
+def test_unreachable_latency_target_says_how_close_it_gets():
+    with pytest.raises(TargetUnreachable, match=r"cannot be reached in torch at batch 2: even pruning 95% .* "
+                                                r"closest: --percent 0.95 at 0\.\d+") as err:
+        prune_to_latency(unprunable_heavy(), 0.2, batch_size=2, threads=1, target_seconds=0.2)
+    assert err.value.closest["percent"] == MAX_PERCENT and err.value.closest["ratio"] > 0.2
+
+
+def test_prune_takes_percent_or_target_latency():
+    with pytest.raises(ConfigError, match="not both"):
+        netslim.prune(sparse_vgg(), 0.5, target_latency=0.5)
+    with pytest.raises(ConfigError, match="needs percent"):
+        netslim.prune(sparse_vgg())
+    for bad in (0, 1, 1.5, True):
+        with pytest.raises(ConfigError, match="target_latency must be"):
+            netslim.prune(sparse_vgg(), target_latency=bad)
+    with pytest.raises(ConfigError, match="runtime 'tvm'"):
+        netslim.prune(sparse_vgg(), target_latency=0.5, runtime="tvm")
+
+
+def test_prune_command_latency_target(tmp_path, capsys):
+    ckpt = tmp_path / "dense.pt"
+    netslim.save_checkpoint(ckpt, sparse_vgg(), input_size=[1, 32, 32])
+    assert run(["prune", "--checkpoint", str(ckpt), "--target-latency", "0.6", "--runtime", "onnxruntime",
+                "--threads", "1", "--save", str(tmp_path / "fast"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latency_target"]["ratio"] <= 0.6
+    assert json.loads((tmp_path / "fast" / "prune.json").read_text())["latency_target"]["target"] == 0.6
+    # per-op overheads alone keep a tiny model above 2% of its dense latency
+    assert run(["prune", "--checkpoint", str(ckpt), "--target-latency", "0.02", "--batch-size", "2",
+                "--threads", "1", "--save", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("netslim: error: a latency of 0.02 x dense cannot be reached") and "\n" not in err
+    assert not (tmp_path / "never" / "pruned.pt").exists()
+    assert run(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--target-latency", "0.5"]) == 2
+    assert "give --percent" in capsys.readouterr().err

@@ -510,16 +510,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_json, check_writable_folder
     from .prune import prune
 
-    save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / f"pruned-{round(args.percent * 100):g}"
+    if (args.percent is None) == (args.target_latency is None):
+        raise ConfigError("give --percent (the fraction of channels to prune) or --target-latency F "
+                          "(the fraction of the dense latency), one of the two")
+    folder = (f"pruned-{round(args.percent * 100):g}" if args.percent is not None
+              else f"pruned-latency-{args.target_latency:g}")
+    save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / folder
     target = save / "pruned.pt"
     if target.exists() and not args.force:
         raise ConfigError(f"{target} already exists; use --force to replace it or another --save")
     check_writable_folder(save)
     model, meta = _load_for_cli(args)
+    latency = {} if args.target_latency is None else dict(
+        target_latency=args.target_latency, runtime=args.runtime, batch_size=args.batch_size, threads=args.threads)
     pruned, report = prune(model, args.percent, mode=args.mode, min_channels=args.min_channels,
                            max_layer_percent=args.max_layer_percent, round_to=args.round_to,
                            group_score=args.group_score, skip_coupled=args.skip_coupled,
-                           exclude=args.exclude or ())
+                           exclude=args.exclude or (), **latency)
     top1 = _try_top1(pruned, meta, args)
     report["top1"] = top1
     report["checkpoint"] = str(args.checkpoint)
@@ -545,6 +552,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if report["guarded"]:
         print(f"guards changed {len(report['guarded'])} layer(s): {', '.join(report['guarded'][:8])}"
               f"{' ...' if len(report['guarded']) > 8 else ''}")
+    if report.get("latency_target"):
+        from .latency_target import describe
+        print(describe(report["latency_target"]))
     if top1 is not None:
         print(f"top-1 right after pruning: {top1:.2f}%")
     print(f"wrote {target} and {save / 'prune.json'}")
@@ -658,7 +668,14 @@ def _add_prune_parsers(sub: Any) -> None:
                        description="Network Slimming's pruning: all BatchNorm |gamma| in one sorted list, "
                                    "threshold at --percent, keep channels above it.")
     _add_checkpoint_source(p)
-    p.add_argument("--percent", type=_unit, required=True, help="fraction of channels to prune, in [0, 1)")
+    p.add_argument("--percent", type=_unit, help="fraction of channels to prune, in [0, 1)")
+    p.add_argument("--target-latency", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="F",
+                   help="instead of --percent: search the percent whose measured latency is at most F x the "
+                        "dense model's (0.5: at least 2x faster)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",  # profile.RUNTIMES
+                   help="with --target-latency: where latency is measured (default torch)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="with --target-latency: batch size (default 1)")
+    p.add_argument("--threads", type=_int_at_least(1), help="with --target-latency: CPU threads (default: torch's)")
     p.add_argument("--mode", choices=("slim", "mask"), default="slim",
                    help="slim: a physically smaller model (default); mask: zero the pruned factors")
     p.add_argument("--min-channels", type=_int_at_least(1), default=1,

@@ -67,7 +67,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError
 
-__all__ = ["RUNTIMES", "count", "count_params", "measure_latency", "peak_memory", "profile"]
+__all__ = ["RUNTIMES", "count", "count_params", "forward_runner", "measure_latency", "peak_memory", "profile"]
 
 # Where latency is measured: PyTorch eager, or the exported ONNX graph in onnxruntime.
 RUNTIMES = ("torch", "onnxruntime")
@@ -392,9 +392,9 @@ def _median_ms(run: Callable[[], Any], warmup: int, repeats: Optional[int], targ
     return statistics.median(times) * 1e3, len(times)
 
 
-def _onnxruntime_latency(model: nn.Module, size: tuple[int, ...], batches: list[int], *, warmup: int,
-                         repeats: Optional[int], target_seconds: float, threads: Optional[int]) -> dict[int, float]:
-    """{batch size: median ms} of the model exported in memory and run in onnxruntime (CPU)."""
+def _onnxruntime_session(model: nn.Module, size: tuple[int, ...], threads: Optional[int]) -> Any:
+    """`model` exported in memory (export.onnx_bytes, as `netslim export` writes it) in an
+    onnxruntime CPU session with `threads` intra-op threads (None: torch's current count)."""
     from .export import onnx_bytes, onnxruntime_session
 
     net = _prepare(model, torch.device("cpu"), None, False)
@@ -404,13 +404,38 @@ def _onnxruntime_latency(model: nn.Module, size: tuple[int, ...], batches: list[
         data = onnx_bytes(net, _random_input((1, *size), torch.device("cpu"), torch.float32))
     finally:
         net.train(was_training)
-    threads = threads if threads is not None else torch.get_num_threads()
-    session = onnxruntime_session(data, threads)
+    return onnxruntime_session(data, threads if threads is not None else torch.get_num_threads())
+
+
+def forward_runner(model: nn.Module, input_size: Sequence[int], batch_size: int, *,
+                   runtime: str = "torch", threads: Optional[int] = None) -> Callable[[], None]:
+    """A function that runs one eval-mode forward of `model` on a fixed random CPU batch, for
+    timing it: prepared once (an eval copy for torch, an onnxruntime session with `threads`
+    intra-op threads for onnxruntime). torch's threads are the caller's setting."""
+    size, (batch_size,) = _check_size(input_size), _check_batches([batch_size])
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    x = _random_input((batch_size, *size), torch.device("cpu"), torch.float32)
+    if runtime == "onnxruntime":
+        session, feed = _onnxruntime_session(model, size, threads), {"input": x.numpy()}
+        return lambda: session.run(None, feed)
+    net = copy.deepcopy(model).eval() if model.training else model
+
+    def run() -> None:
+        with torch.inference_mode():
+            net(x)
+    return run
+
+
+def _onnxruntime_latency(model: nn.Module, size: tuple[int, ...], batches: list[int], *, warmup: int,
+                         repeats: Optional[int], target_seconds: float, threads: Optional[int]) -> dict[int, float]:
+    """{batch size: median ms} of the model exported in memory and run in onnxruntime (CPU)."""
+    session = _onnxruntime_session(model, size, threads)
     result: dict[int, float] = {}
     for bs in batches:
         feed = {"input": _random_input((bs, *size), torch.device("cpu"), torch.float32).numpy()}
         result[bs], n = _median_ms(lambda: session.run(None, feed), warmup, repeats, target_seconds)
-        log.debug("onnxruntime latency batch %d: %.3f ms, median of %d runs, %d threads", bs, result[bs], n, threads)
+        log.debug("onnxruntime latency batch %d: %.3f ms, median of %d runs", bs, result[bs], n)
     return result
 
 

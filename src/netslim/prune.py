@@ -349,18 +349,33 @@ def compose_plans(outer: dict[str, Sequence[int]], inner: dict[str, Sequence[int
 
 # ----------------------------------------------------------------------------------------
 
-def prune(model: nn.Module, percent: float, *, mode: str = "slim", min_channels: int = 1,
+def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim", min_channels: int = 1,
           max_layer_percent: float | None = None, round_to: int = 1,
           example_input: torch.Tensor | None = None, group_score: str = "max",
-          skip_coupled: bool = False, exclude: Sequence[str] = ()) -> tuple[nn.Module, dict]:
+          skip_coupled: bool = False, exclude: Sequence[str] = (),
+          target_latency: float | None = None, runtime: str = "torch", batch_size: int = 1,
+          threads: int | None = None) -> tuple[nn.Module, dict]:
     """Prune `model` with Network Slimming's global threshold. Returns (pruned model, report).
 
     mode "slim" returns a physically smaller copy; mode "mask" a copy of the same shape whose
     pruned BN factors are zero and stay zero in training. `model` itself is not changed.
+    Instead of `percent`, `target_latency` F searches the percent whose measured latency in
+    `runtime` (torch or onnxruntime) at `batch_size` and `threads` is at most F x the dense
+    model's (latency_target.py; the report gains "latency_target").
     """
     from .checkpoint import example_input as make_example
     from .profile import count
 
+    if target_latency is not None:
+        if percent is not None:
+            raise ConfigError("give percent or target_latency, not both")
+        from .latency_target import prune_to_latency
+        return prune_to_latency(model, target_latency, runtime=runtime, batch_size=batch_size, threads=threads,
+                                example_input=example_input, mode=mode, min_channels=min_channels,
+                                max_layer_percent=max_layer_percent, round_to=round_to, group_score=group_score,
+                                skip_coupled=skip_coupled, exclude=exclude)
+    if percent is None:
+        raise ConfigError("prune needs percent (the fraction of channels to prune) or target_latency")
     if mode not in ("slim", "mask"):
         raise ConfigError(f"mode must be 'slim' or 'mask', got {mode!r}")
     _check_options(percent, min_channels, max_layer_percent, round_to, group_score)

@@ -1,0 +1,151 @@
+"""Prune to a latency target: search the global percent until the measured latency fits.
+
+    slim, report = netslim.prune(model, target_latency=0.5, runtime="onnxruntime", batch_size=1)
+
+`target_latency` F is the fraction of the dense model's measured latency the slim model
+may take (0.5: at least 2x faster). Latency does not follow MACs (odd widths, layout
+changes, memory-bound layers), so it is measured, not predicted: the percent is bisected
+on the latency of the actual slim model in the chosen runtime, batch size and thread
+count. Each probe times the dense and the candidate model interleaved (dense, slim, dense,
+...) so load from other processes hits both alike, and compares medians (of CPU time on
+one thread: see `latency_ratio`).
+
+The search keeps the smallest percent whose measured latency is at or below F x dense
+(the most channels, so accuracy suffers least). When even the largest percent it tries
+(`MAX_PERCENT`) is above F, the target cannot be reached by pruning channels (what stays
+unprunable, e.g. a full-width residual stream, already takes more): that is a
+`TargetUnreachable` error naming the closest latency and its percent.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, PruneError
+
+log = logging.getLogger(__name__)
+
+MAX_PERCENT = 0.95      # the far end of the search: nearly every prunable channel gone
+PERCENT_STEP = 0.005    # the search stops when the bracket is this narrow
+MAX_PROBES = 10         # ... or after this many measured candidates
+
+
+class TargetUnreachable(PruneError):
+    """No percent brings the measured latency down to the target; `closest` says how near it got."""
+
+    def __init__(self, message: str, closest: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.closest = closest
+
+
+def latency_ratio(dense_run: Callable[[], Any], slim_run: Callable[[], Any], *, one_thread: bool,
+                  target_seconds: float = 1.0, warmup: int = 2) -> tuple[float, float, float]:
+    """(slim / dense median latency, dense ms, slim ms), the two timed interleaved for about
+    `target_seconds` in all (at least 5 rounds).
+
+    With `one_thread` the clock is the process's CPU time: on one thread it equals the wall
+    time of an idle machine, and it leaves out the time the process waited for a core on a
+    busy one, which penalises the longer run (it is preempted more often) and moved the
+    ratio by 2x here. With several threads CPU time sums them, so the clock is the wall.
+    """
+    clock = time.process_time if one_thread else time.perf_counter
+
+    def timed(run: Callable[[], Any]) -> float:
+        t0 = clock()
+        run()
+        return clock() - t0
+
+    for _ in range(warmup):
+        dense_run()
+        slim_run()
+    dense, slim = [timed(dense_run)], [timed(slim_run)]
+    rounds = max(5, int(target_seconds / max(dense[0] + slim[0], 1e-6)))
+    for _ in range(rounds - 1):
+        dense.append(timed(dense_run))
+        slim.append(timed(slim_run))
+    d, s = statistics.median(dense), statistics.median(slim)
+    return s / d, d * 1e3, s * 1e3
+
+
+def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = "torch", batch_size: int = 1,
+                     threads: Optional[int] = None, target_seconds: float = 1.0,
+                     example_input: Optional[torch.Tensor] = None,
+                     **prune_options: Any) -> tuple[nn.Module, dict]:
+    """Prune `model` (netslim.prune with `prune_options`) at the smallest percent whose measured
+    latency is at most `target_latency` x the dense model's. Returns (pruned, report); the
+    report is prune's plus "latency_target": the target, the measured latencies, the percent
+    and every probe. Raises TargetUnreachable when MAX_PERCENT is still too slow."""
+    from .checkpoint import example_input as make_example
+    from .profile import RUNTIMES, forward_runner
+    from .prune import prune
+
+    if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) \
+            or not 0 < target_latency < 1:
+        raise ConfigError(f"target_latency must be a fraction of the dense latency in (0, 1), got {target_latency!r}")
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    meta = dict(getattr(model, "netslim_meta", {}) or {})
+    if example_input is None:
+        example_input = make_example(meta.get("input_size"), model)
+    size = tuple(example_input.shape[1:])
+    prev_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        dense_run = forward_runner(model, size, batch_size, runtime=runtime)
+        probes: list[dict[str, Any]] = []
+        made: dict[float, tuple[nn.Module, dict]] = {}
+
+        def probe(percent: float) -> dict[str, Any]:
+            made[percent] = prune(model, percent, example_input=example_input, **prune_options)
+            ratio, dense_ms, slim_ms = latency_ratio(
+                dense_run, forward_runner(made[percent][0], size, batch_size, runtime=runtime),
+                one_thread=torch.get_num_threads() == 1, target_seconds=target_seconds)
+            row = {"percent": percent, "ratio": ratio, "dense_ms": dense_ms, "slim_ms": slim_ms}
+            probes.append(row)
+            log.info("latency target: percent %.3f -> %.3f of dense (%.2f ms vs %.2f ms)",
+                     percent, ratio, slim_ms, dense_ms)
+            return row
+
+        best = probe(MAX_PERCENT)
+        if best["ratio"] > target_latency:
+            raise TargetUnreachable(
+                f"a latency of {target_latency:g} x dense cannot be reached in {runtime} at batch {batch_size}: "
+                f"even pruning {MAX_PERCENT:.0%} of the channels leaves {best['ratio']:.3f} x dense "
+                f"({best['slim_ms']:.3g} ms vs {best['dense_ms']:.3g} ms): what cannot be pruned "
+                "(e.g. a full-width residual stream, the stem, the classifier) takes more than the target; "
+                f"closest: --percent {MAX_PERCENT} at {best['ratio']:.3f}", closest=best)
+        lo, hi = 0.0, MAX_PERCENT  # lo is too slow (the dense model), hi fits
+        while hi - lo > PERCENT_STEP and len(probes) < MAX_PROBES:
+            row = probe(round((lo + hi) / 2, 4))
+            if row["ratio"] <= target_latency:
+                hi, best = row["percent"], row
+            else:
+                lo = row["percent"]
+    finally:
+        torch.set_num_threads(prev_threads)
+    pruned, report = made[best["percent"]]
+    report["latency_target"] = {
+        "target": target_latency, "runtime": runtime, "batch_size": batch_size,
+        "threads": threads if threads is not None else prev_threads,
+        "percent": best["percent"], "ratio": best["ratio"], "dense_ms": best["dense_ms"],
+        "slim_ms": best["slim_ms"], "probes": sorted(probes, key=lambda r: r["percent"]),
+    }
+    return pruned, report
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line for the CLI: where the search landed."""
+    return (f"latency {result['ratio']:.3f} x dense ({result['slim_ms']:.3g} ms vs {result['dense_ms']:.3g} ms, "
+            f"{result['runtime']}, batch {result['batch_size']}, {result['threads']} threads) at percent "
+            f"{result['percent']:.3f}; target {result['target']:g} ({len(result['probes'])} models measured)")
+
+
+__all__: Sequence[str] = ("MAX_PERCENT", "TargetUnreachable", "latency_ratio", "prune_to_latency")
