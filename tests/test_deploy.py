@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,9 @@ from netslim.latency_target import MAX_PERCENT, TargetUnreachable, prune_to_late
 from netslim.models import build_model
 from netslim.profile import measure_latency, profile
 from netslim.sparsity import bn_gammas
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def small_cnn(width: int) -> nn.Module:
@@ -145,3 +151,21 @@ def test_prune_command_latency_target(tmp_path, capsys):
     assert not (tmp_path / "never" / "pruned.pt").exists()
     assert run(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--target-latency", "0.5"]) == 2
     assert "give --percent" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The deploy benchmark's smoke run
+
+def test_bench_deploy_quick(tmp_path):
+    # a subprocess: the benchmark tunes malloc and sets torch's threads for its whole process
+    out_json = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_deploy.py"), "--quick", "--json", str(out_json)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {(r["runtime"], r["batch"]) for r in rows} == {(rt, bs) for rt in ("eager", "optimized", "onnxruntime")
+                                                          for bs in (1, 4)}
+    for r in rows:
+        assert r["dense_ms"] > 0 and r["slim_ms"] > 0 and r["mac_ratio"] > 1
+        assert r["ratio"] == pytest.approx(r["dense_ms"] / r["slim_ms"] / r["mac_ratio"])
+    assert "| vgg-11 x0.125 50% | " in done.stdout

@@ -1,0 +1,182 @@
+"""Dense vs slim where users deploy: torch eager, torch optimize_for_inference, onnxruntime.
+
+    python benchmarks/bench_deploy.py [--models vgg-13,resnet-164,densenet-40,mobilenetv2]
+                                      [--batch 1,64] [--threads 1,all] [--runtimes eager,optimized,onnxruntime]
+                                      [--rounds N] [--json OUT] [--quick]
+
+For each (model, percent) it builds the dense model (3x32x32 input, 10 classes), sets its BN
+factors like a sparsity-trained model's (bench_inference.emulate_sparsity: skewed, with a
+per-layer spread), prunes it with `netslim.prune(model, percent)` and times dense and slim
+interleaved (dense, slim, dense, ...: load from other processes hits both alike) in each
+runtime, per batch size and thread count:
+
+  eager        the models as netslim builds them, torch.inference_mode, NCHW;
+  optimized    netslim.fuse.optimize_for_inference (channels-last from batch 16);
+  onnxruntime  the model as `netslim export --onnx` writes it, in an onnxruntime CPU session
+               (intra-op threads = the thread count, sequential, all graph optimisations) -
+               profile.forward_runner, the same session `netslim profile --runtime
+               onnxruntime` and `prune --target-latency` time.
+
+    speedup = latency(dense) / latency(slim);  ratio = speedup / (MACs(dense) / MACs(slim))
+
+On one thread the latency is the process's CPU time per forward (on a shared machine it
+leaves out the time spent waiting for a core; on an idle one it equals the wall time);
+with several threads it is the wall time. The figure is the median of the rounds.
+--quick: a tiny model, batch 1 and 4, one thread, 3 rounds (a smoke test, seconds).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")  # as bench_inference: many conv shapes
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import emulate_sparsity, tune_malloc  # noqa: E402
+
+from netslim.fuse import optimize_for_inference  # noqa: E402
+from netslim.models import build_model  # noqa: E402
+from netslim.profile import count, forward_runner  # noqa: E402
+from netslim.prune import prune  # noqa: E402
+
+# label -> (build_model arguments, percents): the issue's table
+MODELS: dict[str, tuple[dict, tuple[float, ...]]] = {
+    "vgg-13": ({"name": "vgg", "depth": 13}, (0.4, 0.7)),
+    "resnet-164": ({"name": "resnet", "depth": 164}, (0.4, 0.6)),
+    "densenet-40": ({"name": "densenet", "depth": 40}, (0.4, 0.6)),
+    "mobilenetv2": ({"name": "mobilenetv2"}, (0.4,)),
+}
+QUICK = {"vgg-11 x0.125": ({"name": "vgg", "depth": 11, "width": 0.125}, (0.5,))}
+RUNTIMES = ("eager", "optimized", "onnxruntime")
+INPUT = (3, 32, 32)
+
+
+def runner(model: nn.Module, runtime: str, batch: int) -> Callable[[], Any]:
+    """One forward of `model` at `batch` in `runtime`, prepared once (torch's threads: the caller's)."""
+    if runtime == "onnxruntime":
+        return forward_runner(model, INPUT, batch, runtime="onnxruntime")
+    if runtime == "optimized":
+        nhwc = batch >= 16  # oneDNN's NHWC kernels pay off from a few images per batch up
+        model = optimize_for_inference(model, channels_last=nhwc)
+        x = torch.randn(batch, *INPUT, generator=torch.Generator().manual_seed(batch))
+        x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+
+        def run() -> None:
+            with torch.inference_mode():
+                model(x)
+        return run
+    return forward_runner(model, INPUT, batch, runtime="torch")
+
+
+def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, warmup: int = 2) -> list[float]:
+    """Median ms per call of each fn over `rounds` round-robin rounds."""
+    clock = time.process_time if cpu_clock else time.perf_counter
+    times: list[list[float]] = [[] for _ in fns]
+    for f in fns:
+        for _ in range(warmup):
+            f()
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            t0 = clock()
+            f()
+            times[i].append(clock() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--percents", default=None, help="comma list overriding each model's percents")
+    ap.add_argument("--batch", default="1,64", help="comma list of batch sizes (default 1,64)")
+    ap.add_argument("--threads", default="1,all", help="comma list of thread counts; all = os.cpu_count()")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma list of {', '.join(RUNTIMES)}")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds at batch > 8 (x4 at batch <= 8)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the emulated BN factors")
+    ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("--quick", action="store_true", help="a tiny model, batch 1,4, one thread, 3 rounds")
+    args = ap.parse_args(argv)
+
+    models = QUICK if args.quick else MODELS
+    names = list(models) if args.quick else [m.strip() for m in args.models.split(",") if m.strip()]
+    if any(n not in models for n in names):
+        ap.error(f"--models takes {', '.join(models)}")
+    batches = [1, 4] if args.quick else [int(b) for b in args.batch.split(",")]
+    threads = [1] if args.quick else [os.cpu_count() or 1 if t == "all" else int(t) for t in args.threads.split(",")]
+    rounds = 3 if args.quick else args.rounds
+    runtimes = [r.strip() for r in args.runtimes.split(",")]
+    if any(r not in RUNTIMES for r in runtimes):
+        ap.error(f"--runtimes takes {', '.join(RUNTIMES)}")
+    tune_malloc()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = None
+    import onnxruntime
+    header = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+              "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds}
+    print("# " + ", ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+    rows: list[dict] = []
+    for name in names:
+        arch, percents = models[name]
+        if args.percents and not args.quick:
+            percents = tuple(float(p) for p in args.percents.split(","))
+        arch = dict(arch)
+        dense = emulate_sparsity(build_model(arch.pop("name"), num_classes=10, **arch), seed=args.seed).eval()
+        macs_dense = count(dense, INPUT)["macs"]
+        for pct in percents:
+            slim, _ = prune(dense, pct)
+            slim.eval()
+            mac_ratio = macs_dense / count(slim, INPUT)["macs"]
+            for t in threads:
+                torch.set_num_threads(t)
+                for bs in batches:
+                    fns = []
+                    for rt in runtimes:
+                        fns += [runner(dense, rt, bs), runner(slim, rt, bs)]
+                    ms = interleaved_ms(fns, rounds * 4 if bs <= 8 else rounds, cpu_clock=t == 1)
+                    for i, rt in enumerate(runtimes):
+                        d, s = ms[2 * i], ms[2 * i + 1]
+                        row = {"model": name, "percent": pct, "runtime": rt, "threads": t, "batch": bs,
+                               "mac_ratio": mac_ratio, "dense_ms": d, "slim_ms": s, "speedup": d / s,
+                               "ratio": d / s / mac_ratio}
+                        rows.append(row)
+                        print(f"{name:13s} {pct:4.0%} {rt:11s} t{t} bs{bs:<3d} MACs {mac_ratio:5.2f}x  "
+                              f"{d:8.2f} / {s:8.2f} ms  speedup {d / s:5.2f}x  ratio {d / s / mac_ratio:.2f}",
+                              flush=True)
+    try:
+        header["load_1min_at_end"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    print()
+    print("speed-up (speed-up / MAC ratio); latency: median CPU ms on 1 thread, wall ms on more")
+    cols = [(rt, t, bs) for t in threads for rt in runtimes for bs in batches]
+    print("| model | MAC ratio | " + " | ".join(f"{rt} t{t} b{bs}" for rt, t, bs in cols) + " |")
+    print("|---|---|" + "---|" * len(cols))
+    for name in names:
+        for pct in sorted({r["percent"] for r in rows if r["model"] == name}):
+            cell = {(r["runtime"], r["threads"], r["batch"]): r for r in rows
+                    if r["model"] == name and r["percent"] == pct}
+            first = next(iter(cell.values()))
+            print(f"| {name} {pct:.0%} | {first['mac_ratio']:.2f}x | " + " | ".join(
+                f"{cell[c]['speedup']:.2f}x ({cell[c]['ratio']:.2f})" for c in cols) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"settings": header, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
