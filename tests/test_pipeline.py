@@ -88,6 +88,8 @@ def test_results_agree_with_the_checkpoints(full):
         assert row["flops"] == 2 * row["macs"]
         assert row["top1"] == meta["metrics"]["test_top1"], row["key"]
         assert set(row["latency_ms"]) == {"64", "1"} and all(v > 0 for v in row["latency_ms"].values())
+        ort = row["latency_onnxruntime_ms"]  # onnxruntime is installed here
+        assert set(ort) == {"64", "1"} and all(v > 0 for v in ort.values())
         if row["kind"] == "train":
             lines = [json.loads(x) for x in (run / row["key"] / "metrics.jsonl").read_text().splitlines()]
             assert row["top1"] == max(r["test_top1"] for r in lines)
@@ -111,8 +113,10 @@ def test_markdown_table_in_the_seed_layout(full):
     header = table.splitlines()[0]
     for col in ("Baseline", "Sparsity (1e-4)", "Prune (50%)", "Fine-tune (50%)", "Prune (70%)", "Fine-tune (70%)"):
         assert col in header
-    for row in ("Top1 Accuracy (%)", "Parameters", "FLOPs", "CPU latency, batch 64 (ms)", "CPU latency, batch 1 (ms)"):
+    for row in ("Top1 Accuracy (%)", "Parameters", "FLOPs", "CPU latency, batch 64 (ms)", "CPU latency, batch 1 (ms)",
+                "onnxruntime latency, batch 64 (ms)", "onnxruntime latency, batch 1 (ms)"):
         assert f"| {row} |" in table
+    assert "x in onnxruntime)" in md and "in an onnxruntime CPU session" in md
     by = {r["key"]: r for r in results["stages"]}
     params_line = next(ln for ln in table.splitlines() if ln.startswith("| Parameters"))
     assert format_params(by["prune-50"]["params"]) in params_line

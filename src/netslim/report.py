@@ -15,11 +15,14 @@ Where each number comes from (so the report always agrees with the files next to
   removed); the stored tensor count is in results.json as `stored_params`.
 - Latency: profile.measure_latency of the loaded model, eval mode, fp32, on the CPU, at
   batch 64 and 1 (median of ~`latency_seconds` of runs), with the thread count recorded.
+  When onnxruntime is installed, also the latency of the model as `netslim export` writes
+  it (the slim model, for mask-mode checkpoints too) in onnxruntime, same threads.
 
 Plots need matplotlib (the `plot` extra); without it the report says they were skipped.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -88,6 +91,7 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
         raise NetslimError(f"{pfile} is missing or unreadable ({e}): {run_dir} is not a pipeline run") from None
     cfg = PipelineConfig.from_dict(stored["config"])
     n_threads = threads if threads is not None else torch.get_num_threads()
+    onnxruntime_here = importlib.util.find_spec("onnxruntime") is not None
     stages_out: list[dict] = []
     gamma: dict[str, dict] = {}
     for stage in plan_stages(cfg):
@@ -133,6 +137,10 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
         lat = measure_latency(model, input_size, LATENCY_BATCHES, target_seconds=latency_seconds,
                               threads=n_threads) if latency_seconds > 0 else {}
         row["latency_ms"] = {str(b): float(ms) for b, ms in lat.items()}
+        if latency_seconds > 0 and onnxruntime_here:
+            lat = measure_latency(eff, input_size, LATENCY_BATCHES, target_seconds=latency_seconds,
+                                  threads=n_threads, runtime="onnxruntime")
+            row["latency_onnxruntime_ms"] = {str(b): float(ms) for b, ms in lat.items()}
         if stage.role in ("baseline", "sparsity") and stage.pass_no == 1:
             gamma[stage.role] = gamma_summary(model)
         stages_out.append(row)
@@ -152,6 +160,9 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
             b64, r64 = base["latency_ms"].get("64"), r["latency_ms"].get("64")
             if b64 and r64:
                 entry["speedup_batch64"] = b64 / r64
+            b64, r64 = (x.get("latency_onnxruntime_ms", {}).get("64") for x in (base, r))
+            if b64 and r64:
+                entry["speedup_batch64_onnxruntime"] = b64 / r64
         summary.append(entry)
     return {
         "format": RESULTS_FORMAT,
@@ -164,6 +175,7 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
         "summary": summary,
         "gamma": gamma,
         "latency": {"device": "cpu", "dtype": "float32", "threads": n_threads,
+                    "runtimes": ["torch", "onnxruntime"] if onnxruntime_here and latency_seconds > 0 else ["torch"],
                     "batch_sizes": list(LATENCY_BATCHES), "seconds_per_measurement": latency_seconds},
         "notes": {
             "top1": "training stages: best test top-1 over the epochs (model_best.pt, as the seed reports; "
@@ -223,6 +235,10 @@ def _table(title: str, rows: list[dict], threads: int) -> str:
     if any(r.get("latency_ms") for r in rows):
         for b in LATENCY_BATCHES:
             body.append([f"CPU latency, batch {b} (ms)"] + cells(lambda r, b=b: _ms(r["latency_ms"].get(str(b)))))
+    if any(r.get("latency_onnxruntime_ms") for r in rows):
+        for b in LATENCY_BATCHES:
+            body.append([f"onnxruntime latency, batch {b} (ms)"]
+                        + cells(lambda r, b=b: _ms(r.get("latency_onnxruntime_ms", {}).get(str(b)))))
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join([":---:"] * len(header)) + " |"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(lines)
@@ -276,7 +292,9 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
     if lat.get("seconds_per_measurement"):
         lines.append(f"- CPU latency: median ms of one eval-mode {lat['dtype']} forward, {lat['threads']} "
                      f"thread(s), ~{lat['seconds_per_measurement']:g} s of runs per figure; rough when the "
-                     "machine is shared.")
+                     "machine is shared."
+                     + (" onnxruntime: the model as `netslim export --onnx` writes it, in an onnxruntime CPU "
+                        "session with the same threads." if "onnxruntime" in lat.get("runtimes", []) else ""))
     opts = "".join(f" {k} {v}" for k, v in (cfg["arch_options"] or {}).items())
     lines.append(f"- Recipe: {cfg['dataset']}, {cfg['arch']}"
                  f"{'-' + str(cfg['depth']) if cfg['depth'] is not None else ''}{opts}, "
@@ -291,6 +309,8 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
             if "top1_vs_baseline" not in e:
                 continue
             sp = f", {e['speedup_batch64']:.2f}x faster at batch 64" if e.get("speedup_batch64") else ""
+            if e.get("speedup_batch64_onnxruntime"):
+                sp += f" ({e['speedup_batch64_onnxruntime']:.2f}x in onnxruntime)"
             lines.append(f"- {e['stage']}: top-1 {e['top1_vs_baseline']:+.2f} points, "
                          f"{100 * e['params_reduction']:.1f}% fewer parameters, "
                          f"{100 * e['flops_reduction']:.1f}% fewer FLOPs{sp}")
