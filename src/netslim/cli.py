@@ -53,6 +53,10 @@ def _int_at_least(least: int) -> Callable[[str], int]:
     return parse
 
 
+def _int_or_auto(text: str) -> Any:
+    return "auto" if text == "auto" else _int_at_least(1)(text)
+
+
 def _float_where(ok: Callable[[float], bool], want: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -521,8 +525,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise ConfigError(f"{target} already exists; use --force to replace it or another --save")
     check_writable_folder(save)
     model, meta = _load_for_cli(args)
-    latency = {} if args.target_latency is None else dict(
-        target_latency=args.target_latency, runtime=args.runtime, batch_size=args.batch_size, threads=args.threads)
+    measured = dict(runtime=args.runtime, batch_size=args.batch_size, threads=args.threads)
+    latency = {**measured, "target_latency": args.target_latency} if args.target_latency is not None \
+        else measured if args.round_to == "auto" else {}
     pruned, report = prune(model, args.percent, mode=args.mode, min_channels=args.min_channels,
                            max_layer_percent=args.max_layer_percent, round_to=args.round_to,
                            group_score=args.group_score, skip_coupled=args.skip_coupled,
@@ -673,17 +678,21 @@ def _add_prune_parsers(sub: Any) -> None:
                    help="instead of --percent: search the percent whose measured latency is at most F x the "
                         "dense model's (0.5: at least 2x faster)")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",  # profile.RUNTIMES
-                   help="with --target-latency: where latency is measured (default torch)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=1, help="with --target-latency: batch size (default 1)")
-    p.add_argument("--threads", type=_int_at_least(1), help="with --target-latency: CPU threads (default: torch's)")
+                   help="with --target-latency / --round-to auto: where latency is measured (default torch)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1,
+                   help="with --target-latency / --round-to auto: batch size (default 1)")
+    p.add_argument("--threads", type=_int_at_least(1),
+                   help="with --target-latency / --round-to auto: CPU threads (default: torch's)")
     p.add_argument("--mode", choices=("slim", "mask"), default="slim",
                    help="slim: a physically smaller model (default); mask: zero the pruned factors")
     p.add_argument("--min-channels", type=_int_at_least(1), default=1,
                    help="every layer keeps at least this many channels (default 1)")
     p.add_argument("--max-layer-percent", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"),
                    help="prune at most this fraction of any one layer (the paper's multi-pass: 0.5)")
-    p.add_argument("--round-to", type=_int_at_least(1), default=1, metavar="K",
-                   help="round kept widths up to a multiple of K (hardware-friendly sizes)")
+    p.add_argument("--round-to", type=_int_or_auto, default=1, metavar="K|auto",
+                   help="round kept widths up to a multiple of K (hardware-friendly sizes); auto: per layer, "
+                        "the width at or above the kept count that measures fastest in --runtime with "
+                        "--threads at --batch-size (cached in ~/.cache/netslim)")
     p.add_argument("--group-score", choices=("max", "mean", "sum"), default="max",
                    help="score of channels that must go together (coupled residual groups); max (default) "
                         "removes a group only if every factor in it is under the threshold")

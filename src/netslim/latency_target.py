@@ -104,7 +104,8 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
         made: dict[float, tuple[nn.Module, dict]] = {}
 
         def probe(percent: float) -> dict[str, Any]:
-            made[percent] = prune(model, percent, example_input=example_input, **prune_options)
+            made[percent] = prune(model, percent, example_input=example_input, runtime=runtime,
+                                  batch_size=batch_size, **prune_options)  # round_to "auto" measures there too
             ratio, dense_ms, slim_ms = latency_ratio(
                 dense_run, forward_runner(made[percent][0], size, batch_size, runtime=runtime),
                 one_thread=torch.get_num_threads() == 1, target_seconds=target_seconds)

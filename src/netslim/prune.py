@@ -60,22 +60,24 @@ def _check_options(percent, min_channels, max_layer_percent, round_to, group_sco
         raise ConfigError(f"min_channels must be an integer >= 1, got {min_channels!r}")
     if max_layer_percent is not None and not 0 <= max_layer_percent <= 1:
         raise ConfigError(f"max_layer_percent must be in [0, 1], got {max_layer_percent!r}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if round_to != "auto" and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
     if group_score not in GROUP_SCORES:
         raise ConfigError(f"group_score must be one of {', '.join(GROUP_SCORES)}, got {group_score!r}")
 
 
 def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_channels: int = 1,
               max_layer_percent: float | None = None, round_to: int = 1,
-              group_score: str = "max") -> tuple[dict[str, list[int]], float, list[LayerDecision]]:
+              group_score: str = "max", widths: dict[tuple[str, ...], int] | None = None,
+              ) -> tuple[dict[str, list[int]], float, list[LayerDecision]]:
     """Decide which channels stay. Returns (plan, threshold, per-layer decisions).
 
     Threshold: all candidate |gamma| in one list, the seed's rule exactly. A unit (one
     channel, or channels of several BNs that must go together) stays if its score is above
     the threshold; the score of a coupled unit is max/mean/sum of its members' |gamma|
     (default max: a unit goes only when every factor in it is under the threshold, so
-    nothing the paper would keep is removed). percent 0 prunes nothing.
+    nothing the paper would keep is removed). percent 0 prunes nothing. `widths` {layer:
+    count} raises a layer's kept count (widths.choose_widths: what the hardware runs fastest).
     """
     mods = dict(model.named_modules())
     gamma = {n: mods[n].weight.detach().abs().float().cpu() for n in analysis.bn_names
@@ -112,6 +114,8 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
             rounded = min(n, -(-keep // round_to) * round_to)
             if rounded != keep:
                 keep, guard = rounded, guard or "round_to"
+        if widths and widths.get(layer, 0) > keep:
+            keep, guard = min(n, widths[layer]), guard or "round_to auto"
         # Guards add back the best-scoring units; the rule keeps exactly those above threshold.
         chosen = order[:keep]
         kept_units.extend(lunits[i] for i in chosen)
@@ -350,7 +354,7 @@ def compose_plans(outer: dict[str, Sequence[int]], inner: dict[str, Sequence[int
 # ----------------------------------------------------------------------------------------
 
 def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim", min_channels: int = 1,
-          max_layer_percent: float | None = None, round_to: int = 1,
+          max_layer_percent: float | None = None, round_to: int | str = 1,
           example_input: torch.Tensor | None = None, group_score: str = "max",
           skip_coupled: bool = False, exclude: Sequence[str] = (),
           target_latency: float | None = None, runtime: str = "torch", batch_size: int = 1,
@@ -361,7 +365,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     pruned BN factors are zero and stay zero in training. `model` itself is not changed.
     Instead of `percent`, `target_latency` F searches the percent whose measured latency in
     `runtime` (torch or onnxruntime) at `batch_size` and `threads` is at most F x the dense
-    model's (latency_target.py; the report gains "latency_target").
+    model's (latency_target.py; the report gains "latency_target"). round_to "auto" keeps,
+    per layer, the width at or above the kept count that runs fastest there (widths.py).
     """
     from .checkpoint import example_input as make_example
     from .profile import count
@@ -384,9 +389,14 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         example_input = make_example(meta.get("input_size"), model)
     exclude = list(exclude) or list(meta.get("exclude", []))
     analysis = analyze(model, example_input, exclude=exclude, skip_coupled=skip_coupled)
-    plan, threshold, decisions = make_plan(model, analysis, percent, min_channels=min_channels,
-                                           max_layer_percent=max_layer_percent, round_to=round_to,
-                                           group_score=group_score)
+    options = dict(min_channels=min_channels, max_layer_percent=max_layer_percent, group_score=group_score)
+    if round_to == "auto":  # measure which widths at or above the kept counts run fastest
+        from .widths import choose_widths
+        plan, _, decisions = make_plan(model, analysis, percent, **options)
+        options["widths"] = choose_widths(model, analysis, plan, decisions, example_input, runtime=runtime,
+                                          batch_size=batch_size, threads=threads)
+    plan, threshold, decisions = make_plan(model, analysis, percent, round_to=1 if round_to == "auto" else round_to,
+                                           **options)
     old_mask = meta.get("mask") or {}
     if old_mask:  # already-masked channels stay pruned
         mods = dict(model.named_modules())
