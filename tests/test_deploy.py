@@ -17,6 +17,7 @@ from netslim.latency_target import MAX_PERCENT, TargetUnreachable, prune_to_late
 from netslim.models import build_model
 from netslim.profile import measure_latency, profile
 from netslim.sparsity import bn_gammas
+from netslim.widths import candidates, fastest
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -169,3 +170,50 @@ def test_bench_deploy_quick(tmp_path):
         assert r["dense_ms"] > 0 and r["slim_ms"] > 0 and r["mac_ratio"] > 1
         assert r["ratio"] == pytest.approx(r["dense_ms"] / r["slim_ms"] / r["mac_ratio"])
     assert "| vgg-11 x0.125 50% | " in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware-aware widths
+
+def test_width_candidates_and_the_fastest_choice():
+    assert candidates(61, 100) == [61, 64]
+    assert candidates(35, 100) == [35, 36, 40, 48, 64]
+    assert candidates(79, 80) == [79, 80]
+    assert candidates(5, 200) == [5, 8, 16, 32]
+    assert candidates(64, 64) == [64]
+    assert fastest({61: 1.0, 64: 0.6, 96: 0.9}) == 64
+    assert fastest({61: 1.0, 64: 1.02, 96: 1.2}) == 64      # as fast (within 3%): the wider one
+
+
+def test_round_to_auto_measures_once_and_keeps_the_fastest_widths(tmp_path, monkeypatch):
+    monkeypatch.setenv("NETSLIM_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+    model = sparse_vgg()
+    _, plain = netslim.prune(model, 0.5)
+    slim, auto = netslim.prune(model, 0.5, round_to="auto", runtime="onnxruntime", batch_size=2)
+    cache = json.loads((tmp_path / "cache" / "widths.json").read_text())
+    assert cache and all("|onnxruntime|t1|b2|" in key for key in cache)
+    for before, after in zip(plain["layers"], auto["layers"]):
+        assert after["kept"] in candidates(before["kept"], before["total"])
+        assert (after["kept"] != before["kept"]) == (after["guard"] == "round_to auto")
+    # measured once: a second prune reads the cache (and so chooses the same widths)
+    mtime = (tmp_path / "cache" / "widths.json").stat().st_mtime_ns
+    _, again = netslim.prune(model, 0.5, round_to="auto", runtime="onnxruntime", batch_size=2)
+    assert [d["kept"] for d in again["layers"]] == [d["kept"] for d in auto["layers"]]
+    assert (tmp_path / "cache" / "widths.json").stat().st_mtime_ns == mtime
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():  # a slim model like any other: the masked model's outputs
+        masked, _ = netslim.prune(model, 0.5, mode="mask")
+        assert slim.eval()(x).shape == masked.eval()(x).shape
+
+
+def test_round_to_flag(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NETSLIM_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "dense.pt"
+    netslim.save_checkpoint(ckpt, sparse_vgg(), input_size=[1, 32, 32])
+    assert run(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--round-to", "auto", "--threads", "1",
+                "--save", str(tmp_path / "p"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["round_to"] == "auto"
+    assert any("|torch|t1|b1|" in key for key in json.loads((tmp_path / "cache" / "widths.json").read_text()))
+    assert run(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--round-to", "fast"]) == 2
+    assert "'fast' is not an integer" in capsys.readouterr().err
