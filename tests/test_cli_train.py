@@ -227,6 +227,8 @@ def test_torchrun_two_processes(data_dir, tmp_path):
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.count("done: best top-1") == 1 and "2 processes" in res.stderr
+    # --batch-size is global, as in the seed's one-GPU recipe: 2 processes take 16 images each per step
+    assert "global batch 32 (16 per process)" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt", "config.toml", "metrics.jsonl",
                                                                      "model_best.pt"]
@@ -270,3 +272,40 @@ def test_torchrun_pipeline_two_processes(data_dir, tmp_path):
     # re-running resumes nothing: every stage is done
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and res.stdout.count("already done") == 4, res.stderr[-2000:]
+
+
+def _torchrun(args: list[str], cwd: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "netslim", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_torchrun_batch_that_does_not_split_is_one_line(data_dir, tmp_path):
+    res = _torchrun(train_args(data_dir, tmp_path / "run", "--epochs", "1", "--batch-size", "33"), tmp_path)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if line.startswith("netslim: error:")]
+    assert lines == ["netslim: error: --batch-size 33 does not split evenly over 2 processes: the batch is "
+                     "global, use a multiple of 2"], res.stderr[-2000:]
+    # torchrun itself reports the failed children with a traceback of its own; netslim's code shows none
+    frames = [line for line in res.stderr.splitlines() if line.strip().startswith("File ")]
+    assert not [f for f in frames if "netslim" in f], frames
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_downloads_once_per_node(tmp_path):
+    """Two ranks on one node, --download into an empty folder: local rank 0 alone fetches while
+    the other waits; its error (here: a mirror whose file fails the md5 check) stops both ranks."""
+    mirror = tmp_path / "mirror" / "fashion-mnist"
+    mirror.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        (mirror / name).write_bytes(b"not the official file")
+    res = _torchrun(["-v", "train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--download",
+                     *MODEL, "--epochs", "1", "--device", "cpu", "--save", str(tmp_path / "run")], tmp_path,
+                    NETSLIM_MIRROR=mirror.parent.as_uri())
+    assert res.returncode != 0
+    fetched = [line for line in res.stderr.splitlines() if "downloading" in line]
+    assert len(fetched) == 1, res.stderr[-2000:]  # without the per-node wait both ranks fetch at once
+    errors = [line for line in res.stderr.splitlines() if line.startswith("netslim: error:")]
+    assert len(errors) == 1 and "checksum mismatch" in errors[0]
+    assert not (tmp_path / "run").exists()

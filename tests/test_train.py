@@ -305,3 +305,17 @@ def test_second_sigint_aborts_at_once():
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_model(), tiny_data(), cfg(), None, meta=META, on_progress=twice)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_under_torchrun_every_cuda_device_is_the_local_rank(monkeypatch):
+    """One GPU per process: 'cuda:0' in a command every rank shares must not put them all on GPU 0.
+    (No multi-GPU machine here: torch.cuda's answers are patched to describe a 4-GPU node.)"""
+    from netslim.train import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda:0") == resolve_device("cuda") == resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("cuda:2") == torch.device("cuda", 2)  # without torchrun the index is the user's

@@ -107,10 +107,12 @@ class Progress:
         if kind == "start":
             resumed = f", resuming after epoch {ev['start_epoch']}" if ev["start_epoch"] else ""
             procs = f", {ev['world_size']} processes" if ev["world_size"] > 1 else ""
+            batch = (f"global batch {ev['batch_size']} ({ev['batch_per_process']} per process)"
+                     if ev["world_size"] > 1 else f"batch {ev['batch_size']}")
             sched = (f"lr decays at epochs {ev['milestones']}" if ev.get("schedule", "step") == "step"
                      else f"{ev['schedule']} lr schedule")
             print(f"training {ev['params']:,} parameters for {ev['epochs']} epochs x {ev['steps']} steps "
-                  f"({sched}) on {ev['device']}{procs}, amp {ev['amp']}, "
+                  f"({sched}) on {ev['device']}{procs}, {batch}, amp {ev['amp']}, "
                   f"channels_last {'on' if ev['channels_last'] else 'off'}, augment {ev.get('augment', 'off')}, "
                   f"seed {ev['seed']}{resumed}",
                   file=self.err, flush=True)
@@ -148,7 +150,7 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     """The seed's flags (same names and meanings) plus netslim's, for `train`, `finetune` and
     `pipeline` (which sets -sr, --epochs per stage, --refine and --resume itself). Recipe flags
     default to None: "not given", so that a resumed run or a preset keeps its values."""
-    from .train import TrainConfig
+    from .train import LOG_KINDS, TrainConfig
     d = TrainConfig()
     pipeline = command == "pipeline"
 
@@ -213,12 +215,18 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     s.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     s.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun (CUDA)")
     s.add_argument("--log-every", type=_int_at_least(1), metavar="STEPS", help="steps between progress updates")
+    s.add_argument("--log", nargs="+", choices=LOG_KINDS, metavar="KIND",
+                   help="extra logs besides metrics.jsonl: tensorboard (event files in the run folder's "
+                        "tensorboard/: loss, top-1, lr, sum|gamma|, small-factor share, |gamma| histogram, "
+                        "step time; needs the tensorboard package)")
+    s.add_argument("--tensorboard", dest="log", action="append_const", const="tensorboard",
+                   help="the same as --log tensorboard")
 
 
 # TrainConfig fields that have a flag; flags given > --config file > stored (resume) > TrainConfig's defaults
 _RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule",
                  "sr", "s", "seed", "amp", "channels_last", "augment", "crop_pad", "compile", "device", "sync_bn",
-                 "log_every")
+                 "log_every", "log")
 # load_dataset's options that have a flag (stored in checkpoints as `data_options`)
 _DATA_FLAGS = ("data_dir", "download", "train_subset", "image_size", "val_split")
 
@@ -296,11 +304,12 @@ def _stage(sr: bool, refine: bool) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """train / finetune: resolve the run (fresh, --refine or --resume), then fit()."""
     from .checkpoint import load_checkpoint
-    from .data import get_spec, list_datasets, load_dataset
+    from .config import CONFIG_NAME, resolve, write_config_file
+    from .data import get_spec, list_datasets
     from .fileio import check_writable_folder
     from .models import build_model, list_models
-    from .config import CONFIG_NAME, resolve, write_config_file
-    from .train import CHECKPOINT_NAME, TrainConfig, check_resume_recipe, fit, init_distributed, resolve_seed
+    from .train import (CHECKPOINT_NAME, TrainConfig, check_resume_recipe, fit, init_distributed,
+                        load_dataset_per_node, resolve_seed)
 
     if args.resume and args.refine:
         raise ConfigError("give --resume or --refine, not both: a resumed run already holds its pruned model")
@@ -384,16 +393,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"{save} already holds a run; use --resume {ckpt} to continue it or --force to replace it")
     check_writable_folder(save)
 
-    data = load_dataset(dataset, data_dir=data_dir, download=download, train_subset=train_subset,
-                        image_size=image_size, val_split=val_split)
-    spec = data.spec
-    if not arch:
-        arch = _arch_dict(args.arch, args.depth, args.width, spec)
-    elif dataset == "imagefolder":
-        _check_fits(arch, spec, source)
-
     rank, world, _, created = init_distributed(cfg.device)
     try:
+        data = load_dataset_per_node(dataset, data_dir=data_dir, download=download, train_subset=train_subset,
+                                     image_size=image_size, val_split=val_split)
+        spec = data.spec
+        if not arch:
+            arch = _arch_dict(args.arch, args.depth, args.width, spec)
+        elif dataset == "imagefolder":
+            _check_fits(arch, spec, source)
         cfg.seed = resolve_seed(cfg.seed)
         if model is None:
             import torch

@@ -157,6 +157,8 @@ def _tokens_for(key: str, action: argparse.Action, value: Any, source: str) -> l
     if isinstance(value, bool):  # "true" would reach argparse as the string "True"
         raise ConfigError(f"{source}: {key} = {str(value).lower()} is not valid: {flag} takes a value")
     if isinstance(value, (list, tuple)):
+        if not value:  # an empty list: nothing to give (e.g. log = [])
+            return []
         if action.nargs in ("+", "*") or isinstance(action.nargs, int):
             return [flag, *(_scalar_text(v) for v in value)]
         return [flag, ",".join(_scalar_text(v) for v in value)]  # e.g. --batch-sizes 1,64

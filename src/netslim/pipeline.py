@@ -73,7 +73,7 @@ _DATA_OVERRIDES = ("train_subset", "image_size", "val_split")
 # `passes` may grow: pass k depends only on the passes before it, so `--passes 3` on a finished
 # 1-pass run reuses pass 1 and adds passes 2 and 3.
 _IGNORED_ON_COMPARE = ("data_dir", "download", "passes")
-_IGNORED_OVERRIDES_ON_COMPARE = ("device", "log_every", "test_batch_size", "compile")
+_IGNORED_OVERRIDES_ON_COMPARE = ("device", "log_every", "test_batch_size", "compile", "log")
 
 
 # --------------------------------------------------------------------------- config
@@ -667,9 +667,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike, *, on_event: O
 
 def _run_pipeline(cfg: PipelineConfig, run_dir: Path, on_event: Optional[EventFn], force: bool,
                   latency_seconds: float) -> dict:
-    from .data import load_dataset
     from .fileio import check_writable_folder
     from .report import collect_results, write_report
+    from .train import load_dataset_per_node
 
     ranks = _Ranks()
     data = None
@@ -677,7 +677,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path, on_event: Optional[EventFn
         # a new run: fail on missing or damaged data before anything is written (the folder,
         # pipeline.json); it is read for the first stage anyway
         ranks.on_rank0(lambda: check_writable_folder(run_dir))
-        data = load_dataset(cfg.dataset, **cfg.data_options())
+        data = load_dataset_per_node(cfg.dataset, **cfg.data_options())  # one download per node
 
     def claim_run_dir() -> int:
         try:

@@ -19,6 +19,7 @@ Files a run writes into `save_dir` (rank 0 only):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .errors import CheckpointError, ConfigError, NetslimError
+from .errors import CheckpointError, ConfigError, DatasetError, NetslimError
 from .fileio import append_jsonl, atomic_write_text, remove_files, remove_stale_temps
 from .sparsity import BNSparsity, abs_gammas
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "TrainConfig", "fit", "evaluate", "resolve_amp", "resolve_device", "epoch_milestones", "scheduled_lr",
     "init_distributed", "resolve_seed", "TrainingInterrupted", "NonFiniteLoss", "check_resume_recipe",
+    "load_dataset_per_node",
     "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME",
 ]
 
@@ -54,6 +56,8 @@ BEST_NAME = "model_best.pt"
 METRICS_NAME = "metrics.jsonl"
 
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+LOG_KINDS = ("tensorboard",)
+TENSORBOARD_DIR = "tensorboard"
 
 ProgressFn = Callable[[dict], None]
 
@@ -62,7 +66,8 @@ ProgressFn = Callable[[dict], None]
 class TrainConfig:
     """The training recipe. Defaults are the seed's CIFAR recipe."""
     epochs: int = 160
-    batch_size: int = 64                 # per process; the seed's lr 0.1 is per 64 images
+    batch_size: int = 64                 # global: split evenly over the processes under torchrun, so
+                                         # the seed's lr 0.1 stays per 64 images at any process count
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4           # on every parameter, BN included, as in the seed
@@ -84,6 +89,12 @@ class TrainConfig:
     sync_bn: bool = False                # SyncBatchNorm under DDP (CUDA only)
     force: bool = False                  # replace a run already in save_dir
     log_every: int = 20                  # steps between host syncs (progress, non-finite check)
+    log: tuple[str, ...] = ()            # extra logs: "tensorboard" (event files in save_dir/tensorboard)
+
+    def __post_init__(self) -> None:
+        # TOML, JSON and argparse give lists; the config holds tuples (hashable, compare equal)
+        self.milestones = tuple(self.milestones)
+        self.log = tuple(dict.fromkeys([self.log] if isinstance(self.log, str) else self.log))
 
     def validate(self) -> None:
         """Raise ConfigError naming the first value that cannot be used."""
@@ -114,6 +125,9 @@ class TrainConfig:
             raise bad("schedule", self.schedule, f"use one of {', '.join(SCHEDULES)}")
         if self.amp not in AMP_CHOICES:
             raise bad("amp", self.amp, f"use one of {', '.join(AMP_CHOICES)}")
+        unknown_logs = [k for k in self.log if k not in LOG_KINDS]
+        if unknown_logs:
+            raise bad("log", unknown_logs[0], f"use one of {', '.join(LOG_KINDS)}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**63):
             raise bad("seed", self.seed, "use an integer >= 0")
@@ -122,16 +136,14 @@ class TrainConfig:
         """JSON-like and weights_only-safe (tuples become lists)."""
         d = asdict(self)
         d["milestones"] = [float(f) for f in self.milestones]
+        d["log"] = list(self.log)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Rebuild from `as_dict()` output, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "milestones" in kw:
-            kw["milestones"] = tuple(kw["milestones"])
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # Recipe values a resumed run cannot change: the restored optimizer, scheduler and RNG states
@@ -166,8 +178,13 @@ class NonFiniteLoss(NetslimError):
 # --------------------------------------------------------------------------- devices
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> this process's CUDA device when there is one (LOCAL_RANK under torchrun), else CPU."""
+    """'auto' -> this process's CUDA device when there is one, else CPU. Under torchrun every
+    process uses cuda:LOCAL_RANK, for 'auto', 'cuda' and 'cuda:N' alike (one GPU per process)."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -181,8 +198,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"device {device!r} asked for, but this torch sees no CUDA GPU: use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if dev.index is None or _under_torchrun():
+            # under torchrun each process takes its own GPU, whatever index the shared command names
+            local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+            if dev.index is not None and dev.index != local:
+                log.info("device %s under torchrun: this process (LOCAL_RANK %d) uses cuda:%d", device,
+                         int(os.environ.get("LOCAL_RANK", 0)), local)
+            dev = torch.device("cuda", local)
         elif dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r} does not exist: this machine has "
                               f"{torch.cuda.device_count()} GPU(s)")
@@ -305,6 +327,36 @@ def resolve_seed(seed: Optional[int]) -> int:
         torch.distributed.broadcast_object_list(box, src=0)
         seed = int(box[0])
     return seed
+
+
+def load_dataset_per_node(name: str, **options: Any) -> Any:
+    """data.load_dataset, with `download` fetched once per node under torchrun.
+
+    Local rank 0 of every node reads (and, if missing, downloads) the files while the other
+    ranks of its node wait; then they read the files it wrote. An error on a downloading rank
+    stops every rank with its message. Without a process group, or without download, each
+    rank simply reads. (The in-memory sets are small uint8 tensors that each rank holds whole,
+    because every epoch shuffles across all of them; an image folder over its memory cap is
+    decoded batch by batch, each rank only its own batches.)
+    """
+    from .data import load_dataset
+
+    rank, world = _world()
+    if world == 1 or not options.get("download"):
+        return load_dataset(name, **options)
+    first_on_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    data, error = None, None
+    if first_on_node:
+        try:
+            data = load_dataset(name, **options)
+        except NetslimError as e:
+            error = str(e)
+    errors: list = [None] * world
+    torch.distributed.all_gather_object(errors, error)  # also the barrier the others wait on
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise DatasetError(failed)
+    return data if data is not None else load_dataset(name, **options)
 
 
 def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -493,6 +545,11 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         log.warning("this CPU has no native bf16: --amp bf16 will be slower than --amp off")
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); drop it on CPU")
+    if cfg.batch_size % world:
+        raise ConfigError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes: the batch "
+                          f"is global, use a multiple of {world}")
+    batch_per_process = cfg.batch_size // world
+    summary_writer_cls = _summary_writer_class(cfg, save)  # every rank checks: all fail alike, before any write
     if cfg.crop_pad is not None and cfg.crop_pad >= spec.image_size:
         raise ConfigError(f"crop-pad {cfg.crop_pad} is not valid for {spec.image_size}x{spec.image_size} images: "
                           "use a pad smaller than the image (the 28x28 sets default to 2, the rest to 4)")
@@ -567,7 +624,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     # BatchLoader decodes its batches in DataLoader workers, then augments them the same way.
     preload = device.type == "cuda"
     train_spec = spec if cfg.crop_pad is None else dataclasses.replace(spec, crop_pad=cfg.crop_pad)
-    train_loader = BatchLoader(data.train_x, data.train_y, train_spec, cfg.batch_size, train=True, device=device,
+    train_loader = BatchLoader(data.train_x, data.train_y, train_spec, batch_per_process, train=True, device=device,
                                seed=seed, rank=rank, world_size=world, channels_last=use_cl, preload=preload,
                                augment=cfg.augment)
     # Evaluation is sharded: rank r scores test images r, r+W, ... and _eval_loop all-reduces
@@ -576,8 +633,8 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                               rank=rank, world_size=world, channels_last=use_cl, preload=preload)
     steps = len(train_loader)
     if steps == 0:
-        raise ConfigError(f"batch size {cfg.batch_size} x {world} process(es) exceeds the "
-                          f"{len(data.train_y)} training images: lower --batch-size")
+        raise ConfigError(f"batch size {cfg.batch_size} exceeds the {len(data.train_y)} training images: "
+                          "lower --batch-size")
 
     writer = rank == 0 and save is not None
     best_path = save / BEST_NAME if save is not None else None
@@ -625,11 +682,13 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             "world_size": world, "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off",
             "channels_last": use_cl, "seed": seed, "milestones": milestones, "schedule": cfg.schedule,
             "augment": _augment_label(train_spec) if cfg.augment else "off",
+            "batch_size": cfg.batch_size, "batch_per_process": batch_per_process,
             "params": sum(p.numel() for p in raw.parameters())})
 
     autocast_dtype = amp or torch.float32
     last_epoch_done = start_epoch
-    with _StopFlag() as stop:
+    tb = summary_writer_cls(str(save / TENSORBOARD_DIR)) if writer and summary_writer_cls is not None else None
+    with _StopFlag() as stop, (contextlib.closing(tb) if tb is not None else contextlib.nullcontext()):
         for epoch in range(start_epoch, cfg.epochs):
             train_loader.set_epoch(epoch)
             train_model.train()
@@ -707,7 +766,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             record = {
                 "epoch": epoch + 1, "lr": lr, "train_loss": train_loss / train_n,
                 "train_top1": 100.0 * train_correct / train_n, "test_loss": test_loss, "test_top1": test_top1,
-                "images_per_s": train_n / max(train_seconds, 1e-9),
+                "images_per_s": train_n / max(train_seconds, 1e-9), "train_seconds": train_seconds,
                 "seconds": time.perf_counter() - t0, "sum_abs_gamma": sum_gamma,
                 "frac_gamma_below_1e-2": frac_small,
             }
@@ -723,6 +782,8 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             save_latest(epoch + 1)
             if writer:
                 append_jsonl(metrics_path, record)
+            if tb is not None:
+                _log_epoch_to_tensorboard(tb, record, raw, steps)
             last_epoch_done = epoch + 1
             report({"event": "epoch", **record, "epochs": cfg.epochs, "best_top1": best_top1, "is_best": is_best})
             if epoch + 1 < cfg.epochs:  # a signal during evaluation or saving: stop here, nothing lost
@@ -735,6 +796,36 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     return {"best_top1": best_top1 if history else float("nan"), "final_top1": final,
             "epochs": len(history), "seconds": time.perf_counter() - t_start, "history": history,
             "seed": seed, "save_dir": str(save) if save is not None else None}
+
+
+def _summary_writer_class(cfg: TrainConfig, save: Optional[Path]) -> Any:
+    """torch's SummaryWriter when cfg.log asks for TensorBoard, else None; a one-line
+    ConfigError when the tensorboard package is missing or there is no folder to write to."""
+    if "tensorboard" not in cfg.log:
+        return None
+    if save is None:
+        raise ConfigError("tensorboard logging needs a save folder for its event files")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'netslim[tensorboard]' "
+                          "(metrics.jsonl is written either way)") from None
+    return SummaryWriter
+
+
+def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, steps: int) -> None:
+    """One epoch's figures (the metrics.jsonl record) and the |gamma| histogram, at step = epoch."""
+    epoch = record["epoch"]
+    for tag, key in (("train/loss", "train_loss"), ("train/top1", "train_top1"), ("test/loss", "test_loss"),
+                     ("test/top1", "test_top1"), ("lr", "lr"), ("sparsity/sum_abs_gamma", "sum_abs_gamma"),
+                     ("sparsity/frac_gamma_below_1e-2", "frac_gamma_below_1e-2"),
+                     ("speed/images_per_s", "images_per_s")):
+        tb.add_scalar(tag, record[key], epoch)
+    tb.add_scalar("speed/step_seconds", record["train_seconds"] / max(steps, 1), epoch)
+    gammas = abs_gammas(model)
+    if gammas is not None:
+        tb.add_histogram("sparsity/abs_gamma", gammas.cpu(), epoch)
+    tb.flush()
 
 
 def _augment_label(spec: Any) -> str:
