@@ -766,7 +766,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             record = {
                 "epoch": epoch + 1, "lr": lr, "train_loss": train_loss / train_n,
                 "train_top1": 100.0 * train_correct / train_n, "test_loss": test_loss, "test_top1": test_top1,
-                "images_per_s": train_n / max(train_seconds, 1e-9), "train_seconds": train_seconds,
+                "images_per_s": train_n / max(train_seconds, 1e-9),
                 "seconds": time.perf_counter() - t0, "sum_abs_gamma": sum_gamma,
                 "frac_gamma_below_1e-2": frac_small,
             }
@@ -783,7 +783,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             if writer:
                 append_jsonl(metrics_path, record)
             if tb is not None:
-                _log_epoch_to_tensorboard(tb, record, raw, steps)
+                _log_epoch_to_tensorboard(tb, record, raw, step_seconds=train_seconds / steps)
             last_epoch_done = epoch + 1
             report({"event": "epoch", **record, "epochs": cfg.epochs, "best_top1": best_top1, "is_best": is_best})
             if epoch + 1 < cfg.epochs:  # a signal during evaluation or saving: stop here, nothing lost
@@ -813,7 +813,7 @@ def _summary_writer_class(cfg: TrainConfig, save: Optional[Path]) -> Any:
     return SummaryWriter
 
 
-def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, steps: int) -> None:
+def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, step_seconds: float) -> None:
     """One epoch's figures (the metrics.jsonl record) and the |gamma| histogram, at step = epoch."""
     epoch = record["epoch"]
     for tag, key in (("train/loss", "train_loss"), ("train/top1", "train_top1"), ("test/loss", "test_loss"),
@@ -821,7 +821,7 @@ def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, steps: in
                      ("sparsity/frac_gamma_below_1e-2", "frac_gamma_below_1e-2"),
                      ("speed/images_per_s", "images_per_s")):
         tb.add_scalar(tag, record[key], epoch)
-    tb.add_scalar("speed/step_seconds", record["train_seconds"] / max(steps, 1), epoch)
+    tb.add_scalar("speed/step_seconds", step_seconds, epoch)
     gammas = abs_gammas(model)
     if gammas is not None:
         tb.add_histogram("sparsity/abs_gamma", gammas.cpu(), epoch)
