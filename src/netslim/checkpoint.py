@@ -31,6 +31,7 @@ from torch import nn
 
 from .errors import CheckpointError, NetslimError
 from .fileio import atomic_torch_save
+from .wrappers import unwrap_model
 
 FORMAT_PREFIX = "netslim-checkpoint/"
 FORMAT_VERSION = 1
@@ -50,12 +51,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **meta: Any) -> N
     `input_size`, `dataset`, `train_state`, `metrics`. A model returned by `netslim.prune`
     carries its own plan/mask/arch (attribute `netslim_meta`); explicit `meta` wins.
     """
+    model = unwrap_model(model)  # plan and weights both from the inner model
     carried = dict(getattr(model, "netslim_meta", {}) or {})
     carried.update(meta)
     plan = _plain_plan(carried.pop("plan", None))
     mask = _plain_plan(carried.pop("mask", None))
     state = {k: v.detach().clone() if torch.is_tensor(v) else v
-             for k, v in _unwrap(model).state_dict().items()}
+             for k, v in model.state_dict().items()}
     obj = {"format": FORMAT, **carried, "plan": plan, "mask": mask,
            "mode": checkpoint_mode(plan, mask), "state_dict": state}
     atomic_torch_save(obj, path)
@@ -182,18 +184,6 @@ def _plain_plan(plan: dict | None) -> dict:
     if not plan:
         return {}
     return {str(k): [int(i) for i in (v.tolist() if torch.is_tensor(v) else v)] for k, v in plan.items()}
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module) and type(model).__name__ in (
-                "DistributedDataParallel", "DataParallel"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 # ----------------------------------------------------------------------------------------

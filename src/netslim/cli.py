@@ -558,7 +558,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print(f"{name[:32]:<32} {'':>6} {'':>6} {'-':>7}  not pruned: {why}")
     b, a = report["before"], report["effective"]
     thr = f"{report['threshold']:.4g}" if report["threshold"] is not None else "none (percent 0)"
-    print(f"threshold {thr}: kept {report['channels_kept']} of {report['channels_total']} channels")
+    print(f"threshold {thr}: kept {report['channels_kept']} of {report['channels_total']} BN channels "
+          f"({report['units_kept']} of {report['units_total']} pruning units; a coupled unit spans several BNs)")
     eff = " (effective: as if removed; the file keeps the dense shape)" if args.mode == "mask" else ""
     print(f"params {_fmt_count(b['params'])} -> {_fmt_count(a['params'])}, "
           f"FLOPs {_fmt_count(b['flops'])} -> {_fmt_count(a['flops'])}{eff}")

@@ -43,8 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .errors import PruneError
+from .wrappers import unwrap_model
 
 
 # ----------------------------------------------------------------------------------------
@@ -98,8 +100,44 @@ INDEXED_BN = {nn.BatchNorm1d: IndexedBatchNorm1d, nn.BatchNorm2d: IndexedBatchNo
               nn.BatchNorm3d: IndexedBatchNorm3d}
 
 
+class IndexedSyncBatchNorm(_IndexedBatchNorm, nn.SyncBatchNorm):
+    pass
+
+
 def is_indexed_bn(m: nn.Module) -> bool:
     return isinstance(m, _IndexedBatchNorm)
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """nn.SyncBatchNorm.convert_sync_batchnorm that keeps the channel gather of slim models.
+
+    torch's conversion builds a plain SyncBatchNorm from every BN and so drops the
+    `keep_index` of an IndexedBatchNorm (the model would then normalise the wrong
+    channels); here an IndexedBatchNorm becomes an IndexedSyncBatchNorm with the same
+    index. Parameters and buffers are shared with the original, as torch does.
+    """
+    if isinstance(model, _BatchNorm) and not isinstance(model, nn.SyncBatchNorm):
+        cls = IndexedSyncBatchNorm if is_indexed_bn(model) else nn.SyncBatchNorm
+        new = cls(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats,
+                  process_group)
+        if model.affine:
+            new.weight, new.bias = model.weight, model.bias
+        new.running_mean, new.running_var = model.running_mean, model.running_var
+        new.num_batches_tracked = model.num_batches_tracked
+        if is_indexed_bn(model):
+            new.register_buffer("keep_index", model.keep_index)
+        new.train(model.training)
+        for key, hook in model._forward_pre_hooks.items():  # e.g. the mask's gradient guard
+            new._forward_pre_hooks[key] = hook
+        for key, buf in model._buffers.items():
+            if key not in new._buffers:
+                new._buffers[key] = buf
+                if key in model._non_persistent_buffers_set:
+                    new._non_persistent_buffers_set.add(key)
+        model = new
+    for name, child in list(model.named_children()):
+        model.add_module(name, convert_sync_batchnorm(child, process_group))
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -113,8 +151,12 @@ _PASS_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.RReLU,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
 )
+# AlphaDropout maps 0 to non-zero values in training only; the invariant (slim == masked)
+# is about eval, where every dropout is the identity.
 # Channel-preserving but f(0) != 0: a masked channel would not stay zero behind them.
 _NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
 
@@ -129,6 +171,10 @@ _PASS_FUNCTIONS = {
 }
 _PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "half", "bfloat16",
                  "double", "to", "tanh", "tanh_"}
+# Norms whose statistics span several channels: their inputs and outputs keep their width.
+_CHANNEL_MIXING_NORMS = (nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d)
+_CHANNEL_MIXING_FUNCTIONS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm,
+                             F.local_response_norm, F.normalize}
 _NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp}
 _NONZERO_METHODS = {"sigmoid", "sigmoid_", "exp"}
 
@@ -350,7 +396,7 @@ class _Analyzer:
         x = self.info(node.args[0]) if node.args else None
         if name in self.exclude and not isinstance(m, _BatchNorm):
             return self.unknown(node, f"excluded module {name}", fatal=False)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm)):
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm, _InstanceNorm)):
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.calls[name] > 1 or name in self.uses:
                 # A weight-shared module called twice: its two call sites would have to agree.
@@ -364,6 +410,12 @@ class _Analyzer:
             return self.linear(node, name, m, x)
         if isinstance(m, _BatchNorm):
             return self.batchnorm(node, name, m, x)
+        if isinstance(m, _InstanceNorm):
+            return self.instancenorm(node, name, m, x)
+        if isinstance(m, _CHANNEL_MIXING_NORMS):
+            return self.unknown(node, f"{type(m).__name__} {name} normalises across channels", fatal=False)
+        if isinstance(m, nn.LayerNorm):
+            return self.layernorm(node, name, m, x)
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, m.start_dim, m.end_dim)
         if isinstance(m, _PASS_MODULES):
@@ -440,9 +492,12 @@ class _Analyzer:
         if x is None or x.block != 1:
             return self.unknown(node, f"batchnorm {name} input")
         if m.weight is None:
-            # Non-affine BN: no scaling factor to judge by; it only follows its input.
-            self.uses[name] = ModuleUse(name, "bn_passive", list(x.slots), list(x.slots))
-            return ChannelInfo(list(x.slots))
+            # Non-affine BN: no scaling factor to judge by; it only follows its input. In eval
+            # it maps a zeroed channel to -running_mean / sqrt(running_var + eps), not to 0.
+            if m.running_mean is not None:
+                self.pin(x.slots, f"non-affine BatchNorm {name} maps 0 to -running_mean/sqrt(running_var+eps), "
+                                  "not to 0")
+            return self.passive_norm(name, x)
         index = m.keep_index.tolist() if is_indexed_bn(m) else list(range(len(x.slots)))
         if len(index) != m.num_features or (not is_indexed_bn(m) and len(x.slots) != m.num_features):
             return self.unknown(node, f"batchnorm {name} input")
@@ -456,6 +511,31 @@ class _Analyzer:
                                     input_slots=list(x.slots))
         self.bn_order.append(name)
         return ChannelInfo(out)
+
+    def passive_norm(self, name: str, x: ChannelInfo) -> ChannelInfo:
+        """A per-channel norm without scaling factors: follows its input, sliced with it."""
+        self.uses[name] = ModuleUse(name, "bn_passive", list(x.slots), list(x.slots))
+        return ChannelInfo(list(x.slots))
+
+    def instancenorm(self, node, name, m, x: ChannelInfo | None):
+        """Per-sample, per-channel statistics: a zero channel stays 0 unless an affine shift
+        or running statistics (used in eval) move it."""
+        if x is None or x.block != 1 or len(x.slots) != m.num_features:
+            return self.unknown(node, f"{type(m).__name__} {name} input")
+        if m.affine or m.track_running_stats:
+            self.pin(x.slots, f"{type(m).__name__} {name} maps 0 to a non-zero value "
+                              "(affine shift or running statistics)")
+        return self.passive_norm(name, x)
+
+    def layernorm(self, node, name, m, x: ChannelInfo | None):
+        shape = _shape(node.args[0]) if node.args else None
+        if x is None:
+            return self.fresh(node)
+        if shape is None or len(shape) - len(m.normalized_shape) <= 1:
+            return self.unknown(node, f"LayerNorm {name} normalises across channels", fatal=False)
+        if m.bias is not None:  # normalises within a channel, then shifts: 0 -> bias
+            self.pin(x.slots, f"LayerNorm {name} adds a bias: it maps 0 to a non-zero value")
+        return self.passthrough(node, x)
 
     def flatten(self, node, x: ChannelInfo | None, start: int, end: int):
         shape_in = _shape(node.args[0] if node.args else None)
@@ -486,6 +566,8 @@ class _Analyzer:
             if x is not None:
                 self.pin(x.slots, f"{getattr(t, '__name__', t)} maps 0 to a non-zero value")
             return self.passthrough(node, x)
+        if t in _CHANNEL_MIXING_FUNCTIONS:  # functional norms: weights come as tensors we do not slice
+            return self.unknown(node, f"{t.__name__} normalises with tensors netslim does not slice", fatal=False)
         if t in _ADD_OPS:
             return self.binary(node, args[:2], additive=True)
         if t in _MUL_OPS:
@@ -774,6 +856,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     strict: a BN whose channels reach an op netslim cannot slice is an error (PruneError,
     naming the op and the way out); with strict=False it is just left unpruned.
     """
+    model = unwrap_model(model)
     exclude = set(exclude)
     mods = dict(model.named_modules())
     unknown_names = [n for n in exclude if n not in mods]

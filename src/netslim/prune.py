@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import ConfigError, PruneError
 from .graph import INDEXED_BN, Analysis, analyze, is_indexed_bn
+from .wrappers import unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +38,17 @@ GROUP_SCORES = ("max", "mean", "sum")
 class LayerDecision:
     name: str            # "features.1", or "a+b+c" for a coupled group of BNs
     bns: tuple[str, ...]
-    total: int
+    total: int           # pruning units (a coupled unit holds one channel of each BN in `bns`)
     kept: int
-    by_rule: int         # kept by the threshold alone
+    by_rule: int         # units kept by the threshold alone
     guard: str | None    # which guard changed the count, if any
+    channels: int = 0    # BN channels in those units
+    channels_kept: int = 0
 
     def as_dict(self) -> dict:
         return {"name": self.name, "bns": list(self.bns), "total": self.total, "kept": self.kept,
-                "kept_by_threshold": self.by_rule, "guard": self.guard}
+                "kept_by_threshold": self.by_rule, "guard": self.guard,
+                "channels": self.channels, "channels_kept": self.channels_kept}
 
 
 def global_threshold(values: torch.Tensor, percent: float) -> float:
@@ -66,9 +70,20 @@ def _check_options(percent, min_channels, max_layer_percent, round_to, group_sco
         raise ConfigError(f"group_score must be one of {', '.join(GROUP_SCORES)}, got {group_score!r}")
 
 
+def _check_finite_factors(gamma: dict[str, torch.Tensor]) -> None:
+    """NaN/inf factors (a diverged run) would make the threshold NaN and prune at random."""
+    bad = [n for n, g in gamma.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise PruneError(f"BatchNorm scaling factors are not finite (NaN or inf) in {shown}: training "
+                         "diverged; prune a checkpoint from before it diverged, or train again with a "
+                         "lower learning rate or sparsity")
+
+
 def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_channels: int = 1,
               max_layer_percent: float | None = None, round_to: int = 1,
               group_score: str = "max", widths: dict[tuple[str, ...], int] | None = None,
+              masked_out: dict[str, Sequence[int]] | None = None,
               ) -> tuple[dict[str, list[int]], float, list[LayerDecision]]:
     """Decide which channels stay. Returns (plan, threshold, per-layer decisions).
 
@@ -78,17 +93,24 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
     (default max: a unit goes only when every factor in it is under the threshold, so
     nothing the paper would keep is removed). percent 0 prunes nothing. `widths` {layer:
     count} raises a layer's kept count (widths.choose_widths: what the hardware runs fastest).
+
+    masked_out: {bn: [channel, ...]} already pruned by a mask; a unit whose channels all
+    are goes whatever its factors say, and the guards (min_channels...) still hold after.
     """
     mods = dict(model.named_modules())
     gamma = {n: mods[n].weight.detach().abs().float().cpu() for n in analysis.bn_names
              if getattr(mods[n], "weight", None) is not None}
+    _check_finite_factors(gamma)
     units = analysis.units
     if not units:
         return {}, 0.0, []
     values = torch.cat([torch.stack([gamma[n][j] for n, j in u.bn_channels]) for u in units])
     threshold = global_threshold(values, percent) if percent > 0 else -math.inf
+    gone = {n: set(map(int, k)) for n, k in (masked_out or {}).items()}
 
     def score(u) -> float:
+        if all(j in gone.get(n, ()) for n, j in u.bn_channels):
+            return -math.inf  # below any threshold; a guard may still bring it back
         v = torch.stack([gamma[n][j] for n, j in u.bn_channels])
         return float(v.max() if group_score == "max" else v.mean() if group_score == "mean" else v.sum())
 
@@ -120,7 +142,9 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
         chosen = order[:keep]
         kept_units.extend(lunits[i] for i in chosen)
         name = layer[0] if len(layer) == 1 else "+".join(layer)
-        decisions.append(LayerDecision(name, layer, n, keep, by_rule, guard))
+        decisions.append(LayerDecision(name, layer, n, keep, by_rule, guard,
+                                       channels=sum(len(u.bn_channels) for u in lunits),
+                                       channels_kept=sum(len(lunits[i].bn_channels) for i in chosen)))
 
     plan: dict[str, set[int]] = {}
     touched = {n for u in units for n, _ in u.bn_channels}
@@ -193,6 +217,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
     """
     from .checkpoint import example_input as make_example
 
+    model = unwrap_model(model)
     meta = dict(getattr(model, "netslim_meta", {}) or {})
     if example_input is None:
         example_input = make_example(meta.get("input_size"), model)
@@ -309,10 +334,40 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
 # ----------------------------------------------------------------------------------------
 # Mask: zero the pruned factors and keep them at zero
 
+class _MaskGradient:
+    """A parameter's gradient hook: multiply the gradient by its BN's current 0/1 mask."""
+
+    def __init__(self, bn: nn.Module):
+        self.bn = bn
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        mask = self.bn._buffers.get("netslim_mask")
+        return grad if mask is None else grad * mask.to(grad.dtype)
+
+
+def _has_mask_hook(p: nn.Parameter) -> bool:
+    return any(isinstance(h, _MaskGradient) for h in (p._backward_hooks or {}).values())
+
+
+def _hold_masked_factors(bn: nn.Module, args=None) -> None:
+    """Forward pre-hook of a masked BN: make sure its gamma and beta carry a _MaskGradient.
+
+    Tensor hooks do not survive copy.deepcopy (nor anything else that makes new
+    Parameters), while module hooks do. So the module hook checks the parameters
+    themselves on every forward, i.e. before every backward, and re-hooks new ones.
+    """
+    for p in (bn.weight, bn.bias):
+        if p is not None and p.requires_grad and not _has_mask_hook(p):
+            p.register_hook(_MaskGradient(bn))
+
+
 def _strip_masks(model: nn.Module) -> None:
     for m in model.modules():
         if "netslim_mask" in getattr(m, "_buffers", {}):
             del m._buffers["netslim_mask"]
+        for key, hook in list(m._forward_pre_hooks.items()):
+            if hook is _hold_masked_factors:
+                del m._forward_pre_hooks[key]
 
 
 def apply_mask(model: nn.Module, mask: dict[str, Sequence[int]]) -> nn.Module:
@@ -320,8 +375,10 @@ def apply_mask(model: nn.Module, mask: dict[str, Sequence[int]]) -> nn.Module:
 
     A gradient hook multiplies their gradients by the 0/1 mask, so SGD's weight decay and
     momentum see exact zeros too and the factors stay exactly 0 through fine-tuning
-    (sign(0) = 0, so the sparsity step leaves them alone as well).
+    (sign(0) = 0, so the sparsity step leaves them alone as well). The hooks survive
+    copy.deepcopy and re-masking (see _hold_masked_factors).
     """
+    model = unwrap_model(model)
     mods = dict(model.named_modules())
     for name, kept in mask.items():
         bn = mods.get(name)
@@ -333,14 +390,23 @@ def apply_mask(model: nn.Module, mask: dict[str, Sequence[int]]) -> nn.Module:
         with torch.no_grad():
             bn.weight.mul_(keep)
             bn.bias.mul_(keep)
-        if not getattr(bn, "_netslim_hooked", False):
-            for p in (bn.weight, bn.bias):
-                p.register_hook(lambda g, bn=bn: g * bn.netslim_mask.to(g.dtype))
-            bn._netslim_hooked = True
+        if _hold_masked_factors not in bn._forward_pre_hooks.values():
+            bn.register_forward_pre_hook(_hold_masked_factors)
+        _hold_masked_factors(bn)
     meta = dict(getattr(model, "netslim_meta", {}) or {})
     meta["mask"] = {n: [int(i) for i in k] for n, k in mask.items()}
     model.netslim_meta = meta
     return model
+
+
+def _masked_out(model: nn.Module, meta: dict) -> dict[str, list[int]]:
+    """{bn: channels the model's stored mask removed}."""
+    mods = dict(model.named_modules())
+    out = {}
+    for n, kept in (meta.get("mask") or {}).items():
+        if isinstance(mods.get(n), _BatchNorm):
+            out[n] = sorted(set(range(mods[n].num_features)) - set(map(int, kept)))
+    return out
 
 
 def compose_plans(outer: dict[str, Sequence[int]], inner: dict[str, Sequence[int]]) -> dict[str, list[int]]:
@@ -371,6 +437,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     from .checkpoint import example_input as make_example
     from .profile import count
 
+    model = unwrap_model(model)  # DataParallel / DDP / torch.compile: prune the model inside
     if target_latency is not None:
         if percent is not None:
             raise ConfigError("give percent or target_latency, not both")
@@ -389,7 +456,9 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         example_input = make_example(meta.get("input_size"), model)
     exclude = list(exclude) or list(meta.get("exclude", []))
     analysis = analyze(model, example_input, exclude=exclude, skip_coupled=skip_coupled)
-    options = dict(min_channels=min_channels, max_layer_percent=max_layer_percent, group_score=group_score)
+    # Channels an earlier mask removed stay removed (the guards are applied after that).
+    options = dict(min_channels=min_channels, max_layer_percent=max_layer_percent, group_score=group_score,
+                   masked_out=_masked_out(model, meta))
     if round_to == "auto":  # measure which widths at or above the kept counts run fastest
         from .widths import choose_widths
         plan, _, decisions = make_plan(model, analysis, percent, **options)
@@ -397,12 +466,6 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
                                           batch_size=batch_size, threads=threads)
     plan, threshold, decisions = make_plan(model, analysis, percent, round_to=1 if round_to == "auto" else round_to,
                                            **options)
-    old_mask = meta.get("mask") or {}
-    if old_mask:  # already-masked channels stay pruned
-        mods = dict(model.named_modules())
-        for n, k in old_mask.items():
-            base = plan.get(n, range(mods[n].num_features))
-            plan[n] = sorted(set(base) & set(k))
     input_size = list(example_input.shape[1:])
     before = count(model, example_input=example_input)
     if mode == "slim":
@@ -422,13 +485,16 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     if exclude:
         meta["exclude"] = exclude
     pruned.netslim_meta = meta
-    total = sum(d.total for d in decisions)
-    kept = sum(d.kept for d in decisions)
+    # Counted in BN channels (what a user counts); a coupled unit removes one of each of its BNs.
+    mods = dict(model.named_modules())
+    total = sum(mods[n].num_features for n in analysis.bn_names)
+    kept = total - sum(d.channels - d.channels_kept for d in decisions)
     report = {
         "mode": mode, "percent": percent, "threshold": threshold if percent > 0 else None,
         "group_score": group_score, "min_channels": min_channels,
         "max_layer_percent": max_layer_percent, "round_to": round_to,
         "channels_total": total, "channels_kept": kept,
+        "units_total": sum(d.total for d in decisions), "units_kept": sum(d.kept for d in decisions),
         "layers": [d.as_dict() for d in decisions],
         "guarded": [d.name for d in decisions if d.guard],
         "unprunable": dict(analysis.unprunable),

@@ -586,7 +586,8 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     if use_cl:
         model.to(memory_format=torch.channels_last)
     if world > 1 and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        from .graph import convert_sync_batchnorm  # keeps the channel gathers of slim models
+        model = convert_sync_batchnorm(model)
     raw = model
     train_model: nn.Module = model
     if world > 1:
