@@ -15,7 +15,10 @@ from .graph import analyze
 from .models import build_model, list_models
 from .profile import count, measure_latency, profile
 from .prune import apply_mask, apply_plan, prune
-from .sparsity import BNSparsity, bn_l1_
+from .config import read_config_file
+from .export import export_onnx, export_torchscript
+from .pipeline import PipelineConfig, list_presets, preset_config, run_pipeline
+from .sparsity import BNSparsity, SparsityCallback, bn_l1_
 from .train import TrainConfig, evaluate, fit
 
 __version__ = "0.1.0"
@@ -23,7 +26,9 @@ __version__ = "0.1.0"
 __all__ = [
     "build_model", "list_models",
     "load_dataset", "list_datasets", "get_spec", "BatchLoader", "DataBundle",
-    "fit", "evaluate", "TrainConfig", "bn_l1_", "BNSparsity",
+    "fit", "evaluate", "TrainConfig", "bn_l1_", "BNSparsity", "SparsityCallback",
+    "run_pipeline", "preset_config", "list_presets", "PipelineConfig", "read_config_file",
+    "export_onnx", "export_torchscript",
     "prune", "apply_plan", "apply_mask", "analyze",
     "count", "measure_latency", "profile", "optimize_for_inference",
     "save_checkpoint", "load_checkpoint", "load_any_checkpoint",

@@ -107,7 +107,8 @@ class Progress:
         if kind == "start":
             resumed = f", resuming after epoch {ev['start_epoch']}" if ev["start_epoch"] else ""
             procs = f", {ev['world_size']} processes" if ev["world_size"] > 1 else ""
-            batch = (f"global batch {ev['batch_size']} ({ev['batch_per_process']} per process)"
+            batch = ("batches from the caller's loader" if ev.get("batch_size") is None
+                     else f"global batch {ev['batch_size']} ({ev['batch_per_process']} per process)"
                      if ev["world_size"] > 1 else f"batch {ev['batch_size']}")
             sched = (f"lr decays at epochs {ev['milestones']}" if ev.get("schedule", "step") == "step"
                      else f"{ev['schedule']} lr schedule")

@@ -77,3 +77,27 @@ def bn_l1_(model: nn.Module, s: float) -> None:
     Call after loss.backward() and before optimizer.step().
     """
     BNSparsity(model, s).step()
+
+
+class SparsityCallback(BNSparsity):
+    """The Network Slimming step for any training loop: call it after loss.backward() and
+    before optimizer.step().
+
+        sparsity = netslim.SparsityCallback(model, 1e-4)    # model may be DDP-wrapped
+        loss.backward(); sparsity(); optimizer.step()
+
+    With an fp16 GradScaler the gradients are scaled at that point: pass `scaler=` and call
+    `sparsity(optimizer)`; it unscales them first (scaler.unscale_), so the L1 step is in
+    true-gradient units and scaler.step() does not unscale twice.
+    """
+
+    def __init__(self, model: nn.Module, s: float, *, scaler: "torch.amp.GradScaler | None" = None):
+        super().__init__(model, s)
+        self.scaler = scaler
+
+    def __call__(self, optimizer: "torch.optim.Optimizer | None" = None) -> None:
+        if self.scaler is not None and self.scaler.is_enabled():
+            if optimizer is None:
+                raise ValueError("with a GradScaler, call sparsity(optimizer): the gradients must be unscaled first")
+            self.scaler.unscale_(optimizer)
+        self.step()

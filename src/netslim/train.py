@@ -31,7 +31,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -498,9 +498,11 @@ def _resolve_resume(resume: str | os.PathLike | None) -> Optional[Path]:
     return p
 
 
-def fit(model: nn.Module, data: Any, cfg: TrainConfig, save_dir: str | os.PathLike | None, *,
-        meta: dict, resume: str | os.PathLike | None = None,
-        on_progress: Optional[ProgressFn] = None) -> dict:
+def fit(model: nn.Module, data: Any, cfg: TrainConfig, save_dir: str | os.PathLike | None = None, *,
+        meta: Optional[dict] = None, resume: str | os.PathLike | None = None,
+        on_progress: Optional[ProgressFn] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+        loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        train_loader: Optional[Iterable] = None, test_loader: Optional[Iterable] = None) -> dict:
     """Train `model` on `data` (a DataBundle) with recipe `cfg`; evaluate on the test split every epoch.
 
     `meta` goes into every checkpoint (`arch`, `dataset`, `input_size`, ...; a pruned
@@ -514,6 +516,16 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig, save_dir: str | os.PathLi
     cfg.force), NonFiniteLoss when the loss stops being finite, TrainingInterrupted on
     SIGINT/SIGTERM (after the current step; checkpoint.pt then holds the last completed
     epoch, which is what a resume needs to be exact). Returns a summary dict.
+
+    Your own pieces, for users who keep theirs (docs/own-loop.md):
+      optimizer     used as given, instead of SGD(cfg.lr, cfg.momentum, ...); cfg.schedule
+                    drives its learning rate, starting from each param group's own lr
+      loss_fn       loss_fn(outputs, targets) -> scalar, instead of cross-entropy (the test
+                    loss stays cross-entropy, comparable across runs)
+      train_loader, test_loader   any iterables of (x, y) batches ready for the model
+                    (normalised floats), with a len(); instead of batches of `data`, which
+                    may then be None. Batches are moved to the training device. Under
+                    torchrun, shard them yourself (DistributedSampler).
     """
     cfg = dataclasses.replace(cfg)  # fit fills in the seed; the caller's config stays as it was
     cfg.validate()
@@ -525,32 +537,72 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig, save_dir: str | os.PathLi
         if not same:
             raise NetslimError(f"{save} already holds a run; use --resume {ckpt_path} to continue it "
                                "or --force to replace it")
+    if data is None and (train_loader is None or test_loader is None):
+        raise ConfigError("fit needs data (a DataBundle) or both train_loader and test_loader")
+    own = _OwnPieces(optimizer, loss_fn, train_loader, test_loader)
     rank, world, device, created = init_distributed(cfg.device)
     try:
-        return _fit(model, data, cfg, save, resume_path, meta, on_progress, rank, world, device)
+        return _fit(model, data, cfg, save, resume_path, meta or {}, on_progress, rank, world, device, own)
     finally:
         if created:
             torch.distributed.destroy_process_group()
 
 
+@dataclass
+class _OwnPieces:
+    """What a caller of fit() brought instead of netslim's own (None: netslim's)."""
+    optimizer: Optional[torch.optim.Optimizer] = None
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    train_loader: Optional[Iterable] = None
+    test_loader: Optional[Iterable] = None
+
+
+class _OnDevice:
+    """A user's iterable of (x, y) batches, moved to the training device (and memory layout)."""
+
+    def __init__(self, batches: Iterable, device: torch.device, channels_last: bool, what: str) -> None:
+        try:
+            self.steps = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            raise ConfigError(f"{what} needs a length (batches per epoch, for the lr schedule and the progress): "
+                              "pass a DataLoader or a list, not a generator") from None
+        self.batches, self.device, self.channels_last = batches, device, channels_last
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle a DistributedSampler (or anything with set_epoch) per epoch, as DDP needs."""
+        for owner in (self.batches, getattr(self.batches, "sampler", None)):
+            if hasattr(owner, "set_epoch"):
+                owner.set_epoch(epoch)
+                return
+
+    def __iter__(self) -> Any:
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in self.batches:
+            x = x.to(self.device, non_blocking=True)
+            yield (x.to(memory_format=layout) if x.dim() == 4 else x), y.to(self.device, non_blocking=True)
+
+
 def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], resume_path: Optional[Path],
          meta: dict, on_progress: Optional[ProgressFn], rank: int, world: int,
-         device: torch.device) -> dict:
+         device: torch.device, own: _OwnPieces) -> dict:
     from .data import BatchLoader
 
     t_start = time.perf_counter()
-    spec = data.spec
+    spec = data.spec if data is not None else None
     amp = resolve_amp(cfg.amp, device)
     if amp is not None and device.type == "cpu" and not _cpu_has_bf16() and cfg.amp == "bf16":
         log.warning("this CPU has no native bf16: --amp bf16 will be slower than --amp off")
     if cfg.sync_bn and world > 1 and device.type != "cuda":
         raise ConfigError("--sync-bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel); drop it on CPU")
-    if cfg.batch_size % world:
+    if own.train_loader is None and cfg.batch_size % world:
         raise ConfigError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes: the batch "
                           f"is global, use a multiple of {world}")
     batch_per_process = cfg.batch_size // world
     summary_writer_cls = _summary_writer_class(cfg, save)  # every rank checks: all fail alike, before any write
-    if cfg.crop_pad is not None and cfg.crop_pad >= spec.image_size:
+    if spec is not None and cfg.crop_pad is not None and cfg.crop_pad >= spec.image_size:
         raise ConfigError(f"crop-pad {cfg.crop_pad} is not valid for {spec.image_size}x{spec.image_size} images: "
                           "use a pad smaller than the image (the 28x28 sets default to 2, the rest to 4)")
 
@@ -597,9 +649,10 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         train_model = torch.compile(train_model)
     sparsity = BNSparsity(raw, cfg.s) if cfg.sr and cfg.s > 0 else None
 
-    params = [p for p in raw.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                          nesterov=cfg.nesterov)
+    opt = own.optimizer or torch.optim.SGD([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr,
+                                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                           nesterov=cfg.nesterov)
+    loss_fn = own.loss_fn or F.cross_entropy
     milestones = epoch_milestones(cfg.epochs, cfg.milestones)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=cfg.gamma)
     # fp16 needs loss scaling; bf16 has fp32's range and does not.
@@ -624,17 +677,28 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     # folder over its memory cap (data.train_x / test_x are ImageFiles) is never preloaded:
     # BatchLoader decodes its batches in DataLoader workers, then augments them the same way.
     preload = device.type == "cuda"
-    train_spec = spec if cfg.crop_pad is None else dataclasses.replace(spec, crop_pad=cfg.crop_pad)
-    train_loader = BatchLoader(data.train_x, data.train_y, train_spec, batch_per_process, train=True, device=device,
-                               seed=seed, rank=rank, world_size=world, channels_last=use_cl, preload=preload,
-                               augment=cfg.augment)
-    # Evaluation is sharded: rank r scores test images r, r+W, ... and _eval_loop all-reduces
-    # the sums, so every rank gets the figures for the whole test set.
-    test_loader = BatchLoader(data.test_x, data.test_y, spec, cfg.test_batch_size, train=False, device=device,
-                              rank=rank, world_size=world, channels_last=use_cl, preload=preload)
+    train_loader: Any
+    if own.train_loader is not None:
+        train_loader = _OnDevice(own.train_loader, device, use_cl, "train_loader")
+        augment_label = "the loader's own"
+    else:
+        train_spec = spec if cfg.crop_pad is None else dataclasses.replace(spec, crop_pad=cfg.crop_pad)
+        train_loader = BatchLoader(data.train_x, data.train_y, train_spec, batch_per_process, train=True,
+                                   device=device, seed=seed, rank=rank, world_size=world, channels_last=use_cl,
+                                   preload=preload, augment=cfg.augment)
+        augment_label = _augment_label(train_spec) if cfg.augment else "off"
+    test_loader: Any
+    if own.test_loader is not None:
+        test_loader = _OnDevice(own.test_loader, device, use_cl, "test_loader")
+    else:
+        # Evaluation is sharded: rank r scores test images r, r+W, ... and _eval_loop all-reduces
+        # the sums, so every rank gets the figures for the whole test set.
+        test_loader = BatchLoader(data.test_x, data.test_y, spec, cfg.test_batch_size, train=False, device=device,
+                                  rank=rank, world_size=world, channels_last=use_cl, preload=preload)
     steps = len(train_loader)
     if steps == 0:
-        raise ConfigError(f"batch size {cfg.batch_size} exceeds the {len(data.train_y)} training images: "
+        raise ConfigError("train_loader yields no batches" if own.train_loader is not None else
+                          f"batch size {cfg.batch_size} exceeds the {len(data.train_y)} training images: "
                           "lower --batch-size")
 
     writer = rank == 0 and save is not None
@@ -682,8 +746,9 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     report({"event": "start", "epochs": cfg.epochs, "start_epoch": start_epoch, "steps": steps,
             "world_size": world, "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off",
             "channels_last": use_cl, "seed": seed, "milestones": milestones, "schedule": cfg.schedule,
-            "augment": _augment_label(train_spec) if cfg.augment else "off",
-            "batch_size": cfg.batch_size, "batch_per_process": batch_per_process,
+            "augment": augment_label,
+            "batch_size": None if own.train_loader is not None else cfg.batch_size,
+            "batch_per_process": None if own.train_loader is not None else batch_per_process,
             "params": sum(p.numel() for p in raw.parameters())})
 
     autocast_dtype = amp or torch.float32
@@ -701,14 +766,14 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             seen = 0
             stopped = False
             for step, (x, y) in enumerate(train_loader, 1):
-                step_lr = scheduled_lr(cfg.schedule, cfg.lr, (epoch * steps + step - 1) / (cfg.epochs * steps))
-                if step_lr is not None:
+                if cfg.schedule != "step":  # per step, from each group's starting lr (cfg.lr for netslim's SGD)
+                    done = (epoch * steps + step - 1) / (cfg.epochs * steps)
                     for group in opt.param_groups:
-                        group["lr"] = step_lr
-                    lr = step_lr
+                        group["lr"] = scheduled_lr(cfg.schedule, group["initial_lr"], done)
+                    lr = opt.param_groups[0]["lr"]
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp is not None):
                     out = train_model(x)
-                    loss = F.cross_entropy(out, y)
+                    loss = loss_fn(out, y)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # under DDP gradients are all-reduced here
                 if sparsity is not None:
