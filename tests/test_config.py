@@ -64,7 +64,8 @@ def test_flags_override_the_file_and_keys_take_dashes(data_dir, tmp_path):
     ("lr = true\n", "lr = true is not valid: --lr takes a value"),
     ("epochs = 3\nepochs = 4\n", "is not valid TOML"),
     ("[recipe]\nepochs = 3\n", "[recipe] is a table"),
-    ("epochs = 0\n", "--epochs: must be at least 1"),
+    ("epochs = 0\n", "bad.toml: epochs = 0: must be at least 1"),
+    ('amp = "fp8"\n', "bad.toml: amp = 'fp8' is not valid: use one of auto, off, bf16, fp16"),
 ])
 def test_bad_config_files_are_one_line_errors_and_write_nothing(data_dir, tmp_path, capsys, text, says):
     conf = tmp_path / "bad.toml"

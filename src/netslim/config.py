@@ -178,8 +178,23 @@ def config_tokens(parser: argparse.ArgumentParser, values: dict, source: str) ->
             close = difflib.get_close_matches(key, list(keys), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(keys))}"
             raise ConfigError(f"{source}: unknown key {key!r} for {parser.prog}: {hint}")
-        tokens += _tokens_for(key, action, value, source)
+        given = _tokens_for(key, action, value, source)
+        _check_values(key, action, given[1:], source)
+        tokens += given
     return tokens
+
+
+def _check_values(key: str, action: argparse.Action, texts: list[str], source: str) -> None:
+    """Check a file's value as argparse would check the flag's, but name the file and the key
+    in the error (argparse would blame a flag the user never typed)."""
+    for text in texts:
+        try:
+            value = action.type(text) if callable(action.type) else text
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {key} = {text}: {e}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"{source}: {key} = {text!r} is not valid: use one of "
+                              f"{', '.join(map(str, action.choices))}")
 
 
 def find_config_arg(argv: Iterable[str]) -> Optional[str]:
