@@ -1,6 +1,6 @@
 # The README's commands. Each target installs what it needs, so on a fresh machine
 #   make demo   runs the whole slimming pipeline on Fashion-MNIST (quick preset)
-#   make test   runs the test suite
+#   make test   installs the test extras (everything the suite imports) and runs the test suite
 PYTHON ?= python3
 # torch is installed first and pinned: a bare `pip install torch` (or a range that admits a
 # newer release) would pull several GB of CUDA packages. Any torch already present is kept.
@@ -16,7 +16,7 @@ install:
 
 install-dev:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
-	@$(PYTHON) -m pip install -q -e ".[dev]"
+	@$(PYTHON) -m pip install -q -e ".[test]"
 
 # Fashion-MNIST: the Debian package when we may install it, else netslim's --download.
 data:

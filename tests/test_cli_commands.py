@@ -1,12 +1,15 @@
 """`netslim prune / profile / export / pipeline` end to end on tiny real-format data."""
 import json
+import sys
 
 import pytest
 import torch
 
+import netslim
 from netslim import cli
 from netslim.checkpoint import load_checkpoint
 from netslim.profile import count
+from netslim.provenance import provenance
 
 MODEL = ["--arch", "vgg", "--depth", "11", "--width", "0.125"]
 
@@ -103,10 +106,23 @@ def test_export(trained, tmp_path, capsys):
     onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.ts"
     assert run(["export", "--checkpoint", str(trained), "--onnx", str(onnx_path), "--torchscript", str(ts_path)]) == 0
     assert onnx_path.stat().st_size > 0
+    # checked against onnxruntime (a test extra), not merely written
+    assert "onnxruntime max |difference|" in capsys.readouterr().out
     model, _ = load_checkpoint(trained)
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(ts_path))(x), model(x))
+
+
+def test_export_without_onnx_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    """A missing onnx is found before anything is written: not even the TorchScript file asked
+    for first. (`sys.modules[name] = None` makes `import onnx` fail as an absent package does.)"""
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.ts"
+    assert run(["export", "--checkpoint", str(trained), "--onnx", str(onnx_path), "--torchscript", str(ts_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("netslim: error: ") and "pip install netslim[onnx]" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pipeline_command(data_dir, tmp_path, capsys):
@@ -117,6 +133,10 @@ def test_pipeline_command(data_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Baseline" in out and "Fine-tune (50%)" in out
     assert (save / "results.md").exists() and (save / "results.json").exists()
+    # every figure is tied to the code: the report's writer, and each stage's trainer / pruner
+    results = json.loads((save / "results.json").read_text())
+    assert results["netslim"] == provenance() and results["netslim"]["version"] == netslim.__version__
+    assert [r["netslim"] for r in results["stages"]] == [provenance()] * 4
     assert run(argv) == 0  # re-run: everything already done
     assert "already done" in capsys.readouterr().out
     # the written configuration is this run's: repeated from it, every stage is found done

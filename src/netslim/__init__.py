@@ -7,6 +7,7 @@
     print(netslim.count(slim, (3, 32, 32)))               # {'params', 'macs', 'flops'}
     netslim.save_checkpoint("slim.pt", slim)              # reloads from the file alone
 """
+from ._version import __version__
 from .checkpoint import load_any_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchLoader, DataBundle, get_spec, list_datasets, load_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError, PruneError
@@ -14,14 +15,13 @@ from .fuse import optimize_for_inference
 from .graph import analyze
 from .models import build_model, list_models
 from .profile import count, measure_latency, profile
+from .provenance import provenance
 from .prune import apply_mask, apply_plan, prune
 from .config import read_config_file
 from .export import export_onnx, export_torchscript
 from .pipeline import PipelineConfig, list_presets, preset_config, run_pipeline
 from .sparsity import BNSparsity, SparsityCallback, bn_l1_
 from .train import TrainConfig, evaluate, fit
-
-__version__ = "0.1.0"
 
 __all__ = [
     "build_model", "list_models",
@@ -31,6 +31,6 @@ __all__ = [
     "export_onnx", "export_torchscript",
     "prune", "apply_plan", "apply_mask", "analyze",
     "count", "measure_latency", "profile", "optimize_for_inference",
-    "save_checkpoint", "load_checkpoint", "load_any_checkpoint",
+    "save_checkpoint", "load_checkpoint", "load_any_checkpoint", "provenance",
     "NetslimError", "ConfigError", "DatasetError", "CheckpointError", "PruneError",
 ]

@@ -17,6 +17,8 @@ Layout (FORMAT_VERSION 1):
     dataset      {"name", "in_channels", "image_size", "num_classes", "mean", "std"}
     train_state  optional: epoch, optimizer, scheduler, RNG states, best metric
     metrics      optional: anything JSON-like
+    netslim      the code that wrote the file: {"version", "git_commit", "git_dirty"}
+                 (provenance.py; the git fields are None outside a git checkout)
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from .errors import CheckpointError, NetslimError
 from .fileio import atomic_torch_save
+from .provenance import provenance
 from .wrappers import unwrap_model
 
 FORMAT_PREFIX = "netslim-checkpoint/"
@@ -50,6 +53,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **meta: Any) -> N
     `meta` carries `arch` (required to reload without a model), `plan`, `mask`,
     `input_size`, `dataset`, `train_state`, `metrics`. A model returned by `netslim.prune`
     carries its own plan/mask/arch (attribute `netslim_meta`); explicit `meta` wins.
+    `netslim` is always the writing code's provenance (what a loaded file carried is replaced).
     """
     model = unwrap_model(model)  # plan and weights both from the inner model
     carried = dict(getattr(model, "netslim_meta", {}) or {})
@@ -59,7 +63,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **meta: Any) -> N
     state = {k: v.detach().clone() if torch.is_tensor(v) else v
              for k, v in model.state_dict().items()}
     obj = {"format": FORMAT, **carried, "plan": plan, "mask": mask,
-           "mode": checkpoint_mode(plan, mask), "state_dict": state}
+           "mode": checkpoint_mode(plan, mask), "netslim": provenance(), "state_dict": state}
     atomic_torch_save(obj, path)
 
 

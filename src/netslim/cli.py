@@ -649,10 +649,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the slim model as ONNX and/or TorchScript, and check the ONNX file's outputs."""
-    from .export import export_onnx, export_torchscript
+    from .export import check_onnx_dependencies, export_onnx, export_torchscript
 
     if not (args.onnx or args.torchscript):
         raise ConfigError("say what to write: --onnx FILE and/or --torchscript FILE")
+    if args.onnx:
+        check_onnx_dependencies()  # before anything is written
     model, meta = _load_for_cli(args)
     for path in (args.onnx, args.torchscript):
         if path and Path(path).exists() and not args.force:
@@ -663,7 +665,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.onnx:
         check = export_onnx(model, meta, args.onnx)
         note = (f"onnxruntime max |difference| {check['max_abs_diff']:.2e}" if check.get("checked")
-                else "not checked: pip install onnxruntime to compare outputs")
+                else "not checked: pip install netslim[onnx] to compare outputs")
         print(f"wrote {args.onnx} (ONNX opset {check['opset']}; {note})")
     return 0
 

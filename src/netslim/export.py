@@ -5,6 +5,7 @@ removed), since that is the model worth deploying; the outputs are identical.
 """
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import warnings
@@ -18,6 +19,24 @@ from .errors import ConfigError, NetslimError
 from .fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
+
+# What ONNX export cannot run without: torch's exporter writes through the onnx package.
+# onnxruntime (the same extra) is optional: without it the file is written unchecked.
+ONNX_REQUIRES = ("onnx",)
+
+
+def check_onnx_dependencies() -> None:
+    """Raise NetslimError unless ONNX export can run. Call it before writing anything, so that
+    a missing package never leaves half of what was asked (e.g. the TorchScript file) behind."""
+    missing = []
+    for name in ONNX_REQUIRES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise NetslimError(f"ONNX export needs {' and '.join(missing)}, which is not installed: "
+                           "pip install netslim[onnx] (or pip install onnx onnxruntime)")
 
 
 def deployable(model: nn.Module, meta: dict) -> tuple[nn.Module, torch.Tensor]:
@@ -86,13 +105,14 @@ def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, ato
     Returns {"opset", "checked", "max_abs_diff"}. A mismatch above `atol` is an error and
     nothing is written.
     """
+    check_onnx_dependencies()
     model, x = deployable(model, meta)
     data = onnx_bytes(model, x, opset=opset)
     result: dict[str, Any] = {"opset": opset, "checked": False, "max_abs_diff": None}
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        log.warning("onnxruntime is not installed: the ONNX file was not checked (pip install onnxruntime)")
+        log.warning("onnxruntime is not installed: the ONNX file was not checked (pip install netslim[onnx])")
     else:
         batch = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         session = onnxruntime_session(data)

@@ -17,6 +17,8 @@ Where each number comes from (so the report always agrees with the files next to
   batch 64 and 1 (median of ~`latency_seconds` of runs), with the thread count recorded.
   When onnxruntime is installed, also the latency of the model as `netslim export` writes
   it (the slim model, for mask-mode checkpoints too) in onnxruntime, same threads.
+- The code: `netslim` (version, git commit) of the report's writer at the top, and each
+  stage's `netslim` as its checkpoint recorded it (the code that trained or pruned it).
 
 Plots need matplotlib (the `plot` extra); without it the report says they were skipped.
 """
@@ -34,6 +36,7 @@ import torch
 
 from .errors import NetslimError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl
+from .provenance import provenance
 from .sparsity import abs_gammas, gamma_summary
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,7 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
         model, meta = load_checkpoint(ckpt)
         metrics = meta.get("metrics") or {}
         row["checkpoint"] = f"{stage.key}/{stage.output}"
+        row["netslim"] = meta.get("netslim")  # the code that trained / pruned this stage
         row["top1"] = float(metrics["test_top1"])
         row["top1_source"] = ("best epoch (model_best.pt)" if stage.kind == "train"
                               else "after pruning, before fine-tuning (pruned.pt)")
@@ -166,6 +170,7 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
         summary.append(entry)
     return {
         "format": RESULTS_FORMAT,
+        "netslim": provenance(),  # the code that measured and wrote this report
         "run_dir": str(run_dir),
         "config": cfg.as_dict(),
         "seed": stored.get("seed"),
