@@ -147,6 +147,11 @@ class Progress:
 # --------------------------------------------------------------------------- train / finetune
 
 
+# torchrun's own parser takes `--s` for an ambiguous abbreviation of its --standalone,
+# --start-method, ... and stops, even after `-m netslim`.
+_LAMBDA_WHY = "write --lambda under torchrun, which mistakes --s for one of its own flags"
+
+
 def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     """The seed's flags (same names and meanings) plus netslim's, for `train`, `finetune` and
     `pipeline` (which sets -sr, --epochs per stage, --refine and --resume itself). Recipe flags
@@ -194,8 +199,9 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     if not pipeline:
         r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
                        help="train with the L1 sparsity term on BatchNorm gammas")
-    r.add_argument("--s", type=_non_negative,
-                   help=f"sparsity strength (default {default(f'{d.s:g}')}; 1e-5 for resnet/densenet)")
+    r.add_argument("--s", "--lambda", dest="s", type=_non_negative, metavar="S",
+                   help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
+                        f"resnet/densenet); {_LAMBDA_WHY}")
     r.add_argument("--seed", type=_int_at_least(0), help="random seed (default: drawn and recorded)")
 
     s = p.add_argument_group("run")
