@@ -3,19 +3,22 @@
 #   make test   installs the test extras (everything the suite imports) and runs the test suite
 PYTHON ?= python3
 # torch is installed first and pinned: a bare `pip install torch` (or a range that admits a
-# newer release) would pull several GB of CUDA packages. Any torch already present is kept.
+# newer release) would pull several GB of CUDA packages. A torch already present is kept when
+# it meets pyproject's floor (torch>=2.13); an older one is replaced by the pinned build here,
+# not by whatever newer torch pip would pick to satisfy the floor.
 TORCH ?= torch==2.13.0
+HAVE_TORCH = $(PYTHON) -c "import sys, torch; sys.exit(tuple(int(v) for v in torch.__version__.split('.')[:2]) < (2, 13))" 2>/dev/null
 RUN ?= runs/quick
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: install install-dev data demo test bench
 
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@$(HAVE_TORCH) || $(PYTHON) -m pip install -q "$(TORCH)"
 	@$(PYTHON) -m pip install -q -e ".[plot]"
 
 install-dev:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH)"
+	@$(HAVE_TORCH) || $(PYTHON) -m pip install -q "$(TORCH)"
 	@$(PYTHON) -m pip install -q -e ".[test]"
 
 # Fashion-MNIST: the Debian package when we may install it, else netslim's --download.
