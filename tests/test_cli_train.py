@@ -161,7 +161,7 @@ def test_refuses_to_overwrite_a_run(run_dir, data_dir, capsys):
 @pytest.mark.parametrize("extra, says", [
     (["--epochs", "0"], "--epochs: must be at least 1"),
     (["--batch-size", "0"], "--batch-size: must be at least 1"),
-    (["--s", "-0.001"], "--s: must be >= 0"),
+    (["--s", "-0.001"], "--s/--lambda: must be >= 0"),
     (["--lr", "0"], "--lr: must be > 0"),
     (["--lr", "nan"], "--lr: must be > 0"),
     (["--epochs", "two"], "not an integer"),

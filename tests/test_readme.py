@@ -98,7 +98,7 @@ def _on_this_machine(line: list[str], data_dir: Path, save: Path) -> list[str]:
              "--batch-size", "16"]
     if command == "pipeline":
         # the preset's cifar10 and resnet-164 (4 training stages of it would take minutes here)
-        args += ["--dataset", "fashion-mnist", "--depth", "20", "--latency-seconds", "0.01"]
+        args += ["--dataset", "fashion-mnist", "--depth", "11", "--latency-seconds", "0.01"]
     # `torchrun` is torch.distributed.run's entry point: run it with this interpreter
     return [sys.executable, "-m", "torch.distributed.run", *args]
 

@@ -430,7 +430,7 @@ def _cases() -> dict:
                                                       "--min-channels", "0", "--save", str(t / "out")],
                                  ["at least 1"]),
         "pipeline-percent-0": (False, lambda w, t: pipe(w, t, "--percent", "0"), ["percent 0.0 is not valid"]),
-        "train-s-negative": (False, lambda w, t: tr(w, t, "--s=-1e-4"), ["--s: must be >= 0"]),
+        "train-s-negative": (False, lambda w, t: tr(w, t, "--s=-1e-4"), ["--s/--lambda: must be >= 0"]),
         "train-epochs-0": (False, lambda w, t: tr(w, t, "--epochs", "0"), ["--epochs: must be at least 1"]),
         "pipeline-epochs-0": (False, lambda w, t: pipe(w, t, "--epochs", "0"), ["--epochs: must be at least 1"]),
         "train-batch-size-0": (False, lambda w, t: tr(w, t, "--batch-size", "0"), ["--batch-size: must be at least 1"]),
