@@ -66,6 +66,7 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 17) -> b
     The one exporter netslim uses: `export_onnx` writes its bytes and `profile`'s
     onnxruntime latency times them, so what is timed is what is deployed.
     """
+    check_onnx_dependencies()
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
@@ -105,7 +106,6 @@ def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, ato
     Returns {"opset", "checked", "max_abs_diff"}. A mismatch above `atol` is an error and
     nothing is written.
     """
-    check_onnx_dependencies()
     model, x = deployable(model, meta)
     data = onnx_bytes(model, x, opset=opset)
     result: dict[str, Any] = {"opset": opset, "checked": False, "max_abs_diff": None}
