@@ -224,6 +224,21 @@ class ModuleUse:
 
 
 @dataclass
+class AttrUse:
+    """A per-channel tensor attribute (layer scale...) multiplied into a channel path."""
+    target: str                    # its path on the model, e.g. "blocks.0.gamma"
+    dim: int                       # the tensor's dimension that holds the channels
+    slots: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _AttrRef:
+    """A get_attr value (or a view of it) that is a vector in disguise: one dim of size > 1."""
+    target: str
+    dim: int
+
+
+@dataclass
 class Unit:
     """One prunable class: BN channels that live or die together, scored as a group."""
     root: int
@@ -238,6 +253,10 @@ class Analysis:
     unprunable: dict[str, str]               # bn name -> why its channels stay
     bn_names: list[str]                      # every affine BN, in graph order
     parent: list[int]                        # union-find over slots (resolved)
+    # (follower slot, leader slot): the follower's class goes when the leader's does (a gate
+    # and its producer, whose values only ever reach a product with the leader's channels)
+    follows: list[tuple[int, int]] = field(default_factory=list)
+    attrs: dict[str, AttrUse] = field(default_factory=dict)  # per-channel tensors to slice
 
     def find(self, s: int) -> int:
         return _find(self.parent, s)
@@ -290,6 +309,18 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
     return gm
 
 
+_RESHAPE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "to", "float", "half",
+                 "double", "contiguous", "clone", torch.reshape, torch.unsqueeze, torch.squeeze}
+
+
+def _only_reshapes(node: fx.Node) -> bool:
+    """Does `node` only change the shape of its first argument (a view, an index of None/:)?"""
+    if node.target is operator.getitem and len(node.args) > 1:
+        idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in idx)
+    return node.op in ("call_method", "call_function") and node.target in _RESHAPE_ONLY
+
+
 def _shape(node: Any):
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -309,6 +340,12 @@ class _Analyzer:
         self.uses: dict[str, ModuleUse] = {}
         self.bn_order: list[str] = []
         self.calls: dict[str, int] = {}
+        # x * g where only x holds BN channels: (g's slots, x's slots, node), resolved later
+        self.gates: list[tuple[list[int], list[int], str]] = []
+        # sigmoid-like outputs: (their slots, their input's slots, why they are not zero)
+        self.derived: list[tuple[list[int], list[int], str]] = []
+        self.attr_refs: dict[fx.Node, _AttrRef] = {}
+        self.attr_uses: dict[str, AttrUse] = {}
 
     # union-find -------------------------------------------------------------------------
     def new(self, n: int) -> list[int]:
@@ -348,6 +385,24 @@ class _Analyzer:
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             self.chans[node] = self.visit(node)
+            self.track_attr(node)
+
+    def track_attr(self, node: fx.Node) -> None:
+        """Follow a tensor attribute with one non-trivial dim through views of it."""
+        if node.op == "get_attr":
+            # A parameter or buffer of the model. fx also stores tensors the code creates as
+            # plain attributes (_tensor_constant0): the slim model would create them unchanged.
+            owner_name, _, attr = str(node.target).rpartition(".")
+            owner = self.mods.get(owner_name)
+            t = None
+            if owner is not None and (attr in owner._parameters or attr in owner._buffers):
+                t = getattr(owner, attr)
+            if torch.is_tensor(t):
+                big = [d for d, n in enumerate(t.shape) if n > 1]
+                if len(big) == 1:
+                    self.attr_refs[node] = _AttrRef(str(node.target), big[0])
+        elif node.args and node.args[0] in self.attr_refs and _only_reshapes(node):
+            self.attr_refs[node] = self.attr_refs[node.args[0]]
 
     def info(self, arg) -> ChannelInfo | None:
         if isinstance(arg, fx.Node):
@@ -421,10 +476,7 @@ class _Analyzer:
         if isinstance(m, _PASS_MODULES):
             return self.passthrough(node, x)
         if isinstance(m, _NONZERO_MODULES):
-            out = self.passthrough(node, x)
-            if x is not None:
-                self.pin(x.slots, f"{type(m).__name__} {name} maps 0 to a non-zero value")
-            return out
+            return self.nonzero(node, x, f"{type(m).__name__} {name} maps 0 to a non-zero value")
         return self.unknown(node, f"module {name} ({type(m).__name__})")
 
     def passthrough(self, node: fx.Node, x: ChannelInfo | None) -> Any:
@@ -562,16 +614,13 @@ class _Analyzer:
         if t in _PASS_FUNCTIONS:
             return self.passthrough(node, self.info(args[0]))
         if t in _NONZERO_FUNCTIONS:
-            x = self.info(args[0])
-            if x is not None:
-                self.pin(x.slots, f"{getattr(t, '__name__', t)} maps 0 to a non-zero value")
-            return self.passthrough(node, x)
+            return self.nonzero(node, self.info(args[0]), f"{getattr(t, '__name__', t)} maps 0 to a non-zero value")
         if t in _CHANNEL_MIXING_FUNCTIONS:  # functional norms: weights come as tensors we do not slice
             return self.unknown(node, f"{t.__name__} normalises with tensors netslim does not slice", fatal=False)
         if t in _ADD_OPS:
             return self.binary(node, args[:2], additive=True)
         if t in _MUL_OPS:
-            return self.binary(node, args[:2], additive=False)
+            return self.product(node, args[:2])
         if t in _DIV_OPS:
             if not isinstance(args[1], fx.Node):
                 return self.passthrough(node, self.info(args[0]))
@@ -604,13 +653,11 @@ class _Analyzer:
         if t in _PASS_METHODS:
             return self.passthrough(node, x)
         if t in _NONZERO_METHODS:
-            if x is not None:
-                self.pin(x.slots, f"{t} maps 0 to a non-zero value")
-            return self.passthrough(node, x)
+            return self.nonzero(node, x, f"{t} maps 0 to a non-zero value")
         if t in _ADD_METHODS:
             return self.binary(node, node.args[:2], additive=True)
         if t in _MUL_METHODS:
-            return self.binary(node, node.args[:2], additive=False)
+            return self.product(node, node.args[:2])
         if t in _DIV_METHODS and len(node.args) > 1 and not isinstance(node.args[1], fx.Node):
             return self.passthrough(node, x)
         if t in _REDUCE_METHODS:
@@ -651,6 +698,76 @@ class _Analyzer:
             for a, b in zip(first.slots, c.slots):
                 self.union(a, b)
         return first
+
+    def nonzero(self, node: fx.Node, x: ChannelInfo | None, reason: str) -> Any:
+        """A channel-wise op with f(0) != 0 (sigmoid...). Its output gets slots of its own: if
+        it only ever gates a product with BN channels, those channels stay prunable; if anything
+        else reads it, resolve_gates ties it back to its input, which then keeps its channels."""
+        out = self.passthrough(node, x)
+        if x is None or out is not x:
+            return out
+        slots = self.new(len(x.slots))
+        for j, s in enumerate(slots):
+            self.origin[s] = [("derived", str(node.name), j)]
+        self.derived.append((slots, list(x.slots), f"{reason} ({node.name})"))
+        return ChannelInfo(slots, x.block)
+
+    def product(self, node: fx.Node, operands) -> Any:
+        """x * y honouring broadcasting. A product is zero wherever one factor is: when exactly
+        one operand holds BN channels, the other is a gate that follows those channels (its
+        producer is sliced with them), and a per-channel tensor attribute (layer scale) is
+        sliced with them too."""
+        out_shape = _shape(node)
+        if out_shape is None or len(out_shape) < 2:
+            return self.binary(node, operands, additive=False)
+        width = int(out_shape[1])
+        infos: list[ChannelInfo] = []
+        attrs: list[_AttrRef] = []
+        for a in operands:
+            shape = _shape(a) if isinstance(a, fx.Node) else None
+            if shape is None:
+                continue  # a Python number or a non-tensor: scales every channel alike
+            d = len(shape) - len(out_shape) + 1  # the operand's dim broadcast onto the channels
+            per_channel = width > 1 and 0 <= d < len(shape) and int(shape[d]) == width
+            c = self.info(a)
+            if per_channel and a in self.attr_refs:
+                attrs.append(self.attr_refs[a])
+            elif per_channel and c is not None and len(shape) == len(out_shape):
+                infos.append(c)
+            elif per_channel:
+                return self.unknown(node, f"{node.name} multiplies by a per-channel tensor netslim cannot slice")
+            # else: broadcast over the channels; a zero channel stays zero
+        if not infos:
+            return self.fresh(node, f"{node.name}: a product of per-channel tensors netslim does not follow"
+                              if attrs else None)
+        first = infos[0]
+        if any(c.block != first.block or len(c.slots) != len(first.slots) for c in infos):
+            return self.unknown(node, f"{node.name} combines tensors of different channel layouts")
+        carriers = [c for c in infos if self.from_bn(c)]
+        if len(carriers) == 1 and len(infos) > 1:
+            out = carriers[0]
+            for c in infos:
+                if c is not out:
+                    self.gates.append((list(c.slots), list(out.slots), str(node.name)))
+        else:
+            out = first
+            for c in infos[1:]:
+                for a, b in zip(first.slots, c.slots):
+                    self.union(a, b)
+        for ref in attrs:
+            self.attr_use(ref, out.slots)
+        return out
+
+    def from_bn(self, c: ChannelInfo) -> bool:
+        return any(o[0] == "bn" for s in c.slots for o in self.origin.get(s, ()))
+
+    def attr_use(self, ref: _AttrRef, slots: list[int]) -> None:
+        prev = self.attr_uses.get(ref.target)
+        if prev is None:
+            self.attr_uses[ref.target] = AttrUse(ref.target, ref.dim, list(slots))
+        else:  # one tensor scaling two paths: their channels go together
+            for a, b in zip(prev.slots, slots):
+                self.union(a, b)
 
     def cat(self, node, tensors, dim):
         infos = [self.info(t) for t in tensors]
@@ -741,6 +858,13 @@ class _Analyzer:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
             return self.flatten(node, x, start, end)
+        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else list(node.args[1:])
+        if (x.block == 1 and len(sizes) >= 2 and len(shape_in) >= 2 and len(shape_out) >= 2
+                and shape_out[:2] == shape_in[:2] and not (isinstance(sizes[1], int) and sizes[1] != -1)):
+            # batch and channel dims unchanged, the channel size follows the tensor: x.view(n, c, 1, 1)
+            # stays right at any width (the other sizes describe one channel's elements)
+            return x
         literal = [a for a in node.args[1:] if isinstance(a, int) and a != -1]
         literal += [a for a in node.args[1:] if isinstance(a, (tuple, list))
                     for a in a if isinstance(a, int) and a != -1]
@@ -756,10 +880,61 @@ class _Analyzer:
             return x
         return self.unknown(node, f"x.{node.target}() moves the channel dimension")
 
-    # phase 2: decide how each BN relates to its input -----------------------------------
-    def classify_bns(self) -> "_Classes":
+    # phase 2: gates, then how each BN relates to its input ------------------------------
+    def resolve_gates(self, cs: "_Classes") -> list[tuple[int, int]]:
+        """Decide every gate and every sigmoid-like value; returns [(follower, leader slot)].
+
+        A gate class may follow its product's BN channels (go when they go) only if nothing
+        but such products ever reads its values: no module reads it, nothing pins it, no BN
+        channel is in it, and every value in it comes from a conv/linear output (sliced with
+        it) or a sigmoid-like op on such. Otherwise it is tied to the product as before, and
+        its non-zero values keep those channels (slim == masked either way).
+        """
+        gated = {self.find(g) for gs, _, _ in self.gates for g in gs}
+
+        def dont_care(r: int) -> bool:
+            return (r in gated and not cs.readers(r) and not cs.pinned(r)
+                    and all(self.sliceable_origin(o) for o in cs.origin.get(r, [])))
+
+        leader: dict[int, int] = {}
+
+        def follow(slot: int, lead: int) -> None:
+            r = self.find(slot)
+            if r in leader and self.find(leader[r]) != self.find(lead):
+                cs.merge(leader[r], lead)  # one gate for two paths: their channels go together
+            leader.setdefault(r, lead)
+
+        for out, src, reason in reversed(self.derived):  # consumers before producers
+            if all(dont_care(self.find(s)) for s in out):
+                for s, x in zip(out, src):
+                    if cs.has_bn_origin(self.find(x)):
+                        follow(s, x)   # computed from the BN channel itself: x * x.sigmoid()
+                    else:
+                        cs.merge(s, x)  # the gate's producer (fc2 of squeeze-excitation)
+                        gated.add(self.find(s))
+            else:
+                for s, x in zip(out, src):
+                    cs.merge(s, x)
+                for s in out:
+                    cs.pin(self.find(s), reason)
+        for gs, xs, _ in self.gates:
+            for g, x in zip(gs, xs):
+                if dont_care(self.find(g)):
+                    follow(g, x)
+                else:
+                    cs.merge(g, x)
+        return [(r, lead) for r, lead in leader.items()]
+
+    def sliceable_origin(self, o: tuple) -> bool:
+        kind, name, j = o
+        if kind == "derived":
+            return True
+        use = self.uses.get(name)
+        return kind == "free" and use is not None and use.kind in ("conv", "gconv", "linear") \
+            and j < len(use.out_slots)
+
+    def classify_bns(self, classes: "_Classes") -> "_Classes":
         """Decide owned / tied / gather for every BN; returns the final per-class aggregates."""
-        classes = _Classes(self)
         for name in self.bn_order:
             use = self.uses.get(name)
             if use is None or use.kind != "bn":
@@ -814,7 +989,7 @@ class _Classes:
             self.readers_.setdefault(r, []).extend(a.readers.get(s, []))
             self.pins.setdefault(r, []).extend(a.pins.get(s, []))
         for r, origins in self.origin.items():
-            self.free[r] = sum(1 for o in origins if o[0] == "free")
+            self.free[r] = sum(1 for o in origins if o[0] != "bn")
 
     def readers(self, r: int) -> list[tuple]:
         return self.readers_.get(r, [])
@@ -827,6 +1002,10 @@ class _Classes:
 
     def removable(self, r: int) -> bool:
         return not self.pinned(r) and self.free.get(r, 0) == 0
+
+    def pin(self, r: int | None, reason: str) -> None:
+        if r is not None:
+            self.pins.setdefault(r, []).append((False, reason))
 
     def absorb(self, r: int) -> None:
         self.free[r] = 0
@@ -866,7 +1045,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     gm = trace(model, example_input, opaque)
     an = _Analyzer(model, gm, exclude)
     an.run()
-    cs = an.classify_bns()
+    cs = _Classes(an)
+    follows = an.resolve_gates(cs)
+    an.classify_bns(cs)
 
     candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
                   and an.uses[n].kind == "bn"}
@@ -909,4 +1090,4 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     # A BN is reported unprunable only if none of its channels ended in a unit.
     in_units = {n for u in units for n, _ in u.bn_channels}
     unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
-    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent)
+    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses)

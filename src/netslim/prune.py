@@ -198,6 +198,9 @@ def _removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dic
         elif len(states) > 1:
             raise PruneError(f"the plan keeps some but not all of the coupled channels {u.bn_channels[:4]}...; "
                              "coupled channels must be pruned together")
+    for follower, leader in analysis.follows:  # gates go with the channels they multiply
+        if analysis.find(leader) in removed:
+            removed.add(analysis.find(follower))
     for n, k in kept.items():
         gone = set(range(mods[n].num_features)) - k - in_unit.get(n, set())
         if gone:
@@ -274,8 +277,24 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
                 m.in_features, m.out_features = len(cols), len(ko)
             elif use.kind in ("bn", "bn_passive"):
                 _slice_bn(new, name, m, use, keep, analysis)
+        for attr in analysis.attrs.values():
+            kept_channels = keep(attr.slots)
+            if len(kept_channels) < len(attr.slots):
+                _slice_attr(new, attr.target, attr.dim, kept_channels)
     new.netslim_meta = meta
     return new
+
+
+def _slice_attr(model: nn.Module, target: str, dim: int, index: list[int]) -> None:
+    """Keep `index` along `dim` of the tensor attribute `target` (a layer scale...)."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    t = getattr(owner, attr)
+    sliced = t.detach().index_select(dim, torch.tensor(index, dtype=torch.long, device=t.device)).clone()
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(sliced, requires_grad=t.requires_grad)
+    else:  # graph.py tracks only parameters and buffers
+        owner._buffers[attr] = sliced
 
 
 def _slice_bn(model, name, m, use, keep, analysis) -> None:
