@@ -34,6 +34,7 @@ are an error that names the op and the way out (`exclude`), never a wrong model.
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -211,6 +212,19 @@ class ChannelInfo:
 
 
 @dataclass
+class _Grid:
+    """The channels of x.view(N, g, C // g, ...) as a g x (C // g) grid of slots (dims 1, 2);
+    a channel shuffle transposes it and flattens it back (torchvision's ShuffleNet)."""
+    rows: list[list[int]]
+
+    def slots(self) -> list[int]:
+        return [s for row in self.rows for s in row]
+
+    def transposed(self) -> "_Grid":
+        return _Grid([list(col) for col in zip(*self.rows)])
+
+
+@dataclass
 class ModuleUse:
     """How one parametrised module touches slots; what the surgery needs to slice it."""
     name: str
@@ -257,6 +271,7 @@ class Analysis:
     # and its producer, whose values only ever reach a product with the leader's channels)
     follows: list[tuple[int, int]] = field(default_factory=list)
     attrs: dict[str, AttrUse] = field(default_factory=dict)  # per-channel tensors to slice
+    untraceable: dict[str, str] = field(default_factory=dict)  # module traced as one call -> why
 
     def find(self, s: int) -> int:
         return _find(self.parent, s)
@@ -273,22 +288,58 @@ class _Tracer(fx.Tracer):
     def __init__(self, opaque: set[str]):
         super().__init__()
         self.opaque = opaque
+        self.record_stack_traces = True  # source lines for the errors (node.meta["stack_trace"])
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, _BatchNorm) or qualname in self.opaque or super().is_leaf_module(m, qualname)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _failing_submodule(model: nn.Module, e: BaseException, skip: set[str]) -> str | None:
+    """The innermost submodule of `model` whose own forward code raised `e` while tracing."""
+    names = {id(m): n for n, m in model.named_modules()}
+    found = None
+    tb = e.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        name = names.get(id(owner)) if isinstance(owner, nn.Module) else None
+        if name and name not in skip and not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            found = name
+        tb = tb.tb_next
+    return found
+
+
 def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] = ()) -> fx.GraphModule:
-    """Symbolically trace `model` and record every node's output shape (eval mode, no grad)."""
+    """Symbolically trace `model` and record every node's output shape (eval mode, no grad).
+
+    A submodule whose code torch.fx cannot trace (data-dependent sizes or control flow) is
+    traced as one opaque call instead, and the rest of the model around it as usual; the
+    GraphModule's `netslim_untraceable` says which ({module: why}).
+    """
     opaque = set(opaque)
-    try:
-        graph = _Tracer(opaque).trace(model)
-    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PruneError(
-            f"torch.fx cannot trace {type(model).__name__} ({first}); make the part with "
-            "data-dependent control flow opaque with exclude=['module.name'] (--exclude)") from None
+    untraceable: dict[str, str] = {}
+    while True:
+        try:
+            graph = _Tracer(opaque).trace(model)
+            break
+        except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code
+            name = _failing_submodule(model, e, opaque)
+            if name is None:  # the model's own forward: nothing smaller to leave out
+                raise PruneError(
+                    f"torch.fx cannot trace the forward of {type(model).__name__} ({_first_line(e)}); "
+                    "netslim needs a forward without data-dependent control flow or sizes at the top "
+                    "level (inside a submodule it is fine: that module keeps its channels)") from None
+            untraceable[name] = _first_line(e)
+            opaque.add(name)
     gm = fx.GraphModule(model, graph)
+    gm.netslim_untraceable = untraceable
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -307,6 +358,28 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
         for m, t in modes.items():
             m.training = t
     return gm
+
+
+def _keeps_channel_dim(idx: Any, shape: tuple | None) -> bool:
+    """Does tensor indexing `x[idx]` leave dim 1 whole and in place?"""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    if shape is None or any(isinstance(i, fx.Node) or i is None for i in idx) \
+            or sum(i is Ellipsis for i in idx) > 1:
+        return False
+    if any(i is Ellipsis for i in idx):
+        k = next(n for n, i in enumerate(idx) if i is Ellipsis)
+        idx = idx[:k] + (slice(None),) * (len(shape) - len(idx) + 1) + idx[k + 1:]
+    idx = idx + (slice(None),) * (len(shape) - len(idx))
+    return len(idx) >= 2 and isinstance(idx[0], slice) and idx[1] == slice(None)
+
+
+def _show_index(idx: Any) -> str:
+    def one(i):
+        if isinstance(i, slice):
+            return ":".join("" if v is None else str(v) for v in (i.start, i.stop)) + \
+                (f":{i.step}" if i.step is not None else "")
+        return "..." if i is Ellipsis else str(i)
+    return "x[" + ", ".join(one(i) for i in (idx if isinstance(idx, tuple) else (idx,))) + "]"
 
 
 _RESHAPE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "to", "float", "half",
@@ -331,6 +404,11 @@ class _Analyzer:
         self.model = model
         self.gm = gm
         self.exclude = exclude
+        # modules traced as one opaque call: {name: why}; their channels keep their width
+        self.opaque = {n: f"excluded module {n}" for n in exclude}
+        self.opaque.update({n: f"module {n}, which torch.fx cannot trace ({why})"
+                            for n, why in getattr(gm, "netslim_untraceable", {}).items()})
+        self.blockers: dict[str, fx.Node] = {}  # fatal pin reason -> the node that raised it
         self.mods = dict(model.named_modules())
         self.parent: list[int] = []
         self.origin: dict[int, list[tuple]] = {}   # slot -> [(kind, name, j)], kind: bn | free
@@ -418,11 +496,15 @@ class _Analyzer:
                 out.append(c)
             elif isinstance(c, tuple):
                 out.extend(x for x in c if isinstance(x, ChannelInfo))
+            elif isinstance(c, _Grid):
+                out.append(ChannelInfo(c.slots()))
         return out
 
     def unknown(self, node: fx.Node, what: str, fatal: bool = True) -> Any:
         """An op whose channel semantics we do not know: its inputs and outputs keep their width."""
         reason = f"{what} (node {node.name})"
+        if fatal:
+            self.blockers[reason] = node
         for c in self.tensor_inputs(node):
             self.pin(c.slots, reason, fatal)
         return self.fresh(node, reason, fatal)
@@ -439,6 +521,9 @@ class _Analyzer:
             return None
         if op == "call_module":
             return self.visit_module(node, self.mods[node.target])
+        if op in ("call_function", "call_method") and node.args and \
+                isinstance(self.chans.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None, _Grid):
+            return self.grid_op(node, self.chans[node.args[0]])
         if op == "call_function":
             return self.visit_function(node)
         if op == "call_method":
@@ -449,8 +534,8 @@ class _Analyzer:
     def visit_module(self, node: fx.Node, m: nn.Module) -> Any:
         name = node.target
         x = self.info(node.args[0]) if node.args else None
-        if name in self.exclude and not isinstance(m, _BatchNorm):
-            return self.unknown(node, f"excluded module {name}", fatal=False)
+        if name in self.opaque and not isinstance(m, _BatchNorm):
+            return self.unknown(node, self.opaque[name], fatal=False)
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm, _InstanceNorm)):
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.calls[name] > 1 or name in self.uses:
@@ -843,12 +928,53 @@ class _Analyzer:
         if isinstance(src, tuple) and isinstance(idx, int):
             return src[idx]
         if isinstance(src, ChannelInfo):
-            # Indexing a tensor: only pure spatial/batch slicing keeps channels.
-            if isinstance(idx, tuple) and len(idx) >= 2 and idx[1] == slice(None) and all(
-                    not isinstance(i, fx.Node) for i in idx):
+            if _keeps_channel_dim(idx, _shape(node.args[0])):  # batch / spatial indexing only
                 return self.passthrough(node, src)
-            return self.unknown(node, "tensor indexing on the channel dimension")
+            # x[:, :d] (DPN) cuts at a position the slim model would not move: like a split
+            # with written sizes, those channels keep their width; the rest is still pruned.
+            return self.unknown(node, f"{node.name} indexes the channels ({_show_index(idx)}); "
+                                      "they keep their width", fatal=False)
         return self.fresh(node) if node.meta.get("tensor_meta") is not None else None
+
+    def grid_op(self, node: fx.Node, grid: _Grid) -> Any:
+        """transpose(1, 2) / permute(0, 2, 1, ...) / contiguous / flatten back of a channel grid."""
+        t, nd = node.target, len(_shape(node.args[0]) or ())
+        rest = list(node.args[1:])
+        if t in ("contiguous", "clone", torch.clone):
+            return grid
+        if t in ("transpose", torch.transpose) and len(rest) == 2 and sorted(d % nd for d in rest) == [1, 2]:
+            return grid.transposed()
+        if t in ("permute", torch.permute):
+            dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+            if [d % nd for d in dims] == [0, 2, 1, *range(3, nd)]:
+                return grid.transposed()
+        if t in ("view", "reshape", torch.reshape, "flatten", torch.flatten):
+            shape_in, shape_out = _shape(node.args[0]), _shape(node)
+            if t in ("flatten", torch.flatten):
+                merges = rest[:2] == [1, 2]
+            else:
+                sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+                merges = len(sizes) >= 2 and not (isinstance(sizes[1], int) and sizes[1] != -1)
+            if merges and shape_in and shape_out and len(shape_out) == len(shape_in) - 1 \
+                    and shape_out[1] == shape_in[1] * shape_in[2] and shape_out[2:] == shape_in[3:]:
+                return ChannelInfo(grid.slots())
+        return self.unknown(node, f"{node.name} uses the channel grid of a shuffle in a way netslim cannot follow",
+                            fatal=False)
+
+    def grid(self, node: fx.Node, x: ChannelInfo, sizes: list) -> Any:
+        """x.view(N, g, C // g, ...) with g written in the code: every group keeps the same
+        positions (tied, like a grouped conv), so the slim model's own view still cuts right."""
+        shape_out = _shape(node)
+        g, m = int(shape_out[1]), int(shape_out[2])
+        if not isinstance(sizes[1], int) or sizes[1] == -1 or (isinstance(sizes[2], int) and sizes[2] != -1):
+            return self.unknown(node, f"{node.name} views the channels as a grid of sizes netslim cannot follow "
+                                      "(write the group count, compute the rest from x.size(1)); they keep "
+                                      "their width", fatal=False)
+        rows = [x.slots[i * m:(i + 1) * m] for i in range(g)]
+        for row in rows[1:]:
+            for a, b in zip(rows[0], row):
+                self.union(a, b)
+        return _Grid(rows)
 
     def reshape(self, node, x):
         shape_in, shape_out = _shape(node.args[0]), _shape(node)
@@ -860,6 +986,10 @@ class _Analyzer:
             return self.flatten(node, x, start, end)
         sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
             else list(node.args[1:])
+        if (x.block == 1 and len(sizes) >= 3 and len(shape_in) >= 2 and len(shape_out) == len(shape_in) + 1
+                and shape_out[0] == shape_in[0] and shape_out[1] * shape_out[2] == shape_in[1]
+                and shape_out[3:] == shape_in[2:]):
+            return self.grid(node, x, sizes)
         if (x.block == 1 and len(sizes) >= 2 and len(shape_in) >= 2 and len(shape_out) >= 2
                 and shape_out[:2] == shape_in[:2] and not (isinstance(sizes[1], int) and sizes[1] != -1)):
             # batch and channel dims unchanged, the channel size follows the tensor: x.view(n, c, 1, 1)
@@ -1061,6 +1191,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
 
     units: list[Unit] = []
     unprunable: dict[str, str] = {}
+    blocked: dict[str, list[str]] = {}  # op it cannot slice -> the BNs whose channels reach it
     for root, members in by_root.items():
         layer = tuple(sorted({n for n, _ in members}, key=an.bn_order.index))
         why = None
@@ -1075,11 +1206,8 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
         elif fatal and not strict:
             why = fatal[0]
         elif fatal:
-            names = ", ".join(f"'{n}'" for n in layer)
-            raise PruneError(
-                f"cannot prune BatchNorm {layer[0]}: its channels reach {fatal[0]}, whose channel "
-                f"handling netslim does not know; leave it out with exclude=[{names}] (--exclude "
-                f"{' '.join(layer)}), or make that op's module opaque the same way")
+            blocked.setdefault(fatal[0], []).extend(layer)
+            continue
         elif skip_coupled and len(layer) > 1:
             why = "coupled with " + ", ".join(layer) + " (skip_coupled)"
         if why:
@@ -1087,7 +1215,52 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
                 unprunable.setdefault(n, why)
             continue
         units.append(Unit(root, members, layer))
+    if blocked:
+        raise PruneError(_blocked_message(blocked, an.blockers))
     # A BN is reported unprunable only if none of its channels ended in a unit.
     in_units = {n for u in units for n, _ in u.bn_channels}
     unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
-    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses)
+    untraceable = dict(getattr(gm, "netslim_untraceable", {}))
+    for inner, m in mods.items():  # BNs inside a module traced as one call keep their channels
+        owner = next((u for u in untraceable if inner.startswith(u + ".")), None)
+        if owner and isinstance(m, _BatchNorm):
+            unprunable.setdefault(inner, f"inside {owner}, which torch.fx cannot trace")
+    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
+                    untraceable)
+
+
+def _where(node: fx.Node | None) -> str:
+    """' in module a.b at file.py:12 `code`' from what fx recorded about `node`, or ''."""
+    if node is None:
+        return ""
+    out = ""
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        out += f" in module {list(stack)[-1]}"
+    lines = (node.meta.get("stack_trace") or "").splitlines()
+    for k in range(len(lines) - 1, -1, -1):  # the innermost frame outside torch
+        line = lines[k].strip()
+        if line.startswith("File ") and _TORCH_DIR not in line:
+            try:
+                path = line.split('"')[1]
+                lineno = line.split(", line ")[1].split(",")[0]
+            except IndexError:
+                break
+            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
+            out += f" at {os.path.basename(path)}:{lineno}" + (f" `{code}`" if code else "")
+            break
+    return out
+
+
+def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node]) -> str:
+    """One line naming every op that blocks pruning, where it is, and which BNs reach it."""
+    places = []
+    every_bn: list[str] = []
+    for k, (reason, bns) in enumerate(blocked.items(), 1):
+        bns = list(dict.fromkeys(bns))
+        every_bn.extend(b for b in bns if b not in every_bn)
+        places.append(f"[{k}] {reason}{_where(blockers.get(reason))}, reached by BatchNorm {', '.join(bns)}")
+    names = ", ".join(f"'{n}'" for n in every_bn)
+    return (f"cannot prune: BatchNorm channels reach {len(places)} op(s) whose channel handling netslim "
+            f"does not know: {'; '.join(places)}. Leave those BatchNorms out with exclude=[{names}] "
+            f"(--exclude {' '.join(every_bn)}), or make each op's module opaque the same way")

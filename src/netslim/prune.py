@@ -517,6 +517,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         "layers": [d.as_dict() for d in decisions],
         "guarded": [d.name for d in decisions if d.guard],
         "unprunable": dict(analysis.unprunable),
+        "untraceable": dict(analysis.untraceable),
         "coupled": ["+".join(layer) for layer in analysis.coupled_layers()],
         "before": before, "after": after, "effective": effective,
     }

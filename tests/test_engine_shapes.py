@@ -1,0 +1,141 @@
+"""Channel shuffles, channel slicing and untraceable submodules: pruned around, never refused.
+
+Each case used to stop the whole model (issue 13 item 1); slim equals masked in all.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from netslim.errors import PruneError
+from netslim.prune import prune
+
+from test_prune import randomize_bn
+
+
+def shuffle(x, groups, how):
+    b, c, h, w = x.shape
+    if how == "transpose":  # torchvision's ShuffleNetV2
+        x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+        return x.view(b, -1, h, w)
+    return x.view(b, groups, -1, h, w).permute(0, 2, 1, 3, 4).reshape(b, c, h, w)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self, how, groups=3):
+        super().__init__()
+        self.how, self.groups = how, groups
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False)  # ShuffleNet: shuffle, then depthwise
+        self.bn2 = nn.BatchNorm2d(12)
+        self.head = nn.Conv2d(12, 5, 3, padding=1)
+
+    def forward(self, x):
+        x = shuffle(F.relu(self.bn1(self.conv1(x))), self.groups, self.how)
+        return self.head(self.bn2(self.dw(x)))
+
+
+class DualPath(nn.Module):
+    """DPN-style: x[:, :d] and x[:, d:] with d written in the code."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.d = d
+        self.conv = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(12)
+        self.conv2 = nn.Conv2d(3, 10, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(10)
+        self.head = nn.Conv2d(12 + 10, 5, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        z = F.relu(self.bn2(self.conv2(x)))
+        return self.head(torch.cat([y[:, :self.d] + 0 * y[:, self.d:].mean(1, keepdim=True), y[:, self.d:], z], 1))
+
+
+class Untraceable(nn.Module):
+    """int(x.size(1) * ratio) inside: torch.fx cannot trace this module."""
+
+    def __init__(self, c=12, ratio=0.5):
+        super().__init__()
+        self.ratio = ratio
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        k = int(x.size(1) * self.ratio)
+        if k > 0:
+            x = torch.cat([x[:, :k], self.bn(self.conv(x))[:, k:]], 1)
+        return x
+
+
+class AroundUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.block = Untraceable()
+        self.conv2 = nn.Conv2d(12, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.bn1(self.conv1(x))))
+        return self.conv3(F.relu(self.bn2(self.conv2(x))))
+
+
+def slim_and_masked(model, percent=0.5, **kw):
+    model = randomize_bn(model).eval()
+    x = torch.randn(2, 3, 8, 8)
+    slim, report = prune(model, percent, example_input=x[:1], **kw)
+    masked, _ = prune(model, percent, mode="mask", example_input=x[:1], **kw)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), masked(x), rtol=1e-5, atol=1e-5)
+    return slim, report
+
+
+@pytest.mark.parametrize("how", ["transpose", "permute"])
+@pytest.mark.parametrize("percent", [0.5, 0.8])
+def test_channel_shuffle_is_pruned_and_stays_correct(how, percent):
+    slim, _ = slim_and_masked(ShuffleNet(how), percent, group_score="mean")
+    kept = slim.bn1.num_features
+    assert kept < 12 and kept % 3 == 0  # each group keeps the same positions
+    assert slim.dw.in_channels == kept == slim.bn2.num_features
+
+
+def test_channel_slicing_keeps_those_channels_and_prunes_the_rest():
+    slim, report = slim_and_masked(DualPath())
+    assert slim.bn.num_features == 12 and "indexes the channels" in report["unprunable"]["bn"]
+    assert slim.bn2.num_features < 10
+
+
+def test_untraceable_submodule_is_kept_and_the_rest_is_pruned():
+    slim, report = slim_and_masked(AroundUntraceable())
+    assert "block" in report["untraceable"]
+    assert slim.bn1.num_features == 12  # feeds the opaque module: keeps its width
+    assert "block.bn" in report["unprunable"] and slim.block.bn.num_features == 12
+    assert slim.bn2.num_features < 16
+
+
+class TwoBlockers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = torch.roll(F.relu(self.bn(self.conv(x))), 1, dims=1)
+        x = torch.flip(F.relu(self.bn2(self.conv2(x))), dims=[1])
+        return x.mean((2, 3))
+
+
+def test_an_error_lists_every_blocking_place_with_its_source_line():
+    with pytest.raises(PruneError) as e:
+        prune(randomize_bn(TwoBlockers()).eval(), 0.5, example_input=torch.zeros(1, 3, 8, 8))
+    msg = str(e.value)
+    assert "2 op(s)" in msg and "roll" in msg and "flip" in msg
+    assert "test_engine_shapes.py:" in msg and "torch.roll(" in msg
+    assert "exclude=['bn', 'bn2']" in msg and "\n" not in msg
