@@ -78,6 +78,9 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+_OTHER_RANKS_ERROR_DELAY_S = 3.0
+
+
 # --------------------------------------------------------------------------- progress display
 
 
@@ -954,6 +957,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NetslimError as e:
         if _rank() == 0:
             print(f"netslim: error: {e}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every process as soon as one exits: the others, which usually hit
+            # the same error, wait a moment so that rank 0 has printed it before it is stopped
+            time.sleep(_OTHER_RANKS_ERROR_DELAY_S)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("netslim: interrupted", file=sys.stderr, flush=True)
