@@ -2,7 +2,8 @@
 
     python benchmarks/bench_deploy.py [--models vgg-13,resnet-164,densenet-40,mobilenetv2]
                                       [--batch 1,64] [--threads 1,all] [--runtimes eager,optimized,onnxruntime]
-                                      [--rounds N] [--json OUT] [--quick]
+                                      [--rounds N] [--round-to K|auto] [--json OUT] [--quick]
+    python benchmarks/bench_deploy.py --target-latency 0.5 --batch 1 [--models ...]
 
 For each (model, percent) it builds the dense model (3x32x32 input, 10 classes), sets its BN
 factors like a sparsity-trained model's (bench_inference.emulate_sparsity: skewed, with a
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import emulate_sparsity, tune_malloc  # noqa: E402
 
 from netslim.fuse import optimize_for_inference  # noqa: E402
+from netslim.latency_target import TargetUnreachable  # noqa: E402
 from netslim.models import build_model  # noqa: E402
 from netslim.profile import count, forward_runner  # noqa: E402
 from netslim.prune import prune  # noqa: E402
@@ -94,6 +96,39 @@ def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, w
     return [statistics.median(t) * 1e3 for t in times]
 
 
+def latency_targets(models: dict, names: list[str], target: float, batch: int, seed: int, round_to: Any,
+                    json_out: Optional[str]) -> int:
+    """prune(target_latency=...) in onnxruntime per model, then an independent re-measurement."""
+    torch.set_num_threads(1)
+    rows = []
+    for name in names:
+        arch = dict(models[name][0])
+        dense = emulate_sparsity(build_model(arch.pop("name"), num_classes=10, **arch), seed=seed).eval()
+        t0 = time.perf_counter()
+        try:
+            slim, report = prune(dense, target_latency=target, runtime="onnxruntime", batch_size=batch,
+                                 threads=1, round_to=round_to)
+        except TargetUnreachable as e:
+            rows.append({"model": name, "target": target, "reached": False, "closest": e.closest, "message": str(e)})
+            print(f"{name:13s} target {target:g}: {e}", flush=True)
+            continue
+        seconds = time.perf_counter() - t0
+        lt = report["latency_target"]
+        d, s = interleaved_ms([runner(dense, "onnxruntime", batch), runner(slim, "onnxruntime", batch)], 40,
+                              cpu_clock=True)
+        row = {"model": name, "target": target, "reached": True, "percent": lt["percent"],
+               "search_ratio": lt["ratio"], "probes": len(lt["probes"]), "search_seconds": seconds,
+               "recheck_dense_ms": d, "recheck_slim_ms": s, "recheck_ratio": s / d}
+        rows.append(row)
+        print(f"{name:13s} target {target:g} onnxruntime b{batch}: percent {lt['percent']:.3f}, search measured "
+              f"{lt['ratio']:.3f} ({len(lt['probes'])} models, {seconds:.0f} s); re-measured {s / d:.3f} "
+              f"({s:.2f} / {d:.2f} ms)", flush=True)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"rows": rows}, f, indent=1)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +140,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="timed rounds at batch > 8 (x4 at batch <= 8)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the emulated BN factors")
     ap.add_argument("--json", default=None, help="write every figure to this file")
+    ap.add_argument("--round-to", default="1", metavar="K|auto",
+                    help="prune(..., round_to=K); auto measures widths in onnxruntime at --auto-batch")
+    ap.add_argument("--auto-batch", type=int, default=None, help="batch size --round-to auto measures at "
+                    "(default: the largest of --batch)")
+    ap.add_argument("--target-latency", type=float, default=None, metavar="F",
+                    help="instead of the table: prune(target_latency=F, runtime='onnxruntime', batch_size=first "
+                         "of --batch) per model on one thread, then time the result again, separately")
     ap.add_argument("--quick", action="store_true", help="a tiny model, batch 1,4, one thread, 3 rounds")
     args = ap.parse_args(argv)
 
@@ -124,10 +166,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError:
         load = None
     import onnxruntime
+    round_to: Any = "auto" if args.round_to == "auto" else int(args.round_to)
     header = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds}
+              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds, "round_to": round_to}
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()), flush=True)
+    if args.target_latency is not None:
+        return latency_targets(models, names, args.target_latency, batches[0], args.seed, round_to, args.json)
     rows: list[dict] = []
     for name in names:
         arch, percents = models[name]
@@ -137,7 +182,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         dense = emulate_sparsity(build_model(arch.pop("name"), num_classes=10, **arch), seed=args.seed).eval()
         macs_dense = count(dense, INPUT)["macs"]
         for pct in percents:
-            slim, _ = prune(dense, pct)
+            auto = dict(runtime="onnxruntime", batch_size=args.auto_batch or max(batches)) if round_to == "auto" else {}
+            slim, _ = prune(dense, pct, round_to=round_to, **auto)
             slim.eval()
             mac_ratio = macs_dense / count(slim, INPUT)["macs"]
             for t in threads:

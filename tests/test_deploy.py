@@ -17,7 +17,8 @@ from netslim.latency_target import MAX_PERCENT, TargetUnreachable, prune_to_late
 from netslim.models import build_model
 from netslim.profile import measure_latency, profile
 from netslim.sparsity import bn_gammas
-from netslim.widths import candidates, fastest
+from netslim.graph import analyze
+from netslim.widths import _conv_shapes, candidates, fastest
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -217,3 +218,16 @@ def test_round_to_flag(tmp_path, capsys, monkeypatch):
     assert any("|torch|t1|b1|" in key for key in json.loads((tmp_path / "cache" / "widths.json").read_text()))
     assert run(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--round-to", "fast"]) == 2
     assert "'fast' is not an integer" in capsys.readouterr().err
+
+
+def test_width_probe_includes_the_depthwise_conv_of_an_inverted_residual():
+    # MobileNetV2's expanded channels also run through a depthwise conv, the op whose kernels
+    # care most about the width (onnxruntime's NCHW depthwise path is ~2x slower than NCHWc)
+    model = build_model("mobilenetv2", num_classes=10, width_mult=0.25).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    analysis = analyze(model, x)
+    probes = _conv_shapes(model, analysis, {}, x)
+    with_dw = [shape for shape in probes.values() if shape[6] is not None]
+    assert with_dw and all(shape[7] is not None for shape in with_dw)   # and the projection after it
+    cin, h, w, k, s, p, (dk, ds, dp), (cout, ck, cs, cp, pool) = with_dw[0]
+    assert k == (1, 1) and dk == (3, 3) and ck == (1, 1) and pool == 1

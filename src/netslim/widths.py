@@ -4,8 +4,9 @@ A conv's time is not proportional to its output channels: vectorised kernels wor
 blocks of channels (onnxruntime's NCHWc convs need multiples of 8 or 16; oneDNN pads to
 the SIMD width), so 141 channels can cost more than 144. For each pruned layer whose
 channels a conv produces, this measures that conv (its slim input width, kernel, stride,
-padding and input size, + ReLU) followed by the conv that reads the layer (so the layout
-changes the runtime inserts between them count too) in the chosen runtime, thread count
+padding and input size, + ReLU), the depthwise conv on the layer if there is one
+(MobileNet), and the conv that reads the layer (so the layout changes the runtime
+inserts between them count too) in the chosen runtime, thread count
 and batch size at a few widths at or above the kept count - the count itself and its next multiples of 4, 8,
 16 and 32, up to the layer's full width - and keeps the fastest. Widths within 3% of the
 fastest count as equally fast, and the widest of those wins (more channels kept, same
@@ -80,8 +81,9 @@ def _conv_shapes(model: nn.Module, analysis: Any, plan: dict[str, list[int]],
                  example_input: torch.Tensor) -> dict[tuple[str, ...], tuple]:
     """{layer: probe shape} for each layer whose channels one plain conv produces: that conv as
     it runs in the slim model `plan` makes (input width already pruned: cin, h, w, kernel,
-    stride, padding) and the first plain conv reading the layer (its output width, kernel,
-    stride, padding, and the pooling factor in between), or None if there is none."""
+    stride, padding), the depthwise conv on the layer (kernel, stride, padding) or None, and
+    the first plain conv reading the layer (its output width, kernel, stride, padding, and
+    the pooling factor in between) or None."""
     from .prune import apply_plan
 
     roots: dict[tuple[str, ...], set[int]] = {}
@@ -89,12 +91,16 @@ def _conv_shapes(model: nn.Module, analysis: Any, plan: dict[str, list[int]],
         roots.setdefault(u.layer, set()).add(analysis.find(u.root))
     makes: dict[int, list[str]] = {}
     reads: dict[int, list[str]] = {}
+    depthwise: dict[int, list[str]] = {}
     for name, use in analysis.modules.items():
         if use.kind == "conv":
             for r in dict.fromkeys(analysis.find(s) for s in use.out_slots):
                 makes.setdefault(r, []).append(name)
             for r in dict.fromkeys(analysis.find(s) for s in use.in_slots):
                 reads.setdefault(r, []).append(name)
+        elif use.kind == "dwconv":
+            for r in dict.fromkeys(analysis.find(s) for s in use.in_slots):
+                depthwise.setdefault(r, []).append(name)
     slim = apply_plan(model, plan, example_input, analysis=analysis)
     seen: dict[str, tuple] = {}
 
@@ -105,7 +111,8 @@ def _conv_shapes(model: nn.Module, analysis: Any, plan: dict[str, list[int]],
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in slim.named_modules()
-               if type(m) is nn.Conv2d and m.groups == 1 and m.dilation == (1, 1) and isinstance(m.padding, tuple)]
+               if type(m) is nn.Conv2d and m.groups in (1, m.in_channels) and m.dilation == (1, 1)
+               and isinstance(m.padding, tuple)]
     try:
         with torch.no_grad():
             slim.eval()(example_input)
@@ -118,24 +125,30 @@ def _conv_shapes(model: nn.Module, analysis: Any, plan: dict[str, list[int]],
         if len(producers) != 1 or (name := producers.pop()) not in seen:
             continue
         (cin, h, w), _, k, s, p, out_hw = seen[name]
+        dw = next((n for r in rs for n in depthwise.get(r, []) if n in seen), None)
+        if dw is not None:  # a depthwise conv on the layer (MobileNet): it runs at the layer's width too
+            _, _, dk, ds, dp, out_hw = seen[dw]
+            dw = (dk, ds, dp)
         consumer = None
-        reader = next((n for r in rs for n in reads.get(r, []) if n in seen), None)
+        reader = next((n for r in rs for n in reads.get(r, []) if n in seen and n != name), None)
         if reader is not None:
             (_, rh, rw), cout, rk, rs_, rp, _ = seen[reader]
             if out_hw[0] % rh == 0 and out_hw[0] // rh == out_hw[1] // rw:
                 consumer = (cout, rk, rs_, rp, out_hw[0] // rh)
-        out[layer] = (cin, h, w, k, s, p, consumer)
+        out[layer] = (cin, h, w, k, s, p, dw, consumer)
     return out
 
 
 def _probe_ms(shape: tuple, width: int, runtime: str, batch: int) -> float:
-    """Median CPU (one thread) or wall ms of conv(shape -> width) + ReLU [+ pool + the
-    consumer conv reading `width` channels] in `runtime`: the layouts and kernels the
+    """Median CPU (one thread) or wall ms of conv(shape -> width) + ReLU [+ depthwise conv +
+    ReLU] [+ pool + the consumer conv reading `width` channels] in `runtime`: the layouts and kernels the
     runtime picks around a layer of that width."""
     from .profile import forward_runner
 
-    cin, h, w, k, s, p, consumer = shape
+    cin, h, w, k, s, p, dw, consumer = shape
     layers: list[nn.Module] = [nn.Conv2d(cin, width, k, stride=s, padding=p), nn.ReLU()]
+    if dw is not None:
+        layers += [nn.Conv2d(width, width, dw[0], stride=dw[1], padding=dw[2], groups=width), nn.ReLU()]
     if consumer is not None:
         cout, ck, cs, cp, pool = consumer
         layers += ([nn.MaxPool2d(pool)] if pool > 1 else []) + [nn.Conv2d(width, cout, ck, stride=cs, padding=cp)]
