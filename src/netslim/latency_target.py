@@ -11,7 +11,8 @@ count. Each probe times the dense and the candidate model interleaved (dense, sl
 one thread: see `latency_ratio`).
 
 The search keeps the smallest percent whose measured latency is at or below F x dense
-(the most channels, so accuracy suffers least). When even the largest percent it tries
+(the most channels, so accuracy suffers least), aiming MARGIN (2%) under F so that a
+re-measurement's noise stays under it too. When even the largest percent it tries
 (`MAX_PERCENT`) is above F, the target cannot be reached by pruning channels (what stays
 unprunable, e.g. a full-width residual stream, already takes more): that is a
 `TargetUnreachable` error naming the closest latency and its percent.
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 MAX_PERCENT = 0.95      # the far end of the search: nearly every prunable channel gone
 PERCENT_STEP = 0.005    # the search stops when the bracket is this narrow
 MAX_PROBES = 10         # ... or after this many measured candidates
+# The search aims this much under the target: timing the same pair again moves the ratio by
+# a few percent (vgg-13 in onnxruntime, batch 1: 0.495 in the search, 0.512 re-measured).
+MARGIN = 0.02
 
 
 class TargetUnreachable(PruneError):
@@ -95,6 +99,7 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
     if example_input is None:
         example_input = make_example(meta.get("input_size"), model)
     size = tuple(example_input.shape[1:])
+    aim = target_latency * (1 - MARGIN)
     prev_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -116,7 +121,7 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
             return row
 
         best = probe(MAX_PERCENT)
-        if best["ratio"] > target_latency:
+        if best["ratio"] > aim:
             raise TargetUnreachable(
                 f"a latency of {target_latency:g} x dense cannot be reached in {runtime} at batch {batch_size}: "
                 f"even pruning {MAX_PERCENT:.0%} of the channels leaves {best['ratio']:.3f} x dense "
@@ -126,7 +131,7 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
         lo, hi = 0.0, MAX_PERCENT  # lo is too slow (the dense model), hi fits
         while hi - lo > PERCENT_STEP and len(probes) < MAX_PROBES:
             row = probe(round((lo + hi) / 2, 4))
-            if row["ratio"] <= target_latency:
+            if row["ratio"] <= aim:
                 hi, best = row["percent"], row
             else:
                 lo = row["percent"]
@@ -134,7 +139,7 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
         torch.set_num_threads(prev_threads)
     pruned, report = made[best["percent"]]
     report["latency_target"] = {
-        "target": target_latency, "runtime": runtime, "batch_size": batch_size,
+        "target": target_latency, "aimed_at": aim, "runtime": runtime, "batch_size": batch_size,
         "threads": threads if threads is not None else prev_threads,
         "percent": best["percent"], "ratio": best["ratio"], "dense_ms": best["dense_ms"],
         "slim_ms": best["slim_ms"], "probes": sorted(probes, key=lambda r: r["percent"]),
@@ -149,4 +154,4 @@ def describe(result: dict[str, Any]) -> str:
             f"{result['percent']:.3f}; target {result['target']:g} ({len(result['probes'])} models measured)")
 
 
-__all__: Sequence[str] = ("MAX_PERCENT", "TargetUnreachable", "latency_ratio", "prune_to_latency")
+__all__: Sequence[str] = ("MARGIN", "MAX_PERCENT", "TargetUnreachable", "latency_ratio", "prune_to_latency")
