@@ -76,6 +76,8 @@ def test_profile_command_onnxruntime(capsys):
     assert "latency batch 4: " in (text := capsys.readouterr().out) and "(onnxruntime, cpu, 1 threads)" in text
     assert run(argv[:-4] + ["--runtime", "tvm"]) == 2
     assert "invalid choice: 'tvm'" in capsys.readouterr().err
+    assert run(argv + ["--optimized"]) == 2   # torch's rewrite, timed against onnxruntime's: no
+    assert "use one of --optimized and --runtime onnxruntime" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +110,13 @@ def test_prune_to_a_latency_target_bisects_on_measured_latency():
     # the model is the one prune() makes at that percent
     again, _ = netslim.prune(sparse_vgg(), lt["percent"])
     assert [p.shape for p in slim.parameters()] == [p.shape for p in again.parameters()]
+
+
+def test_a_masked_model_is_timed_as_the_slim_model_it_stands_for():
+    torch.set_num_threads(1)
+    masked, report = prune_to_latency(sparse_vgg(), 0.6, mode="mask", target_seconds=0.1)
+    assert report["mode"] == "mask" and report["latency_target"]["ratio"] <= 0.6 * (1 - MARGIN)
+    assert [p.shape for p in masked.parameters()] == [p.shape for p in sparse_vgg().parameters()]
 
 
 def unprunable_heavy() -> nn.Module:

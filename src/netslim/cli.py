@@ -610,6 +610,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model, meta = build_model(name, **arch).eval(), {"mode": "dense"}
         input_size = [spec.in_channels, spec.image_size, spec.image_size]
         what = f"{name}-{arch.get('depth', '')} on {spec.name}".replace("- on", " on")
+    if args.optimized and args.runtime == "onnxruntime":
+        raise ConfigError("--optimized times torch's optimize_for_inference; onnxruntime applies its own "
+                          "graph optimisations: use one of --optimized and --runtime onnxruntime")
     # onnxruntime's latency is measured on the CPU (its CPU execution provider)
     device = "cpu" if args.runtime == "onnxruntime" and args.device == "auto" else resolve_device(args.device)
     result = profile(model, input_size, batch_sizes=args.batch_sizes, device=device,

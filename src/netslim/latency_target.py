@@ -86,7 +86,7 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
     and every probe. Raises TargetUnreachable when MAX_PERCENT is still too slow."""
     from .checkpoint import example_input as make_example
     from .profile import RUNTIMES, forward_runner
-    from .prune import prune
+    from .prune import apply_plan, prune
 
     if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) \
             or not 0 < target_latency < 1:
@@ -111,8 +111,11 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
         def probe(percent: float) -> dict[str, Any]:
             made[percent] = prune(model, percent, example_input=example_input, runtime=runtime,
                                   batch_size=batch_size, **prune_options)  # round_to "auto" measures there too
+            timed = made[percent][0]
+            if prune_options.get("mode") == "mask":  # the time of the slim model the mask stands for
+                timed = apply_plan(timed, timed.netslim_meta["mask"], example_input)
             ratio, dense_ms, slim_ms = latency_ratio(
-                dense_run, forward_runner(made[percent][0], size, batch_size, runtime=runtime),
+                dense_run, forward_runner(timed, size, batch_size, runtime=runtime),
                 one_thread=torch.get_num_threads() == 1, target_seconds=target_seconds)
             row = {"percent": percent, "ratio": ratio, "dense_ms": dense_ms, "slim_ms": slim_ms}
             probes.append(row)
