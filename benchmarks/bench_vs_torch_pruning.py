@@ -1,6 +1,8 @@
 """netslim vs Torch-Pruning on the same BN-scaled CIFAR models, in one run.
 
     python benchmarks/bench_vs_torch_pruning.py [--percent 0.4] [--json OUT]
+    python benchmarks/bench_vs_torch_pruning.py --zoo [NAME ...] --threads 1   # per-architecture table
+    python benchmarks/bench_vs_torch_pruning.py --timing --threads 1           # prune time, side by side
 
 For each model (pre-activation ResNet-164, DenseNet-40, post-activation ResNet-56,
 MobileNetV2; 3x32x32 input, 10 classes) both tools prune the *same* weights at the same
@@ -19,8 +21,8 @@ with the original's). Where Torch-Pruning removed channels that some layer reads
 express the cut, and the table says so.
 
 Outputs are compared in float64. Where a model has coupled channels (post-activation
-residual adds, MobileNetV2's depthwise blocks) netslim also runs with group_score="mean"
-besides its default "max" (a coupled unit goes only when all its factors are small).
+residual adds, MobileNetV2's depthwise blocks) netslim also runs with group_score="strict"
+besides its default "mean" (strict: a coupled unit goes only when all its factors are small).
 "vs paper's rule" counts the BN channels a tool removed although their |gamma| is above
 the paper's single global threshold, and those it kept although at or below it.
 
@@ -40,6 +42,7 @@ import math
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -103,11 +106,11 @@ def masked_copy(model: nn.Module, removed: dict[str, list[int]]) -> nn.Module:
 def compare(a: nn.Module, b: nn.Module, x: torch.Tensor) -> tuple[bool, float]:
     """Eval outputs of copies of a and b in float64 (so a 164-layer net's rounding stays far below RTOL)."""
     a, b = copy.deepcopy(a).double().eval(), copy.deepcopy(b).double().eval()
-    with torch.no_grad():
-        ya, yb = a(x.double()), b(x.double())
-    if ya.shape != yb.shape:
+    with torch.no_grad():  # a model may return a tensor or a list/tuple/dict of them
+        ya, yb = torch.utils._pytree.tree_leaves(a(x.double())), torch.utils._pytree.tree_leaves(b(x.double()))
+    if [t.shape for t in ya] != [t.shape for t in yb]:
         return False, math.inf
-    rel = float((ya - yb).abs().max() / yb.abs().max().clamp_min(1e-12))
+    rel = max(float((u - v).abs().max() / v.abs().max().clamp_min(1e-12)) for u, v in zip(ya, yb))
     return rel <= RTOL, rel
 
 
@@ -146,7 +149,7 @@ def raw_read_producers(model: nn.Module) -> set[str]:
 # ---------------------------------------------------------------------------------------
 # The two tools
 
-def run_netslim(base: nn.Module, percent: float, x: torch.Tensor, group_score: str = "max") -> dict[str, Any]:
+def run_netslim(base: nn.Module, percent: float, x: torch.Tensor, group_score: str = "mean") -> dict[str, Any]:
     x1 = x[:1]
     t0 = time.perf_counter()
     slim, report = prune(base, percent, mode="slim", example_input=x1, group_score=group_score)
@@ -274,6 +277,98 @@ def fmt_table(rows: list[dict], dense: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------
+# --zoo: the engine on CNNs nobody on the team designed (tests/zoo), both tools per percent
+
+ZOO_PERCENTS = (0.3, 0.5, 0.7)
+
+
+def _zoo():
+    """tests/zoo's architectures (written from their papers), importable from the repo root."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from zoo import ZOO
+    return ZOO
+
+
+def skew(model: nn.Module, seed: int) -> nn.Module:
+    """BN factors like a sparsity-trained model's (the same recipe as make_model)."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchNorm) and m.weight is not None:
+                c = m.num_features
+                m.weight.copy_(0.5 * torch.randn(c, generator=g).abs() ** 3)
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+    return model.eval()
+
+
+def zoo_table(seed: int, names: Optional[list[str]] = None) -> str:
+    """Per architecture and percent: BN channels removed, params and MACs after, prune time."""
+    zoo = _zoo()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed + 2))
+    tools = [("netslim", run_netslim, "mean")] + ([("torch-pruning", run_tp, "default")] if tp else [])
+    head = "| model | % | " + " | ".join(f"{t}: BN removed, params, MACs, s" for t, *_ in tools) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name in names or sorted(zoo):
+        torch.manual_seed(seed)
+        base = skew(zoo[name](), seed)
+        dense = count(base, example_input=x[:1])
+        for p in ZOO_PERCENTS:
+            cells = []
+            for tool, fn, arg in tools:
+                r = row(name, tool, base, x, dense, set(), p, fn, arg)
+                if not r["ok"]:
+                    cells.append(f"**fails**: {r['error'][:70]}")
+                    continue
+                eq = "" if r["matches_masked_reference"] or r["raw_channels_removed"] else " (**!= masked**)"
+                cells.append(f"{100 * r['bn_channels_removed'] / r['bn_channels_total']:.0f}%, "
+                             f"{r['params_ratio']:.2f}, {r['flops_ratio']:.2f}, {r['seconds']:.2f}{eq}")
+            lines.append(f"| {name} | {p:.0%} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# --timing: one prune call (analysis + plan + slim) side by side, one thread
+
+def timing_models() -> dict[str, tuple]:
+    from zoo.classic import DenseNet
+    _zoo()
+    return {"resnet-50": lambda: build_model("resnet50", num_classes=1000),
+            "densenet-121": lambda: DenseNet((6, 12, 24, 16), 32, num_classes=1000, imagenet_stem=True),
+            "mobilenetv2": lambda: build_model("mobilenetv2", num_classes=1000)}
+
+
+def timing_table(seed: int, repeats: int = 3) -> str:
+    """Best of `repeats` interleaved calls per tool; the ratio is netslim / Torch-Pruning."""
+    _zoo()
+    lines = ["| model | input | netslim (s) | torch-pruning (s) | ratio |", "|---|---|---|---|---|"]
+    for name, make in timing_models().items():
+        for size in (224, 32):
+            torch.manual_seed(seed)
+            base = skew(make(), seed)
+            x = torch.randn(1, 3, size, size)
+            best = {"netslim": math.inf, "torch-pruning": math.inf}
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                prune(base, 0.5, example_input=x)
+                best["netslim"] = min(best["netslim"], time.perf_counter() - t0)
+                if tp is not None:
+                    model = copy.deepcopy(base)
+                    t0 = time.perf_counter()
+                    pruner = tp.pruner.MetaPruner(model, example_inputs=x, importance=tp.importance.BNScaleImportance(),
+                                                  global_pruning=True, pruning_ratio=0.5,
+                                                  ignored_layers=[m for m in model.modules() if isinstance(m, nn.Linear)][-1:])
+                    pruner.step()
+                    best["torch-pruning"] = min(best["torch-pruning"], time.perf_counter() - t0)
+            ratio = best["netslim"] / best["torch-pruning"] if tp is not None else math.nan
+            lines.append(f"| {name} | {size}x{size} | {best['netslim']:.2f} | {best['torch-pruning']:.2f} | {ratio:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--percent", type=float, default=0.4, help="global fraction to prune (both tools)")
@@ -285,8 +380,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="images in the output comparison")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="OUT", help="also write the rows as JSON here")
+    ap.add_argument("--zoo", nargs="*", metavar="NAME",
+                    help="instead: the per-architecture table over tests/zoo (all, or these) at 30/50/70%%")
+    ap.add_argument("--timing", action="store_true",
+                    help="instead: one prune call of each tool, side by side (ResNet-50, DenseNet-121, "
+                         "MobileNetV2 at 224 and 32), best of 3, and the ratio")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.zoo is not None or args.timing:
+        print(f"torch {torch.__version__}, torch-pruning {getattr(tp, '__version__', 'not installed')}, "
+              f"seed {args.seed}, {args.threads} threads", flush=True)
+        print(zoo_table(args.seed, args.zoo or None) if args.zoo is not None else timing_table(args.seed))
+        return 0
 
     if tp is None:
         print("torch_pruning is not installed: printing netslim's rows only. To compare, install it "
@@ -309,9 +414,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         dense[label] = count(base, example_input=x[:1])
         an = analyze(base, x[:1])
         gather = {n for n, u in an.modules.items() if u.kind.startswith("bn") and u.bn_mode == "gather"}
-        jobs = [("netslim", run_netslim, "max")]
+        jobs = [("netslim", run_netslim, "mean")]
         if an.coupled_layers():  # the group score only matters where channels are coupled
-            jobs.append(("netslim (group mean)", run_netslim, "mean"))
+            jobs.append(("netslim (group strict)", run_netslim, "strict"))
         if tp is not None:
             for v in args.tp_variants:
                 name = "torch-pruning" + ("" if v == "default" else " (unnormalized, max)")

@@ -3,7 +3,7 @@
     netslim train    --dataset D --arch A --depth N [...]   (-sr --s S: sparsity training)
     netslim finetune --checkpoint PRUNED [...]               (= train --refine PRUNED)
     netslim eval     --checkpoint C [--dataset D]
-    netslim prune    --checkpoint C --percent P [--mode slim|mask] [--save DIR]
+    netslim prune    --checkpoint C --percent P | --target-flops F | --target-params F [--mode slim|mask] [--save DIR]
     netslim profile  --checkpoint C | --arch A --depth N --dataset D
     netslim export   --checkpoint C --onnx FILE [--torchscript FILE]
     netslim pipeline [--preset quick] [--save DIR] [any train/prune flag]
@@ -524,6 +524,14 @@ def _fmt_count(n: float, unit: str = "") -> str:
     return f"{n:.0f}{unit}"
 
 
+def _prune_folder_name(args: argparse.Namespace) -> str:
+    """pruned-50 for --percent 0.5; pruned-flops-50 / -params- / -latency- for a target."""
+    if args.percent is not None:
+        return f"pruned-{round(args.percent * 100):g}"
+    key = next(k for k in ("flops", "params", "latency") if getattr(args, f"target_{k}") is not None)
+    return f"pruned-{key}-{round(getattr(args, f'target_{key}') * 100):g}"
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a checkpoint with the global threshold; write DIR/pruned.pt and DIR/prune.json."""
     import json
@@ -532,12 +540,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .fileio import atomic_write_json, check_writable_folder
     from .prune import prune
 
-    if (args.percent is None) == (args.target_latency is None):
-        raise ConfigError("give --percent (the fraction of channels to prune) or --target-latency F "
-                          "(the fraction of the dense latency), one of the two")
-    folder = (f"pruned-{round(args.percent * 100):g}" if args.percent is not None
-              else f"pruned-latency-{args.target_latency:g}")
-    save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / folder
+    given = [f for f in ("percent", "target_flops", "target_params", "target_latency") if getattr(args, f) is not None]
+    if len(given) != 1:
+        raise ConfigError("give --percent (the fraction of channels to prune) or one target (--target-flops, "
+                          "--target-params or --target-latency F: the fraction of the dense count), one of them")
+    save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / _prune_folder_name(args)
     target = save / "pruned.pt"
     if target.exists() and not args.force:
         raise ConfigError(f"{target} already exists; use --force to replace it or another --save")
@@ -549,7 +556,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned, report = prune(model, args.percent, mode=args.mode, min_channels=args.min_channels,
                            max_layer_percent=args.max_layer_percent, round_to=args.round_to,
                            group_score=args.group_score, skip_coupled=args.skip_coupled,
-                           exclude=args.exclude or (), **latency)
+                           exclude=args.exclude or (), target_flops=args.target_flops,
+                           target_params=args.target_params, **latency)
     top1 = _try_top1(pruned, meta, args)
     report["top1"] = top1
     report["checkpoint"] = str(args.checkpoint)
@@ -570,6 +578,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     thr = f"{report['threshold']:.4g}" if report["threshold"] is not None else "none (percent 0)"
     print(f"threshold {thr}: kept {report['channels_kept']} of {report['channels_total']} BN channels "
           f"({report['units_kept']} of {report['units_total']} pruning units; a coupled unit spans several BNs)")
+    if report.get("budget"):
+        bud = report["budget"]
+        print(f"target {bud['target']} {bud['fraction']:.1%} of the dense model: reached {bud['reached']:.1%} "
+              f"at percent {bud['percent']:.4f}")
+    if report.get("shortfall"):
+        print(f"note: {report['shortfall']}")
     eff = " (effective: as if removed; the file keeps the dense shape)" if args.mode == "mask" else ""
     print(f"params {_fmt_count(b['params'])} -> {_fmt_count(a['params'])}, "
           f"FLOPs {_fmt_count(b['flops'])} -> {_fmt_count(a['flops'])}{eff}")
@@ -693,14 +707,22 @@ def _add_checkpoint_source(p: argparse.ArgumentParser, required: bool = True) ->
 
 
 def _add_prune_parsers(sub: Any) -> None:
+    from .prune import DEFAULT_GROUP_SCORE, GROUP_SCORES
+
     p = sub.add_parser("prune", help="prune channels with one global threshold", allow_abbrev=False,
                        description="Network Slimming's pruning: all BatchNorm |gamma| in one sorted list, "
                                    "threshold at --percent, keep channels above it.")
     _add_checkpoint_source(p)
-    p.add_argument("--percent", type=_unit, help="fraction of channels to prune, in [0, 1)")
+    # one of --percent and the three targets: cmd_prune checks, before anything is read or written
+    p.add_argument("--percent", type=_unit, help="fraction of BN channels to prune, in [0, 1)")
+    p.add_argument("--target-flops", type=_float_where(lambda v: 0 < v <= 1, "in (0, 1]"), metavar="F",
+                   help="instead of --percent: prune until at most F x the dense FLOPs remain "
+                        "(the percent is searched; the slim model lands within 2%% below)")
+    p.add_argument("--target-params", type=_float_where(lambda v: 0 < v <= 1, "in (0, 1]"), metavar="F",
+                   help="instead of --percent: prune until at most F x the dense parameters remain")
     p.add_argument("--target-latency", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="F",
-                   help="instead of --percent: search the percent whose measured latency is at most F x the "
-                        "dense model's (0.5: at least 2x faster)")
+                   help="instead of --percent: search the percent whose measured latency is at most F x "
+                        "the dense model's (0.5: at least 2x faster)")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",  # profile.RUNTIMES
                    help="with --target-latency / --round-to auto: where latency is measured (default torch)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1,
@@ -717,9 +739,11 @@ def _add_prune_parsers(sub: Any) -> None:
                    help="round kept widths up to a multiple of K (hardware-friendly sizes); auto: per layer, "
                         "the width at or above the kept count that measures fastest in --runtime with "
                         "--threads at --batch-size (cached in ~/.cache/netslim)")
-    p.add_argument("--group-score", choices=("max", "mean", "sum"), default="max",
-                   help="score of channels that must go together (coupled residual groups); max (default) "
-                        "removes a group only if every factor in it is under the threshold")
+    p.add_argument("--group-score", choices=GROUP_SCORES, default=DEFAULT_GROUP_SCORE,
+                   help="score of channels that must go together (residual adds, depthwise chains): mean "
+                        "(default), max or sum, each such channel counted in the global sort with its group's "
+                        "score so --percent holds; strict: the paper's threshold per factor, a group goes only "
+                        "if all its factors are under it (prunes far less on coupled models)")
     p.add_argument("--skip-coupled", action="store_true", help="leave coupled groups unpruned")
     p.add_argument("--exclude", nargs="+", metavar="MODULE", help="module names to leave alone")
     p.add_argument("--save", metavar="DIR", help="output folder (default: pruned-<P> beside the checkpoint)")
