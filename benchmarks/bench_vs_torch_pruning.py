@@ -74,11 +74,15 @@ except ImportError:  # optional: netslim's rows only
 def make_model(arch: str, depth: Optional[int], seed: int) -> nn.Module:
     """`arch` with init weights and BN state resembling a sparsity-trained model (seeded)."""
     torch.manual_seed(seed)
-    model = build_model(arch, depth, num_classes=10)
+    return skew(build_model(arch, depth, num_classes=10), seed)
+
+
+def skew(model: nn.Module, seed: int) -> nn.Module:
+    """BN factors like a sparsity-trained model's: heavy-tailed gamma 0.5*|N(0,1)|^3 (seeded)."""
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, _BatchNorm):
+            if isinstance(m, _BatchNorm) and m.weight is not None:
                 c = m.num_features
                 m.weight.copy_(0.5 * torch.randn(c, generator=g).abs() ** 3)   # heavy tail
                 m.bias.copy_(0.1 * torch.randn(c, generator=g))
@@ -288,20 +292,6 @@ def _zoo():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from zoo import ZOO
     return ZOO
-
-
-def skew(model: nn.Module, seed: int) -> nn.Module:
-    """BN factors like a sparsity-trained model's (the same recipe as make_model)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.weight is not None:
-                c = m.num_features
-                m.weight.copy_(0.5 * torch.randn(c, generator=g).abs() ** 3)
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-    return model.eval()
 
 
 def zoo_table(seed: int, names: Optional[list[str]] = None) -> str:

@@ -11,6 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pool_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """Global average pool, then the classifier: every zoo model's head."""
+    return linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
 def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
                          nn.BatchNorm2d(cout))
@@ -94,7 +99,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         out = self.layers(self.stem(x))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class PreActBlock(nn.Module):
@@ -131,7 +136,7 @@ class PreActResNet(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn(self.layers(self.conv1(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class DenseLayer(nn.Module):
@@ -180,7 +185,7 @@ class DenseNet(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn(self.dense(self.conv1(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class Inception(nn.Module):
@@ -210,7 +215,7 @@ class GoogLeNet(nn.Module):
     def forward(self, x):
         out = self.b3(self.a3(self.pre(x)))
         out = self.a4(self.pool(out))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class ResNeXtBlock(nn.Module):
@@ -249,7 +254,7 @@ class ResNeXt29(nn.Module):
 
     def forward(self, x):
         out = self.layers(self.stem(x))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class SEBlock(nn.Module):
@@ -284,7 +289,7 @@ class SENet(nn.Module):
 
     def forward(self, x):
         out = self.layers(self.stem(x))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class Root(nn.Module):
@@ -326,7 +331,7 @@ class DLA(nn.Module):
 
     def forward(self, x):
         out = self.layer3(self.layer2(self.layer1(self.base(x))))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 class RepVGGBlock(nn.Module):
@@ -358,7 +363,7 @@ class RepVGG(nn.Module):
         self.linear = nn.Linear(c, num_classes)
 
     def forward(self, x):
-        return self.linear(F.adaptive_avg_pool2d(self.stages(x), 1).flatten(1))
+        return pool_linear(self.stages(x), self.linear)
 
 
 class DeepResidualStack(nn.Module):
@@ -373,7 +378,7 @@ class DeepResidualStack(nn.Module):
 
     def forward(self, x):
         out = self.blocks(self.stem(F.avg_pool2d(x, 4)))
-        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return pool_linear(out, self.linear)
 
 
 ARCHS = {

@@ -6,11 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classic import conv_bn, conv_bn_relu
-
-
-def pool_linear(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    return linear(F.adaptive_avg_pool2d(x, 1).flatten(1))
+from .classic import conv_bn, conv_bn_relu, pool_linear
 
 
 class MobileNetV1(nn.Module):

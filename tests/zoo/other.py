@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .classic import BasicBlock, conv_bn, conv_bn_relu
-from .mobile import SqueezeExcite, pool_linear
+from .classic import BasicBlock, conv_bn, conv_bn_relu, pool_linear
+from .mobile import SqueezeExcite
 
 
 class RegNetBlock(nn.Module):
