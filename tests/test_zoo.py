@@ -18,17 +18,6 @@ from zoo import ZOO
 
 PERCENTS = (0.3, 0.5, 0.7, 0.95)
 
-# Architectures whose patterns the engine refuses today (issue 13, item 1; being added in
-# graph.py): not run here until it handles them. Every entry is a known gap, listed in
-# the issue; remove it when its pattern lands.
-AWAITING_ENGINE = {
-    "dpn": "channel slicing x[:, :d] / x[:, d:]",
-    "ghostnet": "channel slicing [:, :cout] after the ghost concat",
-    "shufflenet-v1": "channel shuffle view/transpose",
-    "shufflenet-v2": "channel shuffle view/transpose",
-    "shufflenet-v2-permute": "channel shuffle reshape/permute",
-    "untraceable-submodule": "int(x.size(1) * ratio) inside one module (trace it as a leaf)",
-}
 
 
 def skew_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -86,7 +75,7 @@ def test_the_zoo_has_at_least_25_architectures():
     assert len(ZOO) >= 25
 
 
-@pytest.mark.parametrize("name", sorted(set(ZOO) - set(AWAITING_ENGINE)))
+@pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_invariants(name, tmp_path):
     model = build(name)
     x = torch.randn(2, 3, 32, 32)

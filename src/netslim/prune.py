@@ -568,7 +568,9 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         "max_layer_percent": max_layer_percent, "round_to": round_to,
         "channels_total": total, "channels_kept": kept,
         "units_total": sum(d.total for d in decisions), "units_kept": sum(d.kept for d in decisions),
-        "removed_share": (total - kept) / total if total else 0.0,
+        # of every BN channel in the model, those inside an untraced submodule included
+        "removed_share": (total - kept) / max(sum(m.num_features for m in mods.values()
+                                                  if isinstance(m, _BatchNorm)), 1),
         "layers": [d.as_dict() for d in decisions],
         "guarded": [d.name for d in decisions if d.guard],
         "unprunable": dict(analysis.unprunable),
