@@ -11,33 +11,41 @@ model_best.pt and the optimizer state; every metrics line but the timings). A ki
 write leaves that write's temporary file (.checkpoint.pt.XXXX.tmp) beside an intact
 checkpoint.pt; the resumed run deletes it. A real SIGTERM exits 143 with one resume line.
 
-Bad input: 53 cases, one test id each: 51 in test_bad_input (each: exit status 2, exactly
+Bad input: 67 cases, one test id each: 65 in test_bad_input (each: exit status 2, exactly
 one `netslim: error: ...` line on stderr, no traceback, and nothing written, replaced or
 touched -- kind, size, content hash and mtime of every file and folder in the shared runs,
 the data and the case's own folder, the save folder included, are compared before and
-after) and 2 in test_full_disk_keeps_the_previous_checkpoint. The 51:
-    checkpoints (17): missing (eval in a subprocess; --resume), a folder, truncated, a text
-        file, a pickled list, a newer format (netslim-checkpoint/99), an unsafe pickle (whose
-        __reduce__ runs os.system: refused, never run) via eval in a subprocess and via
-        train --resume, a checkpoint whose weights do not fit the architecture it names,
-        model_best.pt given to --resume, --resume with an --arch / a --depth the run does not
-        have, --resume and --refine together, eval --dataset cifar10 of a 1-channel
-        fashion-mnist checkpoint, train --refine with --dataset cifar100, prune of a
-        seed-format checkpoint with the wrong --depth;
-    flags (19): prune --percent 1 / nan / abc / -0.1, prune --min-channels 0, pipeline
+after) and 2 in test_full_disk_keeps_the_previous_checkpoint. docs/errors.md lists each
+case, the line the user sees and the test id (test_faults.py and others add the faults
+that need a live process: a second writer, a kill -9 mid-write, a full disk inside
+torch.save). The groups of the 65:
+    checkpoints (26): missing (eval in a subprocess; --resume), a folder, a FIFO (eval in a
+        subprocess; --resume), truncated, a text file, a pickled list, a newer format
+        (netslim-checkpoint/99), an unsafe pickle (whose __reduce__ runs os.system:
+        refused, never run) via eval in a subprocess and via train --resume, a checkpoint
+        whose weights do not fit the architecture it names, damaged metadata (a width of
+        1e4, a depth that is a string, a negative input size, an input size that is a
+        string, an input size too small for its model), model_best.pt given to --resume,
+        --resume with an --arch / a --depth the run does not have, --resume and --refine
+        together, eval --dataset cifar10 of a 1-channel fashion-mnist checkpoint, train
+        --refine with --dataset cifar100, prune of a seed-format checkpoint with the wrong
+        --depth, a pipeline.json without a seed or with a seed that is no integer;
+    flags (21): prune --percent 1 / nan / abc / -0.1, prune --min-channels 0, pipeline
         --percent 0, --s=-1e-4, epochs 0 (train, pipeline), batch size 0, a batch bigger than
         the training set, unknown dataset (train, eval), unknown architecture, unknown preset
         (each message lists the valid names), depths not of the family's form: resnet 21
         (resnet takes 9n+2: 20 is valid) in train and in profile, densenet 41, vgg 12
-        (pipeline);
+        (pipeline), an --image-size too small for the model (vgg 16, resnet-20 8);
     data (8): data folder empty (train in a subprocess, eval, pipeline), gzip stream
         truncated, IDX data shorter than its header says, labels not matching the images,
         --download from a file:// mirror serving a file that fails its md5, an image folder
         whose class count does not fit the checkpoint (a dataset whose channels do not fit
         is the eval/refine cifar cases above);
-    the save folder (7): a --save path under a regular file (train, prune, pipeline: as root
-        chmod does not stop writes), a folder that already holds a run (train), a pruned.pt
-        (prune), a pipeline run of other settings (pipeline), an export target that exists.
+    the save folder (10): a --save path under a regular file (train, prune, pipeline: as root
+        chmod does not stop writes), a folder that already holds a run (train), one holding
+        model_best.pt and metrics.jsonl but no checkpoint.pt (train), a pruned.pt (prune), a
+        train run's folder (prune, pipeline), a pipeline run of other settings (pipeline),
+        an export target that exists.
 The 2 more: a full disk (ENOSPC) while writing checkpoint.pt and while renaming it into
 place: one error line, the previous checkpoint stays byte for byte (and mtime), no temporary
 file is left, and the run resumes once there is room. test_existing_run_force_and_resume
@@ -54,6 +62,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -108,6 +117,8 @@ def snapshot(*roots: Path) -> dict:
             st = p.lstat()
             if p.is_dir():
                 out[str(p)] = ("dir", st.st_mtime_ns)
+            elif not p.is_file():  # a FIFO: reading it would block
+                out[str(p)] = ("special", stat.S_IFMT(st.st_mode), st.st_mtime_ns)
             else:
                 out[str(p)] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
     return out
@@ -346,7 +357,26 @@ def world(data_dir, tmp_path_factory):
     from netslim.checkpoint import save_checkpoint
     save_checkpoint(bad / "rgb10.pt", rgb, arch={"name": "vgg", "depth": 11, "num_classes": 10,
                                                  "in_channels": 3, "width": 0.125}, input_size=[3, 32, 32])
+    # damaged metadata: the model it names, or the input it says the model takes
+    arch = obj["arch"]
+    torch.save({**obj, "arch": {**arch, "width": 1e4}}, bad / "huge-width.pt")
+    torch.save({**obj, "arch": {**arch, "depth": "eleven"}}, bad / "depth-a-string.pt")
+    torch.save({**obj, "input_size": [1, -28, 28]}, bad / "negative-input.pt")
+    torch.save({**obj, "input_size": [1, 2, 2]}, bad / "tiny-input.pt")
+    torch.save({**obj, "input_size": "1x28x28"}, bad / "input-a-string.pt")
+    os.mkfifo(bad / "fifo.pt")  # reading it would wait for a writer forever
     w.bad = bad
+    # a folder holding results but no checkpoint.pt (a run whose checkpoint was deleted)
+    w.partial = base / "partial"
+    w.partial.mkdir()
+    for name in ("model_best.pt", "metrics.jsonl"):
+        shutil.copy2(w.run / name, w.partial / name)
+    # pipeline runs whose pipeline.json is damaged: no seed, a seed that is no integer
+    for name, change in (("pipe-no-seed", lambda d: d.pop("seed")), ("pipe-seed-text", lambda d: d.update(seed="7"))):
+        shutil.copytree(w.pipe, base / name)
+        doc = json.loads((base / name / "pipeline.json").read_text())
+        change(doc)
+        (base / name / "pipeline.json").write_text(json.dumps(doc))
 
     w.empty = base / "empty"
     w.empty.mkdir()
@@ -414,6 +444,19 @@ def _cases() -> dict:
         "ckpt-refine-other-dataset": (False, lambda w, t: ["train", "--refine", str(w.pruned / "pruned.pt"),
                                                            "--dataset", "cifar100", "--save", str(t / "out")],
                                       ["cifar100 has 3 input channel(s)"]),
+        "ckpt-fifo-eval": (True, ev(B("fifo.pt")), ["is a FIFO (named pipe), not a regular file"]),
+        "ckpt-fifo-resume": (False, lambda w, t: ["train", "--resume", str(w.bad / "fifo.pt")], ["is a FIFO"]),
+        "ckpt-huge-width": (False, ev(B("huge-width.pt")), ["names a model of", "parameters", "damaged"]),
+        "ckpt-depth-not-an-integer": (False, ev(B("depth-a-string.pt")), ["cannot build", "damaged"]),
+        "ckpt-negative-input-size": (False, ev(B("negative-input.pt")), ["invalid input_size [1, -28, 28]"]),
+        "ckpt-input-size-not-a-list": (False, ev(B("input-a-string.pt")), ["invalid input_size '1x28x28'"]),
+        "ckpt-input-too-small-for-its-model": (False, lambda w, t: [
+            "prune", "--checkpoint", str(w.bad / "tiny-input.pt"), "--percent", "0.5", "--save", str(t / "out")],
+            ["cannot take its input_size [1, 2, 2]", "damaged"]),
+        "pipeline-json-without-seed": (False, lambda w, t: _pipe_in(w, "pipe-no-seed"),
+                                       ["not a readable pipeline file", "seed None", "--force"]),
+        "pipeline-json-seed-not-an-integer": (False, lambda w, t: _pipe_in(w, "pipe-seed-text"),
+                                              ["not a readable pipeline file", "seed '7'"]),
         "ckpt-seed-format-wrong-depth": (False, lambda w, t: [
             "prune", "--checkpoint", str(w.bad / "seed.pth.tar"), "--arch", "resnet", "--depth", "20",
             "--dataset", "cifar10", "--percent", "0.5", "--save", str(t / "out")], ["not a resnet-20", "--depth"]),
@@ -484,17 +527,37 @@ def _cases() -> dict:
                                                     "--save", str(w.pruned)], ["already exists", "--force"]),
         "existing-run-pipeline-other-settings": (False, lambda w, t: [*w.pipe_args, "--percent", "0.7"],
                                                  ["holds a pipeline run with different settings", "--force"]),
+        "existing-results-without-checkpoint-train": (False, lambda w, t: tr(w, t, "--save", str(w.partial)),
+                                                      ["already holds a run", "model_best.pt", "--force"]),
+        "existing-run-prune-into-a-train-folder": (False, lambda w, t: [
+            "prune", "--checkpoint", str(w.best), "--percent", "0.5", "--save", str(w.run)],
+            ["already holds results", "checkpoint.pt", "--force"]),
+        "existing-run-pipeline-into-a-train-folder": (False, lambda w, t: pipe(w, t, "--save", str(w.run)),
+                                                      ["holds results", "checkpoint.pt", "--force"]),
+        "image-size-too-small-vgg": (False, lambda w, t: [
+            "train", "--dataset", "imagefolder", "--data-dir", str(w.base / "imgs"), *MODEL, "--image-size", "16",
+            "--batch-size", "2", "--epochs", "1", "--device", "cpu", "--save", str(t / "out")],
+            ["cannot take 3x16x16 inputs", "--image-size"]),
+        "image-size-too-small-resnet": (False, lambda w, t: [
+            "train", "--dataset", "imagefolder", "--data-dir", str(w.base / "imgs"), "--arch", "resnet",
+            "--depth", "20", "--image-size", "8", "--batch-size", "2", "--epochs", "1", "--device", "cpu",
+            "--save", str(t / "out")], ["cannot take 3x8x8 inputs"]),
         "existing-export-target": (False, lambda w, t: ["export", "--checkpoint", str(w.best), "--onnx", str(w.onnx)],
                                    ["already exists", "--force"]),
     }
     return c
 
 
+def _pipe_in(w, folder: str) -> list[str]:
+    """world's pipeline command, pointed at a copy of its run in base/folder."""
+    return [str(w.base / folder) if a == str(w.pipe) else a for a in w.pipe_args]
+
+
 CASES = _cases()
 
 
 def test_case_count_in_the_docstring():
-    assert len(CASES) == 51 and "53 cases" in __doc__
+    assert len(CASES) == 65 and "67 cases" in __doc__
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -629,22 +692,22 @@ def test_source_never_loads_with_weights_only_false():
 # --------------------------------------------------------------------------- 5. non-finite loss
 
 
-def test_non_finite_loss_stops_with_epoch_step_lr_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, capsys):
+def test_non_finite_loss_in_the_first_epoch_leaves_nothing_that_blocks_the_corrected_run(data_dir, tmp_path,
+                                                                                           capsys):
+    """--lr 1e30 fails in epoch 1: one line naming epoch, step and lr; the epoch-0 checkpoint
+    it wrote is removed, so the advised re-run with a lower lr needs neither --force nor --resume."""
     save = tmp_path / "run"
-    code = run_main(["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), *MODEL,
-                     "--train-subset", "256", "--epochs", "2", "--seed", "0", "--device", "cpu",
-                     "--lr", "1e30", "--save", str(save)])
-    assert code == 2
+    argv = ["train", "--dataset", "fashion-mnist", "--data-dir", str(data_dir), *MODEL, "--train-subset", "256",
+            "--epochs", "1", "--seed", "0", "--device", "cpu", "--save", str(save)]
+    assert run_main([*argv, "--lr", "1e30"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert not any("Traceback" in ln for ln in err)
     line = err[-1]
     assert line.startswith("netslim: error: loss is not finite") and "at epoch 1, step " in line, line
-    assert "with lr 1e+30" in line and f"{save / 'checkpoint.pt'} holds the last good state (epoch 0)" in line
-    obj = torch.load(save / "checkpoint.pt", weights_only=True)
-    assert obj["train_state"]["epoch"] == 0
-    assert all(torch.isfinite(v).all() for v in obj["state_dict"].values() if v.is_floating_point())
-    assert not (save / "model_best.pt").exists() and read_jsonl(save / "metrics.jsonl") == []
-    assert temps(save) == []
+    assert "with lr 1e+30" in line and "nothing was kept" in line and "lower --lr" in line, line
+    assert not save.exists(), sorted(p.name for p in save.iterdir())
+    assert run_main([*argv, "--lr", "0.05"]) == 0  # the corrected command, as advised
+    assert torch.load(save / "checkpoint.pt", weights_only=True)["train_state"]["epoch"] == 1
 
 
 def test_resume_refuses_a_changed_recipe(data_dir, tmp_path, capsys):

@@ -32,13 +32,18 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, NetslimError
-from .fileio import atomic_torch_save
+from .fileio import atomic_torch_save, check_regular_file
 from .provenance import provenance
 from .wrappers import unwrap_model
 
 FORMAT_PREFIX = "netslim-checkpoint/"
 FORMAT_VERSION = 1
 FORMAT = f"{FORMAT_PREFIX}{FORMAT_VERSION}"
+
+# Limits on what a checkpoint's metadata may ask for. A damaged or hostile file naming a
+# width of 1e6 would otherwise allocate terabytes (or take the machine down) before failing.
+MAX_PARAMS = 2_000_000_000     # dense parameters; netslim's largest registry model has ~25M
+MAX_INPUT_SIDE = 8192          # pixels (or features) per input dimension
 
 
 def checkpoint_mode(plan: dict | None, mask: dict | None) -> str:
@@ -70,10 +75,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **meta: Any) -> N
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load a checkpoint file safely (weights_only) with one-line errors."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; give the .pt file inside it")
+    try:
+        check_regular_file(path, "checkpoint")  # a FIFO would block torch.load forever
+    except NetslimError as e:
+        raise CheckpointError(str(e)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -134,17 +139,16 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
     from .models import build_model
     from .prune import apply_mask, apply_plan
 
+    _check_input_size(obj.get("input_size"), source)
     if model is None:
-        arch = dict(obj.get("arch") or {})
-        if "name" not in arch:
+        arch = obj.get("arch") or {}
+        if not isinstance(arch, dict) or "name" not in arch:
             raise CheckpointError(f"{source} holds a model outside netslim's registry; build it and pass it "
                                   "to load_checkpoint(path, model=...)")
+        arch = dict(arch)
         name = arch.pop("name")
-        try:
-            model = build_model(name, **arch)
-        except (NetslimError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{source} names an architecture netslim cannot build ({e}); "
-                                  "the file is damaged or from another tool") from None
+        _check_buildable(name, arch, obj.get("input_size"), source)
+        model = build_model(name, **arch)
     try:
         example = example_input(obj.get("input_size"), model)
         if obj.get("plan"):
@@ -163,6 +167,55 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
     meta = {k: obj.get(k) for k in ("arch", "plan", "mask", "input_size", "dataset") if obj.get(k) is not None}
     model.netslim_meta = meta
     return model.eval()
+
+
+def _check_input_size(input_size: Any, source: str) -> None:
+    """CheckpointError unless `input_size` is None or [C, H, W] / [F] of sane positive ints."""
+    if input_size is None:
+        return
+    ok = (isinstance(input_size, (list, tuple)) and 1 <= len(input_size) <= 3
+          and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_INPUT_SIDE for v in input_size))
+    if not ok:
+        raise CheckpointError(f"{source} has an invalid input_size {input_size!r:.80} (want [C, H, W] of integers "
+                              f"in 1..{MAX_INPUT_SIDE}); the file is damaged")
+
+
+def _check_buildable(name: Any, arch: dict, input_size: Any, source: str) -> None:
+    """Build the named architecture on the meta device (no memory) and run one example
+    through it: a bad name, argument, size or input fails here, as a CheckpointError."""
+    from .models import build_model
+
+    damaged = "the file is damaged or from another tool"
+    try:
+        with torch.device("meta"):
+            model = build_model(name, **arch)
+    except (NetslimError, TypeError, ValueError, RuntimeError, OverflowError) as e:
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source} names an architecture netslim cannot build ({first}); {damaged}") from None
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_PARAMS:
+        raise CheckpointError(f"{source} names a model of {params:.3g} parameters ({name}, {arch}), more than "
+                              f"netslim builds ({MAX_PARAMS:.0e}); {damaged}")
+    problem = input_error(model, input_size if input_size is not None else guess_input_size(model))
+    if problem:
+        raise CheckpointError(f"{source}: its model cannot take its input_size {input_size} ({problem}); {damaged}")
+
+
+def input_error(model: nn.Module, input_size: Any) -> str | None:
+    """None when `model` runs on one zero example of `input_size` ([C, H, W] or [F]), else
+    the first line of the failure. Eval mode, no gradients, on the model's device (the
+    meta device costs nothing): nothing in the model changes."""
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *[int(v) for v in input_size], device=device))
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    finally:
+        model.train(was_training)
+    return None
 
 
 def example_input(input_size, model: nn.Module | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ to resume); 130 Ctrl-C elsewhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -314,12 +315,11 @@ def _stage(sr: bool, refine: bool) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """train / finetune: resolve the run (fresh, --refine or --resume), then fit()."""
     from .checkpoint import load_checkpoint
-    from .config import CONFIG_NAME, resolve, write_config_file
+    from .config import resolve
     from .data import get_spec, list_datasets
-    from .fileio import check_writable_folder
-    from .models import build_model, list_models
-    from .train import (CHECKPOINT_NAME, TrainConfig, check_resume_recipe, fit, init_distributed,
-                        load_dataset_per_node, resolve_seed)
+    from .fileio import FolderLock, check_writable_folder
+    from .models import list_models
+    from .train import CHECKPOINT_NAME, TrainConfig, check_resume_recipe, check_save_dir_free
 
     if args.resume and args.refine:
         raise ConfigError("give --resume or --refine, not both: a resumed run already holds its pruned model")
@@ -377,8 +377,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                                         {"force": bool(args.force)}))
     cfg.validate()
     data_opts = resolve({"download": False}, data_opts, {k: getattr(args, k) for k in _DATA_FLAGS})
-    data_dir, train_subset, download = data_opts.get("data_dir"), data_opts.get("train_subset"), data_opts["download"]
-    image_size, val_split = data_opts.get("image_size"), data_opts.get("val_split")
     source = str(resume or args.refine)
     # Check everything cheap before the (slow) data load. imagefolder's spec comes from its files.
     if dataset != "imagefolder":
@@ -398,11 +396,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         save = resume.parent
     else:
         save = Path("runs") / tag / _stage(cfg.sr, bool(args.refine))
-    ckpt = save / CHECKPOINT_NAME
-    if ckpt.exists() and not cfg.force and not (resume is not None and ckpt.resolve() == resume.resolve()):
-        raise ConfigError(f"{save} already holds a run; use --resume {ckpt} to continue it or --force to replace it")
+    check_save_dir_free(save, resume, cfg.force)
     check_writable_folder(save)
+    # A second writer (train, --resume, prune, pipeline) in a folder that exists is refused
+    # here, before the data load; fit locks a new folder once it has created it.
+    with FolderLock(save) if _rank() == 0 else contextlib.nullcontext() as lock:
+        if lock is not None and lock.held:
+            check_save_dir_free(save, resume, cfg.force)  # the run may have appeared since
+        return _train_locked(args, cfg, dataset, arch, model, meta, resume, save, source, data_opts)
 
+
+
+def _train_locked(args: argparse.Namespace, cfg: Any, dataset: str, arch: dict, model: Any, meta: dict,
+                  resume: Optional[Path], save: Path, source: str, data_opts: dict) -> int:
+    """cmd_train once the run folder is claimed: load the data, build the model, fit()."""
+    from .config import CONFIG_NAME, write_config_file
+    from .models import build_model
+    from .train import fit, init_distributed, load_dataset_per_node, resolve_seed
+
+    data_dir, train_subset, download = data_opts.get("data_dir"), data_opts.get("train_subset"), data_opts["download"]
+    image_size, val_split = data_opts.get("image_size"), data_opts.get("val_split")
+    name = arch.get("name") or args.arch
     rank, world, _, created = init_distributed(cfg.device)
     try:
         data = load_dataset_per_node(dataset, data_dir=data_dir, download=download, train_subset=train_subset,
@@ -534,11 +548,7 @@ def _prune_folder_name(args: argparse.Namespace) -> str:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune a checkpoint with the global threshold; write DIR/pruned.pt and DIR/prune.json."""
-    import json
-
-    from .checkpoint import save_checkpoint
-    from .fileio import atomic_write_json, check_writable_folder
-    from .prune import prune
+    from .fileio import FolderLock, check_writable_folder
 
     given = [f for f in ("percent", "target_flops", "target_params", "target_latency") if getattr(args, f) is not None]
     if len(given) != 1:
@@ -546,9 +556,33 @@ def cmd_prune(args: argparse.Namespace) -> int:
                           "--target-params or --target-latency F: the fraction of the dense count), one of them")
     save = Path(args.save) if args.save else Path(args.checkpoint).resolve().parent / _prune_folder_name(args)
     target = save / "pruned.pt"
-    if target.exists() and not args.force:
-        raise ConfigError(f"{target} already exists; use --force to replace it or another --save")
+    _refuse_results(save, args.force)
     check_writable_folder(save)
+    with FolderLock(save) as lock:
+        if lock.held:
+            _refuse_results(save, args.force)  # again, now that no one else writes there
+        return _prune_locked(args, save, target, lock)
+
+
+def _refuse_results(save: Path, force: bool) -> None:
+    """ConfigError when `save` holds any result (a pruned model, a run): never replaced without --force."""
+    from .fileio import results_in
+
+    found = results_in(save)
+    if found and not force:
+        what = f"{save / 'pruned.pt'} already exists" if "pruned.pt" in found else \
+            f"{save} already holds results ({', '.join(found)})"
+        raise ConfigError(f"{what}; use --force to replace it or another --save")
+
+
+def _prune_locked(args: argparse.Namespace, save: Path, target: Path, lock: Any) -> int:
+    """cmd_prune once the output folder is claimed (or does not exist yet)."""
+    import json
+
+    from .checkpoint import save_checkpoint
+    from .fileio import atomic_write_json
+    from .prune import prune
+
     model, meta = _load_for_cli(args)
     measured = dict(runtime=args.runtime, batch_size=args.batch_size, threads=args.threads)
     latency = {**measured, "target_latency": args.target_latency} if args.target_latency is not None \
@@ -562,6 +596,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report["top1"] = top1
     report["checkpoint"] = str(args.checkpoint)
     keep_meta = {k: meta[k] for k in ("arch", "dataset", "data_options") if meta.get(k)}
+    if not lock.held:  # a new folder: claim it now, and check no one filled it meanwhile
+        lock.acquire(create=True)
+        _refuse_results(save, args.force)
     save_checkpoint(target, pruned, **keep_meta, metrics={"top1": top1, "prune": {
         k: report[k] for k in ("percent", "threshold", "mode", "channels_total", "channels_kept")}})
     atomic_write_json(save / "prune.json", report)
@@ -706,6 +743,14 @@ def _add_checkpoint_source(p: argparse.ArgumentParser, required: bool = True) ->
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+def _add_threads_flag(p: argparse.ArgumentParser, what: str) -> None:
+    """A subcommand's --threads, the same value as `netslim --threads N COMMAND`. SUPPRESS: no
+    default of its own, which argparse would write over the global flag's value (then
+    `netslim --threads 1 profile` measured with all threads)."""
+    p.add_argument("--threads", type=_int_at_least(1), default=argparse.SUPPRESS, metavar="N",
+                   help=f"{what} (same as netslim --threads N; default: torch's)")
+
+
 def _add_prune_parsers(sub: Any) -> None:
     from .prune import DEFAULT_GROUP_SCORE, GROUP_SCORES
 
@@ -727,8 +772,7 @@ def _add_prune_parsers(sub: Any) -> None:
                    help="with --target-latency / --round-to auto: where latency is measured (default torch)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=1,
                    help="with --target-latency / --round-to auto: batch size (default 1)")
-    p.add_argument("--threads", type=_int_at_least(1),
-                   help="with --target-latency / --round-to auto: CPU threads (default: torch's)")
+    _add_threads_flag(p, "with --target-latency / --round-to auto: CPU threads")
     p.add_argument("--mode", choices=("slim", "mask"), default="slim",
                    help="slim: a physically smaller model (default); mask: zero the pruned factors")
     p.add_argument("--min-channels", type=_int_at_least(1), default=1,
@@ -759,7 +803,7 @@ def _add_prune_parsers(sub: Any) -> None:
     p.add_argument("--width", type=_positive, help="channel width multiplier (with --arch)")
     p.add_argument("--batch-sizes", type=lambda t: [int(v) for v in t.split(",")], default=[1, 64],
                    metavar="B1,B2", help="latency batch sizes (default 1,64)")
-    p.add_argument("--threads", type=_int_at_least(1), help="CPU threads (default: torch's)")
+    _add_threads_flag(p, "CPU threads")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",  # profile.RUNTIMES
                    help="where latency is measured: torch (eager, default) or onnxruntime (the model as "
                         "`netslim export --onnx` writes it, in an onnxruntime CPU session)")

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, NetslimError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -52,7 +52,13 @@ def read_config_file(path: str | os.PathLike) -> dict:
     Raises ConfigError (one line) when the file is missing, unreadable or not TOML, or
     when it holds tables: a run configuration is flat, as the flags are.
     """
+    from .fileio import check_regular_file
+
     p = Path(path)
+    try:
+        check_regular_file(p, "config file")  # a FIFO would block the read forever
+    except NetslimError as e:
+        raise ConfigError(str(e)) from None
     try:
         with open(p, "rb") as f:
             data = tomllib.load(f)

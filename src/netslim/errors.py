@@ -24,3 +24,7 @@ class CheckpointError(NetslimError):
 
 class PruneError(NetslimError):
     """The model cannot be pruned as asked (untraceable graph, unknown op on a channel path)."""
+
+
+class FolderBusyError(NetslimError):
+    """Another netslim process is writing in the folder (a run, prune or pipeline)."""

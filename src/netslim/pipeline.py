@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, NetslimError
-from .fileio import atomic_write_json
+from .fileio import FolderLock, atomic_write_json, check_regular_file, results_in
 
 log = logging.getLogger(__name__)
 
@@ -379,12 +379,10 @@ def _check_run_dir(run_dir: Path, cfg: PipelineConfig, force: bool) -> int:
     path = run_dir / PIPELINE_NAME
     want = cfg.comparable()
     stored: Optional[dict] = None
-    if path.exists():
+    if path.exists() or path.is_symlink():
         try:
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(stored, dict) or stored.get("format") != PIPELINE_FORMAT:
-                raise ValueError("not a pipeline file")
-        except (ValueError, OSError) as e:
+            stored = _read_pipeline_file(path)
+        except (ValueError, OSError, NetslimError) as e:
             if not force:
                 raise NetslimError(f"{path} is not a readable pipeline file ({e}); pass force (--force) to "
                                    "start the run over") from None
@@ -401,8 +399,11 @@ def _check_run_dir(run_dir: Path, cfg: PipelineConfig, force: bool) -> int:
             atomic_write_json(path, {**stored, "config": cfg.as_dict(), "compare": want})
         return int(stored["seed"])
     owned = _owned_paths(run_dir)
-    if owned and not force:
-        raise NetslimError(f"{run_dir} holds stage folders ({', '.join(p.name for p in owned[:3])}) but no "
+    # any result counts: a train or prune run's files there too (force leaves those alone)
+    others = [n for n in results_in(run_dir) if not any(p.name == n for p in owned)]
+    if (owned or others) and not force:
+        found = [p.name for p in owned] + others
+        raise NetslimError(f"{run_dir} holds results ({', '.join(found[:4])}) but no "
                            f"{PIPELINE_NAME}; choose another folder or pass force (--force) to start over")
     for p in owned:
         log.info("force: removing %s", p)
@@ -415,14 +416,28 @@ def _check_run_dir(run_dir: Path, cfg: PipelineConfig, force: bool) -> int:
     return int(seed)
 
 
+def _read_pipeline_file(path: Path) -> dict:
+    """pipeline.json as written by _check_run_dir; ValueError naming what is wrong with it."""
+    stored = json.loads(check_regular_file(path, "pipeline file").read_text(encoding="utf-8"))
+    if not isinstance(stored, dict) or stored.get("format") != PIPELINE_FORMAT:
+        raise ValueError("not a pipeline file")
+    seed = stored.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"its seed {seed!r} is not an integer >= 0")
+    for key in ("config", "compare"):
+        if not isinstance(stored.get(key), dict):
+            raise ValueError(f"its {key!r} is not a JSON object")
+    return stored
+
+
 def read_done(stage_dir: Path) -> Optional[dict]:
     """The stage's done.json, or None when the stage has not finished."""
     p = stage_dir / DONE_NAME
     if not p.exists():
         return None
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
+        return json.loads(check_regular_file(p, "stage marker").read_text(encoding="utf-8"))
+    except (ValueError, OSError, NetslimError):
         return None  # a damaged marker: redo the stage (training resumes from checkpoint.pt)
 
 
@@ -580,10 +595,12 @@ class _Runner:
         metrics = {"test_top1": top1, "test_loss": loss, "evaluated": "after pruning, before fine-tuning"}
         keep = {k: meta[k] for k in ("arch", "dataset", "input_size", "data_options") if meta.get(k) is not None}
         out = self.stage_dir(stage)
-        save_checkpoint(out / PRUNED_NAME, pruned, **keep, metrics=metrics, pipeline_stage=stage.key,
-                        prune={k: v for k, v in report.items() if k != "layers"})
-        atomic_write_json(out / PRUNE_REPORT_NAME, {"source": str(src.relative_to(self.run_dir)),
-                                                    "test_top1": top1, "test_loss": loss, **report})
+        with FolderLock(out) as lock:  # (removes the temporaries of a write a kill -9 interrupted)
+            lock.acquire(create=True)
+            save_checkpoint(out / PRUNED_NAME, pruned, **keep, metrics=metrics, pipeline_stage=stage.key,
+                            prune={k: v for k, v in report.items() if k != "layers"})
+            atomic_write_json(out / PRUNE_REPORT_NAME, {"source": str(src.relative_to(self.run_dir)),
+                                                        "test_top1": top1, "test_loss": loss, **report})
         log.info("stage %s: kept %d of %d channels, top-1 %.2f%% before fine-tuning",
                  stage.key, report["channels_kept"], report["channels_total"], top1)
         return {"top1": top1, "threshold": report["threshold"], "channels_total": report["channels_total"],
@@ -667,11 +684,23 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike, *, on_event: O
 
 def _run_pipeline(cfg: PipelineConfig, run_dir: Path, on_event: Optional[EventFn], force: bool,
                   latency_seconds: float) -> dict:
+    ranks = _Ranks()
+    # rank 0 writes and holds the run folder's lock for the whole run: a second pipeline (or a
+    # train / prune) there is refused at once, before any data is loaded
+    lock = FolderLock(run_dir)
+    try:
+        ranks.on_rank0(lambda: lock.acquire() and None)
+        return _run_pipeline_locked(cfg, run_dir, on_event, force, latency_seconds, ranks, lock)
+    finally:
+        lock.release()
+
+
+def _run_pipeline_locked(cfg: PipelineConfig, run_dir: Path, on_event: Optional[EventFn], force: bool,
+                         latency_seconds: float, ranks: _Ranks, lock: FolderLock) -> dict:
     from .fileio import check_writable_folder
     from .report import collect_results, write_report
     from .train import load_dataset_per_node
 
-    ranks = _Ranks()
     data = None
     if ranks.on_rank0(lambda: force or not (run_dir / PIPELINE_NAME).exists()):
         # a new run: fail on missing or damaged data before anything is written (the folder,
@@ -680,10 +709,7 @@ def _run_pipeline(cfg: PipelineConfig, run_dir: Path, on_event: Optional[EventFn
         data = load_dataset_per_node(cfg.dataset, **cfg.data_options())  # one download per node
 
     def claim_run_dir() -> int:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise NetslimError(f"cannot create run folder {run_dir}: {e.strerror or e}") from None
+        lock.acquire(create=True)
         return _check_run_dir(run_dir, cfg, force)
 
     seed = ranks.on_rank0(claim_run_dir)

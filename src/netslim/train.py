@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import read_checkpoint, save_checkpoint
+from .checkpoint import input_error, read_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError
-from .fileio import append_jsonl, atomic_write_text, remove_files, remove_stale_temps
+from .fileio import FolderLock, append_jsonl, atomic_write_text, remove_files, results_in
 from .sparsity import BNSparsity, abs_gammas
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ __all__ = [
     "TrainConfig", "fit", "evaluate", "resolve_amp", "resolve_device", "epoch_milestones", "scheduled_lr",
     "init_distributed", "resolve_seed", "TrainingInterrupted", "NonFiniteLoss", "check_resume_recipe",
     "load_dataset_per_node",
-    "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME",
+    "CHECKPOINT_NAME", "BEST_NAME", "METRICS_NAME", "check_save_dir_free",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -531,19 +531,26 @@ def fit(model: nn.Module, data: Any, cfg: TrainConfig, save_dir: str | os.PathLi
     cfg.validate()
     save = Path(save_dir) if save_dir is not None else None
     resume_path = _resolve_resume(resume)
-    ckpt_path = save / CHECKPOINT_NAME if save is not None else None
-    if ckpt_path is not None and ckpt_path.exists() and not cfg.force:
-        same = resume_path is not None and resume_path.resolve() == ckpt_path.resolve()
-        if not same:
-            raise NetslimError(f"{save} already holds a run; use --resume {ckpt_path} to continue it "
-                               "or --force to replace it")
+    check_save_dir_free(save, resume_path, cfg.force)
     if data is None and (train_loader is None or test_loader is None):
         raise ConfigError("fit needs data (a DataBundle) or both train_loader and test_loader")
     own = _OwnPieces(optimizer, loss_fn, train_loader, test_loader)
     rank, world, device, created = init_distributed(cfg.device)
+    # rank 0 alone writes, so it alone locks the folder (the others would lock each other out)
+    lock = FolderLock(save) if save is not None and rank == 0 else None
+    progress = _RunProgress()
     try:
-        return _fit(model, data, cfg, save, resume_path, meta or {}, on_progress, rank, world, device, own)
+        return _fit(model, data, cfg, save, resume_path, meta or {}, on_progress, rank, world, device, own, lock,
+                    progress)
+    except TrainingInterrupted:
+        raise  # checkpoint.pt holds the last completed epoch (epoch 0 too): the run resumes exactly
+    except BaseException:
+        if lock is not None and lock.held and progress.fresh_start_written and progress.epochs_done == 0:
+            _discard_unfinished_run(save, progress.created_folder)
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         if created:
             torch.distributed.destroy_process_group()
 
@@ -585,9 +592,54 @@ class _OnDevice:
             yield (x.to(memory_format=layout) if x.dim() == 4 else x), y.to(self.device, non_blocking=True)
 
 
+@dataclass
+class _RunProgress:
+    """How far a fit() got, for the clean-up after a failure."""
+    created_folder: bool = False       # fit created save_dir
+    fresh_start_written: bool = False  # a new run wrote its epoch-0 checkpoint.pt
+    epochs_done: int = 0               # epochs finished by this call
+
+
+def _discard_unfinished_run(save: Path, created_folder: bool) -> None:
+    """Remove what a new run that failed before finishing an epoch wrote (its epoch-0
+    checkpoint.pt): nothing there is worth resuming, and it would block the corrected re-run."""
+    from .config import CONFIG_NAME  # the CLI records the run's configuration when it starts
+    remove_files(save / CHECKPOINT_NAME, save / BEST_NAME, save / METRICS_NAME, save / CONFIG_NAME)
+    if created_folder:
+        try:
+            save.rmdir()  # only if empty: anything else there is not ours
+        except OSError:
+            pass
+
+
+def check_save_dir_free(save: Optional[Path], resume_path: Optional[Path], force: bool) -> None:
+    """NetslimError when `save` holds results (any of fileio.RESULT_NAMES), unless `force` or
+    the run there is the one being resumed: one run's files are never silently replaced."""
+    if save is None or force:
+        return
+    found = results_in(save)
+    ckpt = save / CHECKPOINT_NAME
+    if not found or (resume_path is not None and ckpt.exists() and resume_path.resolve() == ckpt.resolve()):
+        return
+    how = (f"use --resume {ckpt} to continue it or --force to replace it" if CHECKPOINT_NAME in found
+           else "choose another --save, or --force to replace it")
+    raise NetslimError(f"{save} already holds a run ({', '.join(found)}); {how}")
+
+
+def check_input_fits(model: nn.Module, input_size: Any, what: str = "the model") -> None:
+    """ConfigError unless `model` runs on one zero example of `input_size` ([C, H, W] or [F]).
+
+    A model too deep for small images (vgg on 16x16: its last pooling has nothing left to
+    pool) fails here, before a run writes anything, instead of in its first step."""
+    problem = input_error(model, input_size)
+    if problem:
+        raise ConfigError(f"{what} cannot take {'x'.join(map(str, input_size))} inputs ({problem}): use larger "
+                          "images (--image-size) or a shallower --arch")
+
+
 def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], resume_path: Optional[Path],
          meta: dict, on_progress: Optional[ProgressFn], rank: int, world: int,
-         device: torch.device, own: _OwnPieces) -> dict:
+         device: torch.device, own: _OwnPieces, lock: Optional[FolderLock], progress: _RunProgress) -> dict:
     from .data import BatchLoader
 
     t_start = time.perf_counter()
@@ -700,8 +752,15 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         raise ConfigError("train_loader yields no batches" if own.train_loader is not None else
                           f"batch size {cfg.batch_size} exceeds the {len(data.train_y)} training images: "
                           "lower --batch-size")
+    input_size = meta.get("input_size") or ([spec.in_channels, spec.image_size, spec.image_size] if spec else None)
+    if input_size is not None:  # (a user's own loaders: their batches show the input shape only when they run)
+        check_input_fits(raw, input_size, f"{type(raw).__name__} ({(meta.get('arch') or {}).get('name', 'model')})")
 
     writer = rank == 0 and save is not None
+    if writer and lock is not None:  # every check passed: claim the folder, then write
+        progress.created_folder = not save.exists()
+        lock.acquire(create=True)
+        check_save_dir_free(save, resume_path, cfg.force)  # again, now that no one else can write there
     best_path = save / BEST_NAME if save is not None else None
     metrics_path = save / METRICS_NAME if save is not None else None
     ckpt_path = save / CHECKPOINT_NAME if save is not None else None
@@ -728,16 +787,14 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         save_checkpoint(ckpt_path, raw, **train_meta, train_state=state,
                         metrics=history[-1] if history else {})
 
-    if writer:
-        # temporaries of writes a kill -9 interrupted (the files they were to replace are intact)
-        for p in remove_stale_temps(save, (CHECKPOINT_NAME, BEST_NAME, METRICS_NAME)):
-            log.info("removed %s, left by an interrupted write", p)
+    if writer:  # (the lock removed the temporaries of writes a kill -9 interrupted)
         if ts:  # drop lines of epochs after the checkpoint (a crash between the two writes)
             atomic_write_text(metrics_path, "".join(_json_line(r) for r in history))
         else:
             remove_files(best_path, metrics_path)
     if not ts:
         save_latest(0)  # a resumable start: an interrupt in epoch 1 can still resume exactly
+        progress.fresh_start_written = writer
 
     def report(event: dict) -> None:
         if on_progress is not None and rank == 0:
@@ -801,11 +858,10 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                 _all_reduce(flags, "max")
                 signum, bad = int(flags[0]), int(flags[1])
                 if bad >= 0:
-                    last = ckpt_path if save is not None else None
                     raise NonFiniteLoss(
                         f"loss is not finite (nan/inf) at epoch {epoch + 1}, step {bad}/{steps} with lr {lr:g}; "
-                        + (f"{last} holds the last good state (epoch {last_epoch_done}); " if last else "")
-                        + "lower --lr or check the data")
+                        + _non_finite_advice(ckpt_path if save is not None else None, last_epoch_done,
+                                             fresh=not ts and last_epoch_done == 0))
                 if signum:
                     stop.signum = stop.signum or signum
                     stopped = True
@@ -851,6 +907,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             if tb is not None:
                 _log_epoch_to_tensorboard(tb, record, raw, step_seconds=train_seconds / steps)
             last_epoch_done = epoch + 1
+            progress.epochs_done += 1
             report({"event": "epoch", **record, "epochs": cfg.epochs, "best_top1": best_top1, "is_best": is_best})
             if epoch + 1 < cfg.epochs:  # a signal during evaluation or saving: stop here, nothing lost
                 flag = torch.tensor([stop.signum or 0], device=device)
@@ -892,6 +949,15 @@ def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, step_seco
     if gammas is not None:
         tb.add_histogram("sparsity/abs_gamma", gammas.cpu(), epoch)
     tb.flush()
+
+
+def _non_finite_advice(ckpt: Optional[Path], epochs_done: int, fresh: bool) -> str:
+    """What to do after a non-finite loss: fit removes a new run that finished no epoch, so
+    the same command with a lower lr just works; otherwise the good state is kept."""
+    if ckpt is None or fresh:
+        return "nothing was kept; run again with a lower --lr, or check the data"
+    return (f"{ckpt} holds the last good state (epoch {epochs_done}); start over with a lower --lr "
+            "(--force replaces this run), or check the data")
 
 
 def _augment_label(spec: Any) -> str:
