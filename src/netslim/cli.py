@@ -86,27 +86,23 @@ _OTHER_RANKS_ERROR_DELAY_S = 3.0
 
 
 class Progress:
-    """Turns fit()'s progress events into a one-line bar on stderr and a line per epoch on stdout.
+    """Turns fit()'s progress events into a start line and a progress bar on stderr and a line
+    per epoch on stdout.
 
-    On a terminal the bar redraws in place (\\r, at most 10 times a second); otherwise
-    (a log file, CI) it prints a plain line at most every `plain_every` seconds.
+    The bar is tqdm's, redrawn in place, and only on a terminal: a log file or a CI pipe gets
+    the start and epoch lines alone. `quiet` (--quiet) shows nothing at all.
     """
 
-    def __init__(self, err: Optional[TextIO] = None, out: Optional[TextIO] = None, plain_every: float = 10.0):
+    def __init__(self, err: Optional[TextIO] = None, out: Optional[TextIO] = None, quiet: bool = False):
         self.err = err if err is not None else sys.stderr  # looked up now: tests swap sys.stderr
         self.out = out if out is not None else sys.stdout
-        self.tty = bool(getattr(err, "isatty", lambda: False)())
-        self.every = 0.1 if self.tty else plain_every
-        self.last = 0.0
-        self.bar_shown = False
-
-    def _clear(self) -> None:
-        if self.bar_shown:
-            self.err.write("\r\x1b[K")
-            self.err.flush()
-            self.bar_shown = False
+        self.quiet = quiet
+        self.show_bar = not quiet and bool(getattr(self.err, "isatty", lambda: False)())
+        self.bar: Any = None
 
     def __call__(self, ev: dict) -> None:
+        if self.quiet:
+            return
         kind = ev["event"]
         if kind == "start":
             resumed = f", resuming after epoch {ev['start_epoch']}" if ev["start_epoch"] else ""
@@ -121,31 +117,26 @@ class Progress:
                   f"channels_last {'on' if ev['channels_last'] else 'off'}, augment {ev.get('augment', 'off')}, "
                   f"seed {ev['seed']}{resumed}",
                   file=self.err, flush=True)
-            self.last = time.monotonic()
-        elif kind == "step":
-            now = time.monotonic()
-            if now - self.last < self.every and ev["step"] != ev["steps"]:
-                return
-            self.last = now
-            line = (f"epoch {ev['epoch']}/{ev['epochs']} step {ev['step']}/{ev['steps']} "
-                    f"loss {ev['loss']:.4f} top1 {ev['top1']:.2f}% {ev['images_per_s']:.0f} img/s")
-            if self.tty:
-                self.err.write("\r" + line + "\x1b[K")
-                self.bar_shown = True
-            else:
-                self.err.write(line + "\n")
-            self.err.flush()
+        elif kind == "step" and self.show_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+                self.bar = tqdm(total=ev["steps"], desc=f"epoch {ev['epoch']}/{ev['epochs']}", unit="step",
+                                file=self.err, leave=False, mininterval=0.1)
+            self.bar.set_postfix_str(f"loss {ev['loss']:.4f} top1 {ev['top1']:.2f}% "
+                                     f"{ev['images_per_s']:.0f} img/s", refresh=False)
+            self.bar.update(ev["step"] - self.bar.n)
         elif kind == "epoch":
-            self._clear()
+            self.close()  # the bar's line is cleared before the epoch's line is printed
             best = " *" if ev["is_best"] else ""
             print(f"epoch {ev['epoch']}/{ev['epochs']} lr {ev['lr']:.4g} | train loss {ev['train_loss']:.4f} "
                   f"top1 {ev['train_top1']:.2f}% | test loss {ev['test_loss']:.4f} top1 {ev['test_top1']:.2f}%{best} "
                   f"(best {ev['best_top1']:.2f}%) | sum|gamma| {ev['sum_abs_gamma']:.1f} "
                   f"| {ev['images_per_s']:.0f} img/s {ev['seconds']:.1f} s", file=self.out, flush=True)
-            self.last = time.monotonic()
 
     def close(self) -> None:
-        self._clear()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # --------------------------------------------------------------------------- train / finetune
@@ -232,6 +223,8 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
                         "step time; needs the tensorboard package)")
     s.add_argument("--tensorboard", dest="log", action="append_const", const="tensorboard",
                    help="the same as --log tensorboard")
+    s.add_argument("--quiet", action="store_true", default=None,
+                   help="no progress output (start line, bar, epoch lines); errors and the result still print")
 
 
 # TrainConfig fields that have a flag; flags given > --config file > stored (resume) > TrainConfig's defaults
@@ -437,7 +430,7 @@ def _train_locked(args: argparse.Namespace, cfg: Any, dataset: str, arch: dict, 
                                      "train_subset": train_subset, "download": download,
                                      "image_size": image_size, "val_split": val_split}}
         run_values = _train_config_values(args.command, cfg, dataset, arch, data_opts, args.refine, save, resume)
-        progress = Progress() if rank == 0 else None
+        progress = Progress(quiet=bool(args.quiet)) if rank == 0 else None
 
         def on_progress(ev: dict) -> None:
             if ev["event"] == "start" and run_values is not None:  # the run has begun: record what it runs
@@ -850,7 +843,11 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         round_to=args.round_to, train_overrides=overrides or None, data_dir=args.data_dir,
         download=args.download or None)
     run_dir = Path(args.save or f"runs/{args.preset}")
-    progress = Progress()
+    progress = Progress(quiet=bool(args.quiet))
+
+    def say(line: str) -> None:  # the stage lines are progress too: --quiet drops them
+        if not args.quiet:
+            print(line, flush=True)
 
     def on_event(ev: dict) -> None:
         kind = ev["event"]
@@ -859,20 +856,19 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         elif kind == "pipeline_start":  # run_dir is claimed: record what this run resolved to
             write_config_file(run_dir / CONFIG_NAME, _pipeline_config_values(args, cfg, ev["seed"]),
                               _config_header("pipeline"))
-            print(f"pipeline {args.preset} in {run_dir}: {PRESET_NOTES.get(args.preset, '')}".rstrip(": "),
-                  flush=True)
+            say(f"pipeline {args.preset} in {run_dir}: {PRESET_NOTES.get(args.preset, '')}".rstrip(": "))
         elif kind == "stage_start":
             how = " (resuming)" if ev.get("resume") else ""
-            print(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']}{how}", flush=True)
+            say(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']}{how}")
         elif kind == "stage_skip":
-            print(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']} already done", flush=True)
+            say(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']} already done")
         elif kind == "stage_end":
             progress.close()
             top1 = ev.get("top1")
-            print(f"== {ev['stage']} done" + (f": top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "")
-                  + (f" in {ev['seconds']:.0f} s" if ev.get("seconds") else ""), flush=True)
+            say(f"== {ev['stage']} done" + (f": top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "")
+                + (f" in {ev['seconds']:.0f} s" if ev.get("seconds") else ""))
         elif kind == "report_start":
-            print("== measuring and writing the report", flush=True)
+            say("== measuring and writing the report")
 
     t0 = time.monotonic()
     try:
