@@ -2,6 +2,7 @@
 user's optimizer / loss / loaders, SparsityCallback, and the library covering every command."""
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import runpy
@@ -146,7 +147,8 @@ def test_every_command_has_a_library_counterpart_with_the_same_defaults():
             library.update(_library_defaults(fn))
         shared = 0
         for action in parser.commands[command]._actions:
-            if (action.dest not in library or action.default is None or action.dest in ("help", "config")
+            no_default = action.default is None or action.default == argparse.SUPPRESS  # (--threads: the global's)
+            if (action.dest not in library or no_default or action.dest in ("help", "config")
                     or (command, action.dest) in DIFFERENT_ON_PURPOSE):
                 continue
             want = library[action.dest]
