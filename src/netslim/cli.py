@@ -494,22 +494,37 @@ def _load_for_cli(args: argparse.Namespace) -> tuple[Any, dict]:
     return model, meta
 
 
-def _try_top1(model: Any, meta: dict, args: argparse.Namespace) -> Optional[float]:
-    """Top-1 on the test split when the data is at hand; pruning itself needs none."""
+def _dataset_for(meta: dict, args: argparse.Namespace, *, required: bool = False) -> Any:
+    """The checkpoint's dataset as its run read it, or None (a warning) when it is not at hand."""
     from .data import load_dataset
-    from .train import evaluate, resolve_device
 
     name = getattr(args, "dataset", None) or (meta.get("dataset") or {}).get("name")
-    if not name or getattr(args, "no_eval", False):
+    if not name:
+        if required:
+            raise ConfigError("the checkpoint names no dataset; pass --dataset")
         return None
     stored = meta.get("data_options") or {}  # where the checkpoint's run read its data
     try:
         data = load_dataset(name, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"),
                             image_size=stored.get("image_size"), val_split=stored.get("val_split"))
     except NetslimError as e:
+        if required:
+            raise
         log.warning("not evaluating after pruning: %s", e)
         return None
     _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
+    return data
+
+
+def _try_top1(model: Any, meta: dict, args: argparse.Namespace, data: Any = None) -> Optional[float]:
+    """Top-1 on the test split when the data is at hand; pruning itself needs none."""
+    from .train import evaluate, resolve_device
+
+    if getattr(args, "no_eval", False):
+        return None
+    data = data or _dataset_for(meta, args)
+    if data is None:
+        return None
     _, top1 = evaluate(model, data.test_x, data.test_y, data.spec, device=resolve_device(args.device))
     return top1
 
@@ -546,8 +561,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned, report = prune(model, args.percent, mode=args.mode, min_channels=args.min_channels,
                            max_layer_percent=args.max_layer_percent, round_to=args.round_to,
                            group_score=args.group_score, skip_coupled=args.skip_coupled,
-                           exclude=args.exclude or (), **latency)
-    top1 = _try_top1(pruned, meta, args)
+                           exclude=args.exclude or (), compensate=args.compensate is not False,
+                           **latency)
+    data = _dataset_for(meta, args, required=True) if args.recalibrate else None
+    top1 = _try_top1(pruned, meta, args, data)
+    if args.recalibrate:
+        from .recalibrate import recalibrate_on_training_data
+        from .train import resolve_device
+
+        used = recalibrate_on_training_data(pruned, data, args.recalibrate, device=resolve_device(args.device))
+        report["recalibration"] = {"batches": used, "top1_before": top1}
+        top1 = report["recalibration"]["top1_after"] = _try_top1(pruned, meta, args, data)
     report["top1"] = top1
     report["checkpoint"] = str(args.checkpoint)
     keep_meta = {k: meta[k] for k in ("arch", "dataset", "data_options") if meta.get(k)}
@@ -576,7 +600,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if report.get("latency_target"):
         from .latency_target import describe
         print(describe(report["latency_target"]))
-    if top1 is not None:
+    comp = report["compensation"]
+    if comp:
+        print(f"compensation: {comp['folded']} constant(s) of {comp['removed_channels']} removed channels folded "
+              f"into the next layer" + (f", {comp['skipped']} not constant (left as pruned)" if comp["skipped"] else ""))
+    recal = report.get("recalibration")
+    if recal and recal["top1_before"] is not None:
+        print(f"top-1 right after pruning: {recal['top1_before']:.2f}%, after BN recalibration on "
+              f"{recal['batches']} batches: {recal['top1_after']:.2f}%")
+    elif top1 is not None:
         print(f"top-1 right after pruning: {top1:.2f}%")
     print(f"wrote {target} and {save / 'prune.json'}")
     return 0
@@ -716,6 +748,12 @@ def _add_prune_parsers(sub: Any) -> None:
                         "removes a group only if every factor in it is under the threshold")
     p.add_argument("--skip-coupled", action="store_true", help="leave coupled groups unpruned")
     p.add_argument("--exclude", nargs="+", metavar="MODULE", help="module names to leave alone")
+    p.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
+                   help="do not fold the removed channels' constant output (act(beta)) into the next layer's "
+                        "bias or BN mean: the seed's pruning exactly")
+    p.add_argument("--recalibrate", type=_int_at_least(1), metavar="N",
+                   help="re-estimate every BN's running statistics on N training batches after pruning "
+                        "(needs the dataset; prints top-1 before and after)")
     p.add_argument("--save", metavar="DIR", help="output folder (default: pruned-<P> beside the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace DIR/pruned.pt if it exists")
     p.add_argument("--no-eval", action="store_true", help="skip the top-1 evaluation after pruning")
@@ -774,7 +812,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, s=args.s, percents=args.percent, passes=args.passes,
         max_layer_percent=args.max_layer_percent, prune_mode=args.mode, min_channels=args.min_channels,
         round_to=args.round_to, train_overrides=overrides or None, data_dir=args.data_dir,
-        download=args.download or None)
+        download=args.download or None, compensate=args.compensate, recalibrate=args.recalibrate)
     run_dir = Path(args.save or f"runs/{args.preset}")
     progress = Progress()
 
@@ -830,7 +868,8 @@ def _pipeline_config_values(args: argparse.Namespace, cfg: Any, seed: int) -> di
               **{f"{stage}_epochs": n for stage, n in epochs.items()},
               "batch_size": cfg.batch_size, "lr": cfg.lr, "s": cfg.s, "percent": [float(p) for p in cfg.percents],
               "passes": cfg.passes, "max_layer_percent": cfg.max_layer_percent, "mode": cfg.prune_mode,
-              "min_channels": cfg.min_channels, "round_to": cfg.round_to,
+              "min_channels": cfg.min_channels, "round_to": cfg.round_to, "compensate": cfg.compensate,
+              "recalibrate": cfg.recalibrate,
               "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, "download": cfg.download,
               "latency_seconds": args.latency_seconds}
     return {**values, **cfg.train_overrides, "seed": seed}
@@ -858,6 +897,10 @@ def _add_pipeline_parser(sub: Any) -> None:
     e.add_argument("--mode", choices=("slim", "mask"), help="prune mode (default slim)")
     e.add_argument("--min-channels", type=_int_at_least(1))
     e.add_argument("--round-to", type=_int_at_least(1))
+    e.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
+                   help="prune as the seed does: no folding of the removed channels' constants")
+    e.add_argument("--recalibrate", type=_int_at_least(0), metavar="N",
+                   help="BN recalibration batches after pruning (default 50; 0: none, the seed's)")
     p.add_argument("--latency-seconds", type=_positive, default=0.5, help="time per latency measurement")
     p.set_defaults(func=cmd_pipeline)
 

@@ -104,6 +104,8 @@ class PipelineConfig:
     prune_mode: str = "slim"                                  # slim | mask
     min_channels: int = 1
     round_to: int = 1
+    compensate: bool = True                                   # fold removed channels' constants (compensate.py)
+    recalibrate: int = 50                                     # BN recalibration batches after pruning; 0: none
     train_overrides: dict = field(default_factory=dict)
     data_dir: Optional[str] = None
     download: bool = False
@@ -180,6 +182,8 @@ class PipelineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} {v!r} is not valid: use an integer >= 1")
+        if isinstance(self.recalibrate, bool) or not isinstance(self.recalibrate, int) or self.recalibrate < 0:
+            raise ConfigError(f"recalibrate {self.recalibrate!r} is not valid: use a number of batches >= 0")
         if not isinstance(self.train_overrides, dict):
             raise ConfigError(f"train_overrides must be a dict, got {self.train_overrides!r}")
         own = sorted(set(self.train_overrides) & set(PIPELINE_OWN_TRAIN_FIELDS))
@@ -557,6 +561,7 @@ class _Runner:
     def prune(self, stage: Stage) -> dict:
         from .checkpoint import load_checkpoint, save_checkpoint
         from .prune import prune
+        from .recalibrate import recalibrate_on_training_data
         from .train import evaluate, resolve_device
 
         src = self.source_checkpoint(stage)
@@ -564,7 +569,7 @@ class _Runner:
         cap = self.cfg.layer_cap(stage.pass_no)
         pruned, report = prune(model, float(stage.percent), mode=self.cfg.prune_mode,
                                min_channels=self.cfg.min_channels, max_layer_percent=cap,
-                               round_to=self.cfg.round_to)
+                               round_to=self.cfg.round_to, compensate=self.cfg.compensate)
         # Top-1 right after pruning, before fine-tuning (the seed's "Prune (40%)" column), evaluated
         # as fit evaluates: same device, autocast and memory layout, so the columns compare.
         tcfg = self.cfg.train_config("finetune", seed=self.seed)
@@ -574,10 +579,19 @@ class _Runner:
         if cl:
             pruned.to(memory_format=torch.channels_last)
         data = self.data
-        loss, top1 = evaluate(pruned, data.test_x, data.test_y, data.spec, batch_size=tcfg.test_batch_size,
-                              device=device, amp=tcfg.amp, channels_last=cl)
-        pruned.to("cpu")
+        def score() -> tuple[float, float]:
+            return evaluate(pruned, data.test_x, data.test_y, data.spec, batch_size=tcfg.test_batch_size,
+                            device=device, amp=tcfg.amp, channels_last=cl)
+        loss, top1 = score()
         metrics = {"test_top1": top1, "test_loss": loss, "evaluated": "after pruning, before fine-tuning"}
+        if self.cfg.recalibrate:
+            used = recalibrate_on_training_data(pruned, data, self.cfg.recalibrate, batch_size=self.cfg.batch_size,
+                                                device=device, seed=self.seed, channels_last=cl)
+            report["recalibration"] = {"batches": used, "top1_before": top1, "loss_before": loss}
+            loss, top1 = score()
+            metrics.update(test_top1=top1, test_loss=loss, top1_before_recalibration=report["recalibration"]["top1_before"],
+                           evaluated="after pruning and BN recalibration, before fine-tuning")
+        pruned.to("cpu")
         keep = {k: meta[k] for k in ("arch", "dataset", "input_size", "data_options") if meta.get(k) is not None}
         out = self.stage_dir(stage)
         save_checkpoint(out / PRUNED_NAME, pruned, **keep, metrics=metrics, pipeline_stage=stage.key,

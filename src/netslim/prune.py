@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .compensate import compensate as compensate_removed
 from .errors import ConfigError, PruneError
 from .graph import INDEXED_BN, Analysis, analyze, is_indexed_bn
 from .wrappers import unwrap_model
@@ -443,7 +444,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
           example_input: torch.Tensor | None = None, group_score: str = "max",
           skip_coupled: bool = False, exclude: Sequence[str] = (),
           target_latency: float | None = None, runtime: str = "torch", batch_size: int = 1,
-          threads: int | None = None) -> tuple[nn.Module, dict]:
+          threads: int | None = None, compensate: bool = True) -> tuple[nn.Module, dict]:
     """Prune `model` with Network Slimming's global threshold. Returns (pruned model, report).
 
     mode "slim" returns a physically smaller copy; mode "mask" a copy of the same shape whose
@@ -452,6 +453,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     `runtime` (torch or onnxruntime) at `batch_size` and `threads` is at most F x the dense
     model's (latency_target.py; the report gains "latency_target"). round_to "auto" keeps,
     per layer, the width at or above the kept count that runs fastest there (widths.py).
+    compensate (default): fold the constant each removed channel still outputs into the
+    layers that read it (compensate.py), in both modes alike; False is the seed's pruning.
     """
     from .checkpoint import example_input as make_example
     from .profile import count
@@ -464,7 +467,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         return prune_to_latency(model, target_latency, runtime=runtime, batch_size=batch_size, threads=threads,
                                 example_input=example_input, mode=mode, min_channels=min_channels,
                                 max_layer_percent=max_layer_percent, round_to=round_to, group_score=group_score,
-                                skip_coupled=skip_coupled, exclude=exclude)
+                                skip_coupled=skip_coupled, exclude=exclude, compensate=compensate)
     if percent is None:
         raise ConfigError("prune needs percent (the fraction of channels to prune) or target_latency")
     if mode not in ("slim", "mask"):
@@ -487,14 +490,20 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
                                            **options)
     input_size = list(example_input.shape[1:])
     before = count(model, example_input=example_input)
+    source, compensation = model, None
+    if compensate:
+        removed = _removed_roots(analysis, plan, dict(model.named_modules()))
+        source, compensation = compensate_removed(model, analysis, removed, example_input)
+        if compensation.added_biases:
+            meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
     if mode == "slim":
-        pruned = apply_plan(model, plan, example_input, analysis=analysis)
+        pruned = apply_plan(source, plan, example_input, analysis=analysis)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = count(pruned, example_input=example_input)
         effective = after
     else:
-        pruned = copy.deepcopy(model)
+        pruned = copy.deepcopy(source)
         _strip_masks(pruned)
         pruned = apply_mask(pruned, plan)
         meta["mask"] = pruned.netslim_meta["mask"]
@@ -520,6 +529,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         "untraceable": dict(analysis.untraceable),
         "coupled": ["+".join(layer) for layer in analysis.coupled_layers()],
         "before": before, "after": after, "effective": effective,
+        "compensation": compensation.as_dict() if compensation else None,
     }
     log.info("pruned %d of %d channels (threshold %.4g)", total - kept, total, report["threshold"] or 0)
     return pruned, report
