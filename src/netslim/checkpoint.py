@@ -130,8 +130,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
 
 
 def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: bool = True,
-                          source: str = "checkpoint") -> nn.Module:
-    """Build the architecture an in-memory checkpoint dict describes and load its weights."""
+                          source: str = "checkpoint", load_weights: bool = True) -> nn.Module:
+    """Build the architecture an in-memory checkpoint dict describes and load its weights.
+
+    load_weights=False: the architecture with the builder's fresh initialisation (Scratch-B).
+    """
     from .compensate import add_biases
     from .models import build_model
     from .prune import apply_mask, apply_plan
@@ -158,7 +161,8 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
         raise CheckpointError(f"{source} holds a pruning plan that does not fit its architecture "
                               f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); the file is damaged") from None
     try:
-        missing, unexpected = model.load_state_dict(obj["state_dict"], strict=strict)
+        if load_weights:
+            model.load_state_dict(obj["state_dict"], strict=strict)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = "; ".join(lines[1:3])[:200]

@@ -74,6 +74,22 @@ _non_negative = _float_where(lambda v: 0 <= v < float("inf"), ">= 0")
 _unit = _float_where(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def _forecast_text(f: Optional[dict]) -> str:
+    """'; pruning 50% now: threshold 0.07, 47% of FLOPs and 20% of params left, ...' (or '')."""
+    if not f:
+        return ""
+    at_min = f["at_min_channels"]
+    return (f"; pruning {100 * f['percent']:g}% now: threshold {f['threshold']:.3g}, {100 * f['flops_left']:.0f}% "
+            f"of FLOPs and {100 * f['params_left']:.0f}% of params left"
+            + (f", {len(at_min)} layer(s) emptied but for min_channels ({', '.join(at_min[:3])}"
+               f"{' ...' if len(at_min) > 3 else ''})" if at_min else ""))
+
+
+def _s_value(text: str) -> "float | str":
+    """--s: a sparsity strength >= 0, or auto (the controller of autopilot.py)."""
+    return "auto" if text.strip().lower() == "auto" else _non_negative(text)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -138,6 +154,10 @@ class Progress:
                   f"top1 {ev['train_top1']:.2f}% | test loss {ev['test_loss']:.4f} top1 {ev['test_top1']:.2f}%{best} "
                   f"(best {ev['best_top1']:.2f}%) | sum|gamma| {ev['sum_abs_gamma']:.1f} "
                   f"| {ev['images_per_s']:.0f} img/s {ev['seconds']:.1f} s", file=self.out, flush=True)
+            if ev.get("s") is not None:
+                print(f"  sparsity: s {ev['s']:.3g}" + (f" (next {ev['s_next']:.3g})" if "s_next" in ev else "")
+                      + f", {100 * ev['frac_gamma_below_1e-2']:.1f}% of |gamma| < 1e-2"
+                      + _forecast_text(ev.get("forecast")), file=self.out, flush=True)
             self.last = time.monotonic()
 
     def close(self) -> None:
@@ -199,10 +219,41 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     if not pipeline:
         r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
                        help="train with the L1 sparsity term on BatchNorm gammas")
-    r.add_argument("--s", "--lambda", dest="s", type=_non_negative, metavar="S",
-                   help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
-                        f"resnet/densenet); {_LAMBDA_WHY}")
+    if pipeline:
+        r.add_argument("--s", "--lambda", dest="s", type=_non_negative, metavar="S",
+                       help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
+                            f"resnet/densenet); {_LAMBDA_WHY}")
+    else:
+        r.add_argument("--s", "--lambda", dest="s", type=_s_value, metavar="S",
+                       help=f"sparsity strength, the paper's lambda (default {d.s:g}; 1e-5 for resnet/densenet), "
+                            f"or auto: adjusted every epoch to reach --target-sparsity; {_LAMBDA_WHY}")
+        r.add_argument("--target-sparsity", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="Q",
+                       help="with --s auto: the share of BN factors under 1e-2 to reach by the last epoch")
+        r.add_argument("--forecast-percent", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="P",
+                       help=f"sparsity epochs log what pruning P of the channels would give (default "
+                            f"{d.forecast_percent})")
+    r.add_argument("--s-schedule", choices=("constant", "linear-decay", "step-decay"),
+                   help="s over the epochs: constant (default), linear-decay (to 0) or step-decay (/10 at the "
+                        "lr milestones)")
     r.add_argument("--seed", type=_int_at_least(0), help="random seed (default: drawn and recorded)")
+    if pipeline:
+        r.add_argument("--distill", action="store_true", default=None,
+                       help="fine-tune with the sparsity model it pruned as the teacher (logits KD + CE)")
+        r.add_argument("--retrain", choices=("finetune", "scratch-b"),
+                       help="after pruning: finetune the inherited weights (default) or scratch-b: random init, "
+                            "epochs x dense FLOPs / slim FLOPs (Liu et al. 2019)")
+    else:
+        r.add_argument("--distill", metavar="TEACHER",
+                       help="add the Hinton KD loss towards this checkpoint's logits (same task, e.g. the "
+                            "sparsity model that was pruned)")
+    r.add_argument("--distill-alpha", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"), metavar="A",
+                   help=f"weight of the teacher term, 1 - A on the labels (default {d.distill_alpha})")
+    r.add_argument("--distill-temperature", type=_positive, metavar="T",
+                   help=f"softmax temperature of the teacher term (default {d.distill_temperature:g})")
+    if command in ("train", "finetune"):
+        r.add_argument("--scratch", action="store_true", default=None,
+                       help="Scratch-B: train the pruned architecture from random init for --epochs x dense "
+                            "FLOPs / slim FLOPs (--epochs: the dense model's budget)")
 
     s = p.add_argument_group("run")
     if command == "finetune":
@@ -233,7 +284,8 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
 # TrainConfig fields that have a flag; flags given > --config file > stored (resume) > TrainConfig's defaults
 _RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule",
                  "sr", "s", "seed", "amp", "channels_last", "augment", "crop_pad", "compile", "device", "sync_bn",
-                 "log_every", "log")
+                 "log_every", "log", "distill", "distill_alpha", "distill_temperature", "target_sparsity", "s_schedule",
+                 "forecast_percent")
 # load_dataset's options that have a flag (stored in checkpoints as `data_options`)
 _DATA_FLAGS = ("data_dir", "download", "train_subset", "image_size", "val_split")
 
@@ -367,6 +419,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         meta = {}
 
     given = {k: getattr(args, k) for k in _RECIPE_FLAGS}
+    if given["distill"] is not None:  # absolute, so a resume from elsewhere finds the teacher
+        given["distill"] = str(Path(given["distill"]).resolve())
+    if args.scratch and not args.refine:
+        raise ConfigError("--scratch retrains a pruned architecture: give it with --refine (finetune --checkpoint)")
     check_resume_recipe(stored_cfg, given)
     # A run from before --crop-pad existed cropped every dataset with pad 4.
     legacy = {"crop_pad": 4} if stored_cfg and "crop_pad" not in stored_cfg else {}
@@ -414,12 +470,22 @@ def cmd_train(args: argparse.Namespace) -> int:
             import torch
             torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
             model = build_model(name, **{k: v for k, v in arch.items() if k != "name"})
+        budget = cfg.epochs
+        if args.scratch:
+            from .retrain import scratch_b_epochs, scratch_model
+            model, _ = scratch_model(args.refine, seed=cfg.seed)
+            cfg.epochs, ratio = scratch_b_epochs(model, meta, budget)
+            if rank == 0:
+                print(f"Scratch-B: random init, {cfg.epochs} epochs = {budget} x {ratio:.2f} (dense FLOPs / "
+                      f"slim FLOPs)", flush=True)
         input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
         run_meta = {"arch": arch, "dataset": spec.as_dict(), "input_size": list(input_size),
                     "data_options": {"data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                                      "train_subset": train_subset, "download": download,
                                      "image_size": image_size, "val_split": val_split}}
         run_values = _train_config_values(args.command, cfg, dataset, arch, data_opts, args.refine, save, resume)
+        if args.scratch and run_values is not None:  # the file repeats the flags: the budget, not the scaled epochs
+            run_values.update(scratch=True, epochs=budget)
         progress = Progress() if rank == 0 else None
 
         def on_progress(ev: dict) -> None:
@@ -812,7 +878,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, s=args.s, percents=args.percent, passes=args.passes,
         max_layer_percent=args.max_layer_percent, prune_mode=args.mode, min_channels=args.min_channels,
         round_to=args.round_to, train_overrides=overrides or None, data_dir=args.data_dir,
-        download=args.download or None, compensate=args.compensate, recalibrate=args.recalibrate)
+        download=args.download or None, compensate=args.compensate, recalibrate=args.recalibrate,
+        distill=args.distill, retrain=args.retrain)
     run_dir = Path(args.save or f"runs/{args.preset}")
     progress = Progress()
 
@@ -869,7 +936,7 @@ def _pipeline_config_values(args: argparse.Namespace, cfg: Any, seed: int) -> di
               "batch_size": cfg.batch_size, "lr": cfg.lr, "s": cfg.s, "percent": [float(p) for p in cfg.percents],
               "passes": cfg.passes, "max_layer_percent": cfg.max_layer_percent, "mode": cfg.prune_mode,
               "min_channels": cfg.min_channels, "round_to": cfg.round_to, "compensate": cfg.compensate,
-              "recalibrate": cfg.recalibrate,
+              "recalibrate": cfg.recalibrate, "distill": cfg.distill, "retrain": cfg.retrain,
               "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, "download": cfg.download,
               "latency_seconds": args.latency_seconds}
     return {**values, **cfg.train_overrides, "seed": seed}

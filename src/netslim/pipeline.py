@@ -66,7 +66,8 @@ PRUNE_REPORT_NAME = "prune.json"
 PIPELINE_FORMAT = "netslim-pipeline/1"
 
 # TrainConfig fields the pipeline sets itself, per stage: not allowed in train_overrides.
-PIPELINE_OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force")
+PIPELINE_OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force", "distill")
+RETRAIN_CHOICES = ("finetune", "scratch-b")
 # train_overrides keys that go to load_dataset instead of TrainConfig.
 _DATA_OVERRIDES = ("train_subset", "image_size", "val_split")
 # Settings that change where or how fast a run goes, not its numbers: a resume may change them.
@@ -106,6 +107,8 @@ class PipelineConfig:
     round_to: int = 1
     compensate: bool = True                                   # fold removed channels' constants (compensate.py)
     recalibrate: int = 50                                     # BN recalibration batches after pruning; 0: none
+    distill: bool = False                                     # fine-tune with the pruned sparsity model as teacher
+    retrain: str = "finetune"                                 # finetune | scratch-b (retrain.py)
     train_overrides: dict = field(default_factory=dict)
     data_dir: Optional[str] = None
     download: bool = False
@@ -182,6 +185,8 @@ class PipelineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} {v!r} is not valid: use an integer >= 1")
+        if self.retrain not in RETRAIN_CHOICES:
+            raise ConfigError(f"retrain {self.retrain!r} is not valid: use {' or '.join(RETRAIN_CHOICES)}")
         if isinstance(self.recalibrate, bool) or not isinstance(self.recalibrate, int) or self.recalibrate < 0:
             raise ConfigError(f"recalibrate {self.recalibrate!r} is not valid: use a number of batches >= 0")
         if not isinstance(self.train_overrides, dict):
@@ -211,6 +216,7 @@ class PipelineConfig:
         if "milestones" in kw:
             kw["milestones"] = tuple(kw["milestones"])
         kw.setdefault("seed", seed)
+        kw.setdefault("forecast_percent", float(self.percents[0]))  # sparsity epochs forecast the first percent
         return TrainConfig(epochs=self.stage_epochs()[stage], batch_size=self.batch_size, lr=self.lr,
                            sr=stage == "sparsity", s=self.s, **kw)
 
@@ -544,6 +550,8 @@ class _Runner:
             model.train()
             arch = dict(meta["arch"])
             input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
+            if stage.role == "finetune":
+                model, tcfg = self.recovery(stage, model, meta, tcfg)
         ckpt = save / CHECKPOINT_NAME if resume else None
         if ckpt is not None:
             log.info("stage %s: resuming from %s", stage.key, ckpt)
@@ -555,6 +563,21 @@ class _Runner:
                       resume=ckpt, on_progress=progress)
         return {"best_top1": summary["best_top1"], "final_top1": summary["final_top1"],
                 "epochs": summary["epochs"], "seed": summary["seed"], "resumed": resume}
+
+    def recovery(self, stage: Stage, pruned: nn.Module, meta: dict, tcfg: Any) -> tuple[nn.Module, Any]:
+        """How a fine-tune stage recovers: the teacher (distill) and the start (Scratch-B)."""
+        from .retrain import scratch_b_epochs, scratch_model
+
+        prune_stage = next(s for s in plan_stages(self.cfg) if s.key == stage.source)
+        if self.cfg.distill:  # the teacher: the sparsity model this stage's model was pruned from
+            tcfg = dataclasses.replace(tcfg, distill=str(self.source_checkpoint(prune_stage).resolve()))
+        if self.cfg.retrain == "scratch-b":
+            dense_epochs = self.cfg.stage_epochs()["sparsity"]   # what the dense model trained for
+            pruned, _ = scratch_model(self.source_checkpoint(stage), seed=tcfg.seed)
+            epochs, ratio = scratch_b_epochs(pruned, meta, dense_epochs)
+            log.info("stage %s: Scratch-B, random init, %d epochs = %d x %.2f", stage.key, epochs, dense_epochs, ratio)
+            tcfg = dataclasses.replace(tcfg, epochs=epochs)
+        return pruned, tcfg
 
     # ---- prune stages
 
