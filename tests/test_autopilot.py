@@ -17,12 +17,16 @@ def test_s_schedules():
 
 
 def test_controller_raises_s_when_behind_lowers_it_when_ahead_and_caps_it():
-    c = SparsityController(target=0.5, epochs=4, s=1e-4, lr=0.1)
+    c = SparsityController(target=0.5, epoch_lrs=[0.1] * 4, s=1e-4)
     assert c.update(1, 0.0) == pytest.approx(2e-4)            # planned 0.125, none yet: doubled
-    assert c.update(2, 0.25) == pytest.approx(2e-4)           # on the line: unchanged
+    assert c.update(2, 0.25) == pytest.approx(2e-4)           # on plan: unchanged
     assert c.update(3, 0.6) == pytest.approx(1e-4)            # ahead: halved
-    fast = SparsityController(target=0.5, epochs=2, s=5e-3, lr=0.1)
-    assert fast.update(1, 0.0) == fast.max_s == pytest.approx(1e-2)   # lr * s stays under 1e-3
+    fast = SparsityController(target=0.5, epoch_lrs=[0.1, 0.1], s=5e-3)
+    assert fast.update(1, 0.0) == fast.max_s(1) == pytest.approx(1e-2)   # lr * s stays under 1e-3
+    # the plan follows the L1 budget (sum of lr): with the step schedule it is almost spent by the decay
+    step = SparsityController(target=0.5, epoch_lrs=[0.1, 0.1, 0.01, 0.001], s=1e-4)
+    assert step.planned[1] == pytest.approx(0.5 * 0.2 / 0.211)
+    assert step.max_s(2) == pytest.approx(0.1)                # a smaller lr allows a larger s
 
 
 def test_warnings_name_what_defeats_the_penalty():

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .autopilot import S_SCHEDULES, SparsityController, SparsityForecast, lr_sum, s_for_epoch, sparsity_warnings
+from .autopilot import S_SCHEDULES, SparsityController, SparsityForecast, epoch_lrs, s_for_epoch, sparsity_warnings
 from .distill import distillation_loss
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError
 from .fileio import append_jsonl, atomic_write_text, remove_files, remove_stale_temps
@@ -959,10 +959,9 @@ def _sparsity_setup(raw: nn.Module, cfg: TrainConfig, meta: dict, ts: dict, devi
     controller = None
     s = cfg.s
     if s == "auto":
-        milestones = epoch_milestones(cfg.epochs, cfg.milestones)
-        total_lr = lr_sum(cfg.lr, cfg.epochs, steps_per_epoch, milestones, cfg.gamma, cfg.schedule)
-        s = ts.get("s_current") or SparsityController.initial_s(raw, total_lr)
-        controller = SparsityController(cfg.target_sparsity, cfg.epochs, float(s), cfg.lr)
+        lrs = epoch_lrs(cfg.lr, cfg.epochs, epoch_milestones(cfg.epochs, cfg.milestones), cfg.gamma, cfg.schedule)
+        s = ts.get("s_current") or SparsityController.initial_s(raw, steps_per_epoch * sum(lrs))
+        controller = SparsityController(cfg.target_sparsity, lrs, float(s))
     forecast = None
     try:
         from .checkpoint import example_input
