@@ -673,7 +673,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    sparsity, controller, forecast = _sparsity_setup(raw, cfg, meta, ts, device, steps_per_epoch=_steps_hint(data, cfg, world))
+    sparsity, controller, forecast = _sparsity_setup(raw, cfg, meta, ts, device, steps_per_epoch=_steps_hint(data, cfg))
     teacher = None
     if cfg.distill:
         from .checkpoint import example_input
@@ -944,9 +944,9 @@ def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, step_seco
     tb.flush()
 
 
-def _steps_hint(data: Any, cfg: TrainConfig, world: int) -> int:
-    """Training steps per epoch (what BatchLoader will give), before the loader exists."""
-    return max(1, len(data.train_y) // (cfg.batch_size * world))
+def _steps_hint(data: Any, cfg: TrainConfig) -> int:
+    """Training steps per epoch (cfg.batch_size is the global batch), before the loader exists."""
+    return max(1, len(data.train_y) // cfg.batch_size)
 
 
 def _sparsity_setup(raw: nn.Module, cfg: TrainConfig, meta: dict, ts: dict, device: torch.device,
