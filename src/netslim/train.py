@@ -673,7 +673,6 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    sparsity, controller, forecast = _sparsity_setup(raw, cfg, meta, ts, device, steps_per_epoch=_steps_hint(data, cfg))
     teacher = None
     if cfg.distill:
         from .checkpoint import example_input
@@ -734,6 +733,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         raise ConfigError("train_loader yields no batches" if own.train_loader is not None else
                           f"batch size {cfg.batch_size} exceeds the {len(data.train_y)} training images: "
                           "lower --batch-size")
+    sparsity, controller, forecast = _sparsity_setup(raw, cfg, meta, ts, device, steps_per_epoch=steps)
 
     writer = rank == 0 and save is not None
     best_path = save / BEST_NAME if save is not None else None
@@ -942,11 +942,6 @@ def _log_epoch_to_tensorboard(tb: Any, record: dict, model: nn.Module, step_seco
     if gammas is not None:
         tb.add_histogram("sparsity/abs_gamma", gammas.cpu(), epoch)
     tb.flush()
-
-
-def _steps_hint(data: Any, cfg: TrainConfig) -> int:
-    """Training steps per epoch (cfg.batch_size is the global batch), before the loader exists."""
-    return max(1, len(data.train_y) // cfg.batch_size)
 
 
 def _sparsity_setup(raw: nn.Module, cfg: TrainConfig, meta: dict, ts: dict, device: torch.device,
