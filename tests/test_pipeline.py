@@ -299,11 +299,30 @@ def test_preset_overrides_win():
     (dict(prune_mode="cut"), "slim or mask"),
     (dict(passes=0), "passes"),
     (dict(lr=-1.0), "lr"),
+    (dict(retrain="scratch"), "finetune or scratch-b"),
+    (dict(recalibrate=-1), "recalibrate"),
 ])
 def test_bad_configs_are_refused_before_any_work(data_dir, tmp_path, change, says):
     with pytest.raises(ConfigError, match=says):
         run_pipeline(tiny(data_dir, **change), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_recovery_options_distill_scratch_b_and_recalibration(data_dir, tmp_path):
+    from netslim.retrain import scratch_b_epochs, scratch_model
+
+    run = tmp_path / "run"
+    results = run_pipeline(tiny(data_dir, distill=True, retrain="scratch-b", recalibrate=2), run, latency_seconds=0)
+    ft = torch.load(run / "finetune-50" / "checkpoint.pt", weights_only=True)["train_state"]["config"]
+    assert ft["distill"] == str((run / "sparsity" / "model_best.pt").resolve())
+    fresh, meta = scratch_model(run / "prune-50" / "pruned.pt", seed=0)
+    assert ft["epochs"] == scratch_b_epochs(fresh, meta, 1)[0] > 1       # the dense budget x the FLOPs ratio
+    prune = json.loads((run / "prune-50" / "prune.json").read_text())
+    assert prune["recalibration"]["batches"] == 2 and prune["compensation"]["removed_channels"] > 0
+    by = {r["key"]: r for r in results["stages"]}
+    assert by["prune-50"]["top1_before_recalibration"] == prune["recalibration"]["top1_before"]
+    md = (run / "results.md").read_text()
+    assert "after BN recalibration on 2 batches" in md and "Scratch-B" in md
 
 
 def test_number_formats():

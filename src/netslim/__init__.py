@@ -20,6 +20,7 @@ from .prune import apply_mask, apply_plan, prune
 from .config import read_config_file
 from .export import export_onnx, export_torchscript
 from .pipeline import PipelineConfig, list_presets, preset_config, run_pipeline
+from .recalibrate import recalibrate_bn
 from .sparsity import BNSparsity, SparsityCallback, bn_l1_
 from .train import TrainConfig, evaluate, fit
 
@@ -29,7 +30,7 @@ __all__ = [
     "fit", "evaluate", "TrainConfig", "bn_l1_", "BNSparsity", "SparsityCallback",
     "run_pipeline", "preset_config", "list_presets", "PipelineConfig", "read_config_file",
     "export_onnx", "export_torchscript",
-    "prune", "apply_plan", "apply_mask", "analyze",
+    "prune", "apply_plan", "apply_mask", "analyze", "recalibrate_bn",
     "count", "measure_latency", "profile", "optimize_for_inference",
     "save_checkpoint", "load_checkpoint", "load_any_checkpoint", "provenance",
     "NetslimError", "ConfigError", "DatasetError", "CheckpointError", "PruneError",

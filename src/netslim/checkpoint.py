@@ -11,6 +11,7 @@ Layout (FORMAT_VERSION 1):
     arch         {"name": "vgg", "depth": 13, "num_classes": 10, "in_channels": 1, ...}
     plan         {bn module name: [kept channel indices]}, relative to the dense model
     mask         {bn module name: [kept channel indices]}, relative to the planned model
+    biases       optional: convs/linears that compensation gave a bias the architecture lacks
     mode         "dense" | "slim" | "mask" | "slim+mask"
     input_size   [C, H, W] of one example (what the graph analysis traces with)
     state_dict   the weights
@@ -134,8 +135,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None, *,
 
 
 def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: bool = True,
-                          source: str = "checkpoint") -> nn.Module:
-    """Build the architecture an in-memory checkpoint dict describes and load its weights."""
+                          source: str = "checkpoint", load_weights: bool = True) -> nn.Module:
+    """Build the architecture an in-memory checkpoint dict describes and load its weights.
+
+    load_weights=False: the architecture with the builder's fresh initialisation (Scratch-B).
+    """
+    from .compensate import add_biases
     from .models import build_model
     from .prune import apply_mask, apply_plan
 
@@ -150,6 +155,7 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
         _check_buildable(name, arch, obj.get("input_size"), source)
         model = build_model(name, **arch)
     try:
+        add_biases(model, obj.get("biases") or [])
         example = example_input(obj.get("input_size"), model)
         if obj.get("plan"):
             model = apply_plan(model, obj["plan"], example_input=example)
@@ -159,12 +165,14 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
         raise CheckpointError(f"{source} holds a pruning plan that does not fit its architecture "
                               f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}); the file is damaged") from None
     try:
-        missing, unexpected = model.load_state_dict(obj["state_dict"], strict=strict)
+        if load_weights:
+            model.load_state_dict(obj["state_dict"], strict=strict)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = "; ".join(lines[1:3])[:200]
         raise CheckpointError(f"{source} does not fit the architecture it names ({detail})") from None
-    meta = {k: obj.get(k) for k in ("arch", "plan", "mask", "input_size", "dataset") if obj.get(k) is not None}
+    meta = {k: obj.get(k) for k in ("arch", "plan", "mask", "biases", "input_size", "dataset")
+            if obj.get(k) is not None}
     model.netslim_meta = meta
     return model.eval()
 

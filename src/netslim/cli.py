@@ -75,6 +75,22 @@ _non_negative = _float_where(lambda v: 0 <= v < float("inf"), ">= 0")
 _unit = _float_where(lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def _forecast_text(f: Optional[dict]) -> str:
+    """'; pruning 50% now: threshold 0.07, 47% of FLOPs and 20% of params left, ...' (or '')."""
+    if not f:
+        return ""
+    at_min = f["at_min_channels"]
+    return (f"; pruning {100 * f['percent']:g}% now: threshold {f['threshold']:.3g}, {100 * f['flops_left']:.0f}% "
+            f"of FLOPs and {100 * f['params_left']:.0f}% of params left"
+            + (f", {len(at_min)} layer(s) emptied but for min_channels ({', '.join(at_min[:3])}"
+               f"{' ...' if len(at_min) > 3 else ''})" if at_min else ""))
+
+
+def _s_value(text: str) -> "float | str":
+    """--s: a sparsity strength >= 0, or auto (the controller of autopilot.py)."""
+    return "auto" if text.strip().lower() == "auto" else _non_negative(text)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -132,6 +148,10 @@ class Progress:
                   f"top1 {ev['train_top1']:.2f}% | test loss {ev['test_loss']:.4f} top1 {ev['test_top1']:.2f}%{best} "
                   f"(best {ev['best_top1']:.2f}%) | sum|gamma| {ev['sum_abs_gamma']:.1f} "
                   f"| {ev['images_per_s']:.0f} img/s {ev['seconds']:.1f} s", file=self.out, flush=True)
+            if ev.get("s") is not None:
+                print(f"  sparsity: s {ev['s']:.3g}" + (f" (next {ev['s_next']:.3g})" if "s_next" in ev else "")
+                      + f", {100 * ev['frac_gamma_below_1e-2']:.1f}% of |gamma| < 1e-2"
+                      + _forecast_text(ev.get("forecast")), file=self.out, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -194,10 +214,41 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     if not pipeline:
         r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
                        help="train with the L1 sparsity term on BatchNorm gammas")
-    r.add_argument("--s", "--lambda", dest="s", type=_non_negative, metavar="S",
-                   help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
-                        f"resnet/densenet); {_LAMBDA_WHY}")
+    if pipeline:
+        r.add_argument("--s", "--lambda", dest="s", type=_non_negative, metavar="S",
+                       help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
+                            f"resnet/densenet); {_LAMBDA_WHY}")
+    else:
+        r.add_argument("--s", "--lambda", dest="s", type=_s_value, metavar="S",
+                       help=f"sparsity strength, the paper's lambda (default {d.s:g}; 1e-5 for resnet/densenet), "
+                            f"or auto: adjusted every epoch to reach --target-sparsity; {_LAMBDA_WHY}")
+        r.add_argument("--target-sparsity", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="Q",
+                       help="with --s auto: the share of BN factors under 1e-2 to reach by the last epoch")
+        r.add_argument("--forecast-percent", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="P",
+                       help=f"sparsity epochs log what pruning P of the channels would give (default "
+                            f"{d.forecast_percent})")
+    r.add_argument("--s-schedule", choices=("constant", "linear-decay", "step-decay"),
+                   help="s over the epochs: constant (default), linear-decay (to 0) or step-decay (/10 at the "
+                        "lr milestones)")
     r.add_argument("--seed", type=_int_at_least(0), help="random seed (default: drawn and recorded)")
+    if pipeline:
+        r.add_argument("--distill", action="store_true", default=None,
+                       help="fine-tune with the sparsity model it pruned as the teacher (logits KD + CE)")
+        r.add_argument("--retrain", choices=("finetune", "scratch-b"),
+                       help="after pruning: finetune the inherited weights (default) or scratch-b: random init, "
+                            "epochs x dense FLOPs / slim FLOPs (Liu et al. 2019)")
+    else:
+        r.add_argument("--distill", metavar="TEACHER",
+                       help="add the Hinton KD loss towards this checkpoint's logits (same task, e.g. the "
+                            "sparsity model that was pruned)")
+    r.add_argument("--distill-alpha", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"), metavar="A",
+                   help=f"weight of the teacher term, 1 - A on the labels (default {d.distill_alpha})")
+    r.add_argument("--distill-temperature", type=_positive, metavar="T",
+                   help=f"softmax temperature of the teacher term (default {d.distill_temperature:g})")
+    if command in ("train", "finetune"):
+        r.add_argument("--scratch", action="store_true", default=None,
+                       help="Scratch-B: train the pruned architecture from random init for --epochs x dense "
+                            "FLOPs / slim FLOPs (--epochs: the dense model's budget)")
 
     s = p.add_argument_group("run")
     if command == "finetune":
@@ -230,7 +281,8 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
 # TrainConfig fields that have a flag; flags given > --config file > stored (resume) > TrainConfig's defaults
 _RECIPE_FLAGS = ("epochs", "batch_size", "test_batch_size", "lr", "momentum", "weight_decay", "nesterov", "schedule",
                  "sr", "s", "seed", "amp", "channels_last", "augment", "crop_pad", "compile", "device", "sync_bn",
-                 "log_every", "log")
+                 "log_every", "log", "distill", "distill_alpha", "distill_temperature", "target_sparsity", "s_schedule",
+                 "forecast_percent")
 # load_dataset's options that have a flag (stored in checkpoints as `data_options`)
 _DATA_FLAGS = ("data_dir", "download", "train_subset", "image_size", "val_split")
 
@@ -363,6 +415,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         meta = {}
 
     given = {k: getattr(args, k) for k in _RECIPE_FLAGS}
+    if given["distill"] is not None:  # absolute, so a resume from elsewhere finds the teacher
+        given["distill"] = str(Path(given["distill"]).resolve())
+    if args.scratch and not args.refine:
+        raise ConfigError("--scratch retrains a pruned architecture: give it with --refine (finetune --checkpoint)")
     check_resume_recipe(stored_cfg, given)
     # A run from before --crop-pad existed cropped every dataset with pad 4.
     legacy = {"crop_pad": 4} if stored_cfg and "crop_pad" not in stored_cfg else {}
@@ -424,12 +480,22 @@ def _train_locked(args: argparse.Namespace, cfg: Any, dataset: str, arch: dict, 
             import torch
             torch.manual_seed(cfg.seed)  # the same initial weights for the same seed
             model = build_model(name, **{k: v for k, v in arch.items() if k != "name"})
+        budget = cfg.epochs
+        if args.scratch:
+            from .retrain import scratch_b_epochs, scratch_model
+            model, _ = scratch_model(args.refine, seed=cfg.seed)
+            cfg.epochs, ratio = scratch_b_epochs(model, meta, budget)
+            if rank == 0:
+                print(f"Scratch-B: random init, {cfg.epochs} epochs = {budget} x {ratio:.2f} (dense FLOPs / "
+                      f"slim FLOPs)", flush=True)
         input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
         run_meta = {"arch": arch, "dataset": spec.as_dict(), "input_size": list(input_size),
                     "data_options": {"data_dir": str(Path(data_dir).resolve()) if data_dir else None,
                                      "train_subset": train_subset, "download": download,
                                      "image_size": image_size, "val_split": val_split}}
         run_values = _train_config_values(args.command, cfg, dataset, arch, data_opts, args.refine, save, resume)
+        if args.scratch and run_values is not None:  # the file repeats the flags: the budget, not the scaled epochs
+            run_values.update(scratch=True, epochs=budget)
         progress = Progress(quiet=bool(args.quiet)) if rank == 0 else None
 
         def on_progress(ev: dict) -> None:
@@ -504,22 +570,37 @@ def _load_for_cli(args: argparse.Namespace) -> tuple[Any, dict]:
     return model, meta
 
 
-def _try_top1(model: Any, meta: dict, args: argparse.Namespace) -> Optional[float]:
-    """Top-1 on the test split when the data is at hand; pruning itself needs none."""
+def _dataset_for(meta: dict, args: argparse.Namespace, *, required: bool = False) -> Any:
+    """The checkpoint's dataset as its run read it, or None (a warning) when it is not at hand."""
     from .data import load_dataset
-    from .train import evaluate, resolve_device
 
     name = getattr(args, "dataset", None) or (meta.get("dataset") or {}).get("name")
-    if not name or getattr(args, "no_eval", False):
+    if not name:
+        if required:
+            raise ConfigError("the checkpoint names no dataset; pass --dataset")
         return None
     stored = meta.get("data_options") or {}  # where the checkpoint's run read its data
     try:
         data = load_dataset(name, data_dir=getattr(args, "data_dir", None) or stored.get("data_dir"),
                             image_size=stored.get("image_size"), val_split=stored.get("val_split"))
     except NetslimError as e:
+        if required:
+            raise
         log.warning("not evaluating after pruning: %s", e)
         return None
     _check_fits(meta.get("arch") or {}, data.spec, args.checkpoint)
+    return data
+
+
+def _try_top1(model: Any, meta: dict, args: argparse.Namespace, data: Any = None) -> Optional[float]:
+    """Top-1 on the test split when the data is at hand; pruning itself needs none."""
+    from .train import evaluate, resolve_device
+
+    if getattr(args, "no_eval", False):
+        return None
+    data = data or _dataset_for(meta, args)
+    if data is None:
+        return None
     _, top1 = evaluate(model, data.test_x, data.test_y, data.spec, device=resolve_device(args.device))
     return top1
 
@@ -584,8 +665,17 @@ def _prune_locked(args: argparse.Namespace, save: Path, target: Path, lock: Any)
                            max_layer_percent=args.max_layer_percent, round_to=args.round_to,
                            group_score=args.group_score, skip_coupled=args.skip_coupled,
                            exclude=args.exclude or (), target_flops=args.target_flops,
-                           target_params=args.target_params, **latency)
-    top1 = _try_top1(pruned, meta, args)
+                           target_params=args.target_params, compensate=args.compensate is not False,
+                           **latency)
+    data = _dataset_for(meta, args, required=True) if args.recalibrate else None
+    top1 = _try_top1(pruned, meta, args, data)
+    if args.recalibrate:
+        from .recalibrate import recalibrate_on_training_data
+        from .train import resolve_device
+
+        used = recalibrate_on_training_data(pruned, data, args.recalibrate, device=resolve_device(args.device))
+        report["recalibration"] = {"batches": used, "top1_before": top1}
+        top1 = report["recalibration"]["top1_after"] = _try_top1(pruned, meta, args, data)
     report["top1"] = top1
     report["checkpoint"] = str(args.checkpoint)
     keep_meta = {k: meta[k] for k in ("arch", "dataset", "data_options") if meta.get(k)}
@@ -623,7 +713,15 @@ def _prune_locked(args: argparse.Namespace, save: Path, target: Path, lock: Any)
     if report.get("latency_target"):
         from .latency_target import describe
         print(describe(report["latency_target"]))
-    if top1 is not None:
+    comp = report["compensation"]
+    if comp:
+        print(f"compensation: {comp['folded']} constant(s) of {comp['removed_channels']} removed channels folded "
+              f"into the next layer" + (f", {comp['skipped']} not constant (left as pruned)" if comp["skipped"] else ""))
+    recal = report.get("recalibration")
+    if recal and recal["top1_before"] is not None:
+        print(f"top-1 right after pruning: {recal['top1_before']:.2f}%, after BN recalibration on "
+              f"{recal['batches']} batches: {recal['top1_after']:.2f}%")
+    elif top1 is not None:
         print(f"top-1 right after pruning: {top1:.2f}%")
     print(f"wrote {target} and {save / 'prune.json'}")
     return 0
@@ -783,6 +881,12 @@ def _add_prune_parsers(sub: Any) -> None:
                         "if all its factors are under it (prunes far less on coupled models)")
     p.add_argument("--skip-coupled", action="store_true", help="leave coupled groups unpruned")
     p.add_argument("--exclude", nargs="+", metavar="MODULE", help="module names to leave alone")
+    p.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
+                   help="do not fold the removed channels' constant output (act(beta)) into the next layer's "
+                        "bias or BN mean: the seed's pruning exactly")
+    p.add_argument("--recalibrate", type=_int_at_least(1), metavar="N",
+                   help="re-estimate every BN's running statistics on N training batches after pruning "
+                        "(needs the dataset; prints top-1 before and after)")
     p.add_argument("--save", metavar="DIR", help="output folder (default: pruned-<P> beside the checkpoint)")
     p.add_argument("--force", action="store_true", help="replace DIR/pruned.pt if it exists")
     p.add_argument("--no-eval", action="store_true", help="skip the top-1 evaluation after pruning")
@@ -841,7 +945,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, s=args.s, percents=args.percent, passes=args.passes,
         max_layer_percent=args.max_layer_percent, prune_mode=args.mode, min_channels=args.min_channels,
         round_to=args.round_to, train_overrides=overrides or None, data_dir=args.data_dir,
-        download=args.download or None)
+        download=args.download or None, compensate=args.compensate, recalibrate=args.recalibrate,
+        distill=args.distill, retrain=args.retrain)
     run_dir = Path(args.save or f"runs/{args.preset}")
     progress = Progress(quiet=bool(args.quiet))
 
@@ -900,7 +1005,8 @@ def _pipeline_config_values(args: argparse.Namespace, cfg: Any, seed: int) -> di
               **{f"{stage}_epochs": n for stage, n in epochs.items()},
               "batch_size": cfg.batch_size, "lr": cfg.lr, "s": cfg.s, "percent": [float(p) for p in cfg.percents],
               "passes": cfg.passes, "max_layer_percent": cfg.max_layer_percent, "mode": cfg.prune_mode,
-              "min_channels": cfg.min_channels, "round_to": cfg.round_to,
+              "min_channels": cfg.min_channels, "round_to": cfg.round_to, "compensate": cfg.compensate,
+              "recalibrate": cfg.recalibrate, "distill": cfg.distill, "retrain": cfg.retrain,
               "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, "download": cfg.download,
               "latency_seconds": args.latency_seconds}
     return {**values, **cfg.train_overrides, "seed": seed}
@@ -928,6 +1034,10 @@ def _add_pipeline_parser(sub: Any) -> None:
     e.add_argument("--mode", choices=("slim", "mask"), help="prune mode (default slim)")
     e.add_argument("--min-channels", type=_int_at_least(1))
     e.add_argument("--round-to", type=_int_at_least(1))
+    e.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
+                   help="prune as the seed does: no folding of the removed channels' constants")
+    e.add_argument("--recalibrate", type=_int_at_least(0), metavar="N",
+                   help="BN recalibration batches after pruning (default 50; 0: none, the seed's)")
     p.add_argument("--latency-seconds", type=_positive, default=0.5, help="time per latency measurement")
     p.set_defaults(func=cmd_pipeline)
 

@@ -66,7 +66,8 @@ PRUNE_REPORT_NAME = "prune.json"
 PIPELINE_FORMAT = "netslim-pipeline/1"
 
 # TrainConfig fields the pipeline sets itself, per stage: not allowed in train_overrides.
-PIPELINE_OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force")
+PIPELINE_OWN_TRAIN_FIELDS = ("epochs", "batch_size", "lr", "sr", "s", "force", "distill")
+RETRAIN_CHOICES = ("finetune", "scratch-b")
 # train_overrides keys that go to load_dataset instead of TrainConfig.
 _DATA_OVERRIDES = ("train_subset", "image_size", "val_split")
 # Settings that change where or how fast a run goes, not its numbers: a resume may change them.
@@ -104,6 +105,10 @@ class PipelineConfig:
     prune_mode: str = "slim"                                  # slim | mask
     min_channels: int = 1
     round_to: int = 1
+    compensate: bool = True                                   # fold removed channels' constants (compensate.py)
+    recalibrate: int = 50                                     # BN recalibration batches after pruning; 0: none
+    distill: bool = False                                     # fine-tune with the pruned sparsity model as teacher
+    retrain: str = "finetune"                                 # finetune | scratch-b (retrain.py)
     train_overrides: dict = field(default_factory=dict)
     data_dir: Optional[str] = None
     download: bool = False
@@ -180,6 +185,10 @@ class PipelineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} {v!r} is not valid: use an integer >= 1")
+        if self.retrain not in RETRAIN_CHOICES:
+            raise ConfigError(f"retrain {self.retrain!r} is not valid: use {' or '.join(RETRAIN_CHOICES)}")
+        if isinstance(self.recalibrate, bool) or not isinstance(self.recalibrate, int) or self.recalibrate < 0:
+            raise ConfigError(f"recalibrate {self.recalibrate!r} is not valid: use a number of batches >= 0")
         if not isinstance(self.train_overrides, dict):
             raise ConfigError(f"train_overrides must be a dict, got {self.train_overrides!r}")
         own = sorted(set(self.train_overrides) & set(PIPELINE_OWN_TRAIN_FIELDS))
@@ -207,6 +216,7 @@ class PipelineConfig:
         if "milestones" in kw:
             kw["milestones"] = tuple(kw["milestones"])
         kw.setdefault("seed", seed)
+        kw.setdefault("forecast_percent", float(self.percents[0]))  # sparsity epochs forecast the first percent
         return TrainConfig(epochs=self.stage_epochs()[stage], batch_size=self.batch_size, lr=self.lr,
                            sr=stage == "sparsity", s=self.s, **kw)
 
@@ -555,6 +565,8 @@ class _Runner:
             model.train()
             arch = dict(meta["arch"])
             input_size = meta.get("input_size") or [spec.in_channels, spec.image_size, spec.image_size]
+            if stage.role == "finetune":
+                model, tcfg = self.recovery(stage, model, meta, tcfg)
         ckpt = save / CHECKPOINT_NAME if resume else None
         if ckpt is not None:
             log.info("stage %s: resuming from %s", stage.key, ckpt)
@@ -567,11 +579,27 @@ class _Runner:
         return {"best_top1": summary["best_top1"], "final_top1": summary["final_top1"],
                 "epochs": summary["epochs"], "seed": summary["seed"], "resumed": resume}
 
+    def recovery(self, stage: Stage, pruned: nn.Module, meta: dict, tcfg: Any) -> tuple[nn.Module, Any]:
+        """How a fine-tune stage recovers: the teacher (distill) and the start (Scratch-B)."""
+        from .retrain import scratch_b_epochs, scratch_model
+
+        prune_stage = next(s for s in plan_stages(self.cfg) if s.key == stage.source)
+        if self.cfg.distill:  # the teacher: the sparsity model this stage's model was pruned from
+            tcfg = dataclasses.replace(tcfg, distill=str(self.source_checkpoint(prune_stage).resolve()))
+        if self.cfg.retrain == "scratch-b":
+            dense_epochs = self.cfg.stage_epochs()["sparsity"]   # what the dense model trained for
+            pruned, _ = scratch_model(self.source_checkpoint(stage), seed=tcfg.seed)
+            epochs, ratio = scratch_b_epochs(pruned, meta, dense_epochs)
+            log.info("stage %s: Scratch-B, random init, %d epochs = %d x %.2f", stage.key, epochs, dense_epochs, ratio)
+            tcfg = dataclasses.replace(tcfg, epochs=epochs)
+        return pruned, tcfg
+
     # ---- prune stages
 
     def prune(self, stage: Stage) -> dict:
         from .checkpoint import load_checkpoint, save_checkpoint
         from .prune import prune
+        from .recalibrate import recalibrate_on_training_data
         from .train import evaluate, resolve_device
 
         src = self.source_checkpoint(stage)
@@ -579,7 +607,7 @@ class _Runner:
         cap = self.cfg.layer_cap(stage.pass_no)
         pruned, report = prune(model, float(stage.percent), mode=self.cfg.prune_mode,
                                min_channels=self.cfg.min_channels, max_layer_percent=cap,
-                               round_to=self.cfg.round_to)
+                               round_to=self.cfg.round_to, compensate=self.cfg.compensate)
         # Top-1 right after pruning, before fine-tuning (the seed's "Prune (40%)" column), evaluated
         # as fit evaluates: same device, autocast and memory layout, so the columns compare.
         tcfg = self.cfg.train_config("finetune", seed=self.seed)
@@ -589,10 +617,19 @@ class _Runner:
         if cl:
             pruned.to(memory_format=torch.channels_last)
         data = self.data
-        loss, top1 = evaluate(pruned, data.test_x, data.test_y, data.spec, batch_size=tcfg.test_batch_size,
-                              device=device, amp=tcfg.amp, channels_last=cl)
-        pruned.to("cpu")
+        def score() -> tuple[float, float]:
+            return evaluate(pruned, data.test_x, data.test_y, data.spec, batch_size=tcfg.test_batch_size,
+                            device=device, amp=tcfg.amp, channels_last=cl)
+        loss, top1 = score()
         metrics = {"test_top1": top1, "test_loss": loss, "evaluated": "after pruning, before fine-tuning"}
+        if self.cfg.recalibrate:
+            used = recalibrate_on_training_data(pruned, data, self.cfg.recalibrate, batch_size=self.cfg.batch_size,
+                                                device=device, seed=self.seed, channels_last=cl)
+            report["recalibration"] = {"batches": used, "top1_before": top1, "loss_before": loss}
+            loss, top1 = score()
+            metrics.update(test_top1=top1, test_loss=loss, top1_before_recalibration=report["recalibration"]["top1_before"],
+                           evaluated="after pruning and BN recalibration, before fine-tuning")
+        pruned.to("cpu")
         keep = {k: meta[k] for k in ("arch", "dataset", "input_size", "data_options") if meta.get(k) is not None}
         out = self.stage_dir(stage)
         with FolderLock(out) as lock:  # (removes the temporaries of a write a kill -9 interrupted)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .budget import budget_report, check_budget, search_percent
+from .compensate import compensate as compensate_removed
 from .errors import ConfigError, PruneError
 from .graph import INDEXED_BN, Analysis, analyze, is_indexed_bn
 from .wrappers import unwrap_model
@@ -484,7 +485,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
           skip_coupled: bool = False, exclude: Sequence[str] = (),
           target_flops: float | None = None, target_params: float | None = None,
           target_latency: float | None = None, runtime: str = "torch", batch_size: int = 1,
-          threads: int | None = None) -> tuple[nn.Module, dict]:
+          threads: int | None = None, compensate: bool = True) -> tuple[nn.Module, dict]:
     """Prune `model` with Network Slimming's global threshold. Returns (pruned model, report).
 
     Give one of `percent` (the share of BN channels to remove), `target_flops` or
@@ -496,6 +497,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     `runtime` (torch or onnxruntime) at `batch_size` and `threads` is at most F x the dense
     model's (latency_target.py; the report gains "latency_target"). round_to "auto" keeps,
     per layer, the width at or above the kept count that runs fastest there (widths.py).
+    compensate (default): fold the constant each removed channel still outputs into the
+    layers that read it (compensate.py), in both modes alike; False is the seed's pruning.
     """
     from .checkpoint import example_input as make_example
 
@@ -507,7 +510,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         return prune_to_latency(model, target_latency, runtime=runtime, batch_size=batch_size, threads=threads,
                                 example_input=example_input, mode=mode, min_channels=min_channels,
                                 max_layer_percent=max_layer_percent, round_to=round_to, group_score=group_score,
-                                skip_coupled=skip_coupled, exclude=exclude)
+                                skip_coupled=skip_coupled, exclude=exclude, compensate=compensate)
     targets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
     if percent is None and not targets:
         raise ConfigError("prune needs percent (the fraction of channels to prune) or a target: "
@@ -541,14 +544,20 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     plan, threshold, decisions = make_plan(model, analysis, percent, round_to=1 if round_to == "auto" else round_to,
                                            **options)
     input_size = list(example_input.shape[1:])
+    source, compensation = model, None
+    if compensate:
+        removed = _removed_roots(analysis, plan, dict(model.named_modules()))
+        source, compensation = compensate_removed(model, analysis, removed, example_input)
+        if compensation.added_biases:
+            meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
     if mode == "slim":
-        pruned = apply_plan(model, plan, example_input, analysis=analysis)
+        pruned = apply_plan(source, plan, example_input, analysis=analysis)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = _count(pruned, example_input)
         effective = after
     else:
-        pruned = copy.deepcopy(model)
+        pruned = copy.deepcopy(source)
         _strip_masks(pruned)
         pruned = apply_mask(pruned, plan)
         meta["mask"] = pruned.netslim_meta["mask"]
@@ -577,6 +586,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         "untraceable": dict(analysis.untraceable),
         "coupled": ["+".join(layer) for layer in analysis.coupled_layers()],
         "before": before, "after": after, "effective": effective,
+        "compensation": compensation.as_dict() if compensation else None,
     }
     if budget is not None:
         report["budget"] = budget

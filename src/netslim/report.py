@@ -129,6 +129,10 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
             row["channels_total"] = pr.get("channels_total")
             row["channels_kept"] = pr.get("channels_kept")
             row["max_layer_percent"] = pr.get("max_layer_percent")
+            recal = pr.get("recalibration") or {}
+            row["top1_before_recalibration"] = recal.get("top1_before")
+            row["recalibration_batches"] = recal.get("batches")
+            row["compensated"] = (pr.get("compensation") or {}).get("folded")
             row["layers"] = [{"name": d["name"], "total": d["total"], "kept": d["kept"]} for d in pr.get("layers", [])]
         input_size = [int(v) for v in meta.get("input_size") or []]
         row["input_size"] = input_size
@@ -300,6 +304,12 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
                      "machine is shared."
                      + (" onnxruntime: the model as `netslim export --onnx` writes it, in an onnxruntime CPU "
                         "session with the same threads." if "onnxruntime" in lat.get("runtimes", []) else ""))
+    for r in results["stages"]:
+        if r.get("top1_before_recalibration") is not None:
+            lines.append(f"- {r['key']}: top-1 {r['top1_before_recalibration']:.2f}% right after pruning"
+                         + (f" ({r['compensated']} removed channels' constants folded)" if r.get("compensated") else "")
+                         + f", {r['top1']:.2f}% after BN recalibration on {r['recalibration_batches']} batches "
+                         "(the table's figure).")
     opts = "".join(f" {k} {v}" for k, v in (cfg["arch_options"] or {}).items())
     lines.append(f"- Recipe: {cfg['dataset']}, {cfg['arch']}"
                  f"{'-' + str(cfg['depth']) if cfg['depth'] is not None else ''}{opts}, "
@@ -307,6 +317,9 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
                  f"{ep['baseline']} / sparsity {ep['sparsity']} / fine-tune {ep['finetune']}, s {cfg['s']:g}, "
                  f"prune {', '.join(f'{100 * p:g}%' for p in cfg['percents'])} ({cfg['prune_mode']})"
                  + (f", {cfg['passes']} passes" if cfg["passes"] > 1 else "")
+                 + ("" if cfg.get("compensate", True) else ", no compensation")
+                 + (", distilled from the sparsity model" if cfg.get("distill") else "")
+                 + (", Scratch-B retraining" if cfg.get("retrain") == "scratch-b" else "")
                  + f", seed {results.get('seed')}.")
     if results.get("summary"):
         lines += ["", "Fine-tuned vs baseline:", ""]

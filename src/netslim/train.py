@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import input_error, read_checkpoint, save_checkpoint
+from .autopilot import S_SCHEDULES, SparsityController, SparsityForecast, epoch_lrs, s_for_epoch, sparsity_warnings
+from .distill import distillation_loss
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError
 from .fileio import FolderLock, append_jsonl, atomic_write_text, remove_files, results_in
 from .sparsity import BNSparsity, abs_gammas
@@ -76,7 +78,10 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.5, 0.75)   # fractions of `epochs`; see epoch_milestones
     gamma: float = 0.1                   # lr factor at each milestone (schedule "step")
     sr: bool = False                     # sparsity regularisation on BN gammas
-    s: float = 1e-4                      # its strength (1e-4 VGG, 1e-5 ResNet/DenseNet)
+    s: float | str = 1e-4                # its strength (1e-4 VGG, 1e-5 ResNet/DenseNet), or "auto":
+    target_sparsity: Optional[float] = None  # with s "auto": the share of |gamma| < 1e-2 to reach (autopilot.py)
+    s_schedule: str = "constant"         # constant | linear-decay | step-decay (at the lr milestones)
+    forecast_percent: float = 0.5        # sparsity epochs log what pruning this share of channels would give
     amp: str = "auto"                    # auto | off | bf16 | fp16
     channels_last: bool = True
     augment: bool = True                 # pad/crop/flip training batches (an MLP wants it off)
@@ -90,6 +95,9 @@ class TrainConfig:
     force: bool = False                  # replace a run already in save_dir
     log_every: int = 20                  # steps between host syncs (progress, non-finite check)
     log: tuple[str, ...] = ()            # extra logs: "tensorboard" (event files in save_dir/tensorboard)
+    distill: Optional[str] = None        # teacher checkpoint: loss = KD (Hinton) + CE, see distill.py
+    distill_alpha: float = 0.5           # weight of the soft (teacher) term; 1 - alpha on the labels
+    distill_temperature: float = 4.0     # softmax temperature of both models' logits in the soft term
 
     def __post_init__(self) -> None:
         # TOML, JSON and argparse give lists; the config holds tuples (hashable, compare equal)
@@ -112,8 +120,21 @@ class TrainConfig:
             raise bad("weight-decay", self.weight_decay, "use a value >= 0")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0")
-        if not (math.isfinite(self.s) and self.s >= 0):
-            raise bad("s", self.s, "use a sparsity strength >= 0 (e.g. 1e-4)")
+        if self.s == "auto":
+            if self.target_sparsity is None or not 0 < self.target_sparsity < 1:
+                raise ConfigError("--s auto needs --target-sparsity Q, the share of BN factors to bring under "
+                                  "1e-2 by the last epoch (in (0, 1), e.g. 0.5)")
+            if self.s_schedule != "constant":
+                raise ConfigError("--s-schedule does not apply to --s auto (the controller sets s every epoch)")
+        elif isinstance(self.s, bool) or not isinstance(self.s, (int, float)) or not (
+                math.isfinite(self.s) and self.s >= 0):
+            raise bad("s", self.s, "use a sparsity strength >= 0 (e.g. 1e-4) or auto")
+        elif self.target_sparsity is not None:
+            raise ConfigError("--target-sparsity goes with --s auto (a fixed s cannot aim at a share)")
+        if self.s_schedule not in S_SCHEDULES:
+            raise bad("s-schedule", self.s_schedule, f"use one of {', '.join(S_SCHEDULES)}")
+        if not (isinstance(self.forecast_percent, (int, float)) and 0 < self.forecast_percent < 1):
+            raise bad("forecast-percent", self.forecast_percent, "use a fraction in (0, 1)")
         if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
             raise bad("gamma", self.gamma, "use an lr factor in (0, 1]")
         if any(not (0 < f < 1) for f in self.milestones):
@@ -121,6 +142,11 @@ class TrainConfig:
         if self.crop_pad is not None and (isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, int)
                                           or self.crop_pad < 0):
             raise bad("crop-pad", self.crop_pad, "use an integer >= 0 (0: no random crop)")
+        if not (isinstance(self.distill_alpha, (int, float)) and 0 <= self.distill_alpha <= 1):
+            raise bad("distill-alpha", self.distill_alpha, "use a weight in [0, 1]")
+        if not (isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise bad("distill-temperature", self.distill_temperature, "use a temperature > 0 (e.g. 4)")
         if self.schedule not in SCHEDULES:
             raise bad("schedule", self.schedule, f"use one of {', '.join(SCHEDULES)}")
         if self.amp not in AMP_CHOICES:
@@ -699,7 +725,14 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    sparsity = BNSparsity(raw, cfg.s) if cfg.sr and cfg.s > 0 else None
+    teacher = None
+    if cfg.distill:
+        from .checkpoint import example_input
+        from .distill import load_teacher
+        example = example_input(meta.get("input_size"), raw).to(device)
+        teacher = load_teacher(cfg.distill, raw, example, device)
+        if use_cl:
+            teacher.to(memory_format=torch.channels_last)
 
     opt = own.optimizer or torch.optim.SGD([p for p in raw.parameters() if p.requires_grad], lr=cfg.lr,
                                            momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -755,6 +788,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     input_size = meta.get("input_size") or ([spec.in_channels, spec.image_size, spec.image_size] if spec else None)
     if input_size is not None:  # (a user's own loaders: their batches show the input shape only when they run)
         check_input_fits(raw, input_size, f"{type(raw).__name__} ({(meta.get('arch') or {}).get('name', 'model')})")
+    sparsity, controller, forecast = _sparsity_setup(raw, cfg, meta, ts, device, steps_per_epoch=steps)
 
     writer = rank == 0 and save is not None
     if writer and lock is not None:  # every check passed: claim the folder, then write
@@ -783,6 +817,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             "epoch": epoch_done, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "rng_per_rank": rngs, "seed": seed, "best_top1": best_top1,
             "history": history, "config": cfg.as_dict(), "world_size": world,
+            "s_current": controller.s if controller is not None else None,
         }
         save_checkpoint(ckpt_path, raw, **train_meta, train_state=state,
                         metrics=history[-1] if history else {})
@@ -815,6 +850,9 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         for epoch in range(start_epoch, cfg.epochs):
             train_loader.set_epoch(epoch)
             train_model.train()
+            if sparsity is not None:
+                sparsity.s = controller.s if controller is not None else s_for_epoch(
+                    float(cfg.s), cfg.s_schedule, epoch, cfg.epochs, milestones, cfg.gamma)
             lr = opt.param_groups[0]["lr"]
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -830,7 +868,13 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                     lr = opt.param_groups[0]["lr"]
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=amp is not None):
                     out = train_model(x)
-                    loss = loss_fn(out, y)
+                    if teacher is None:
+                        loss = loss_fn(out, y)
+                    else:
+                        with torch.no_grad():
+                            soft_target = teacher(x)
+                        loss = distillation_loss(out, soft_target, y, alpha=cfg.distill_alpha,
+                                                 temperature=cfg.distill_temperature)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()  # under DDP gradients are all-reduced here
                 if sparsity is not None:
@@ -892,6 +936,12 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                 "seconds": time.perf_counter() - t0, "sum_abs_gamma": sum_gamma,
                 "frac_gamma_below_1e-2": frac_small,
             }
+            if sparsity is not None:
+                record["s"] = sparsity.s
+                if controller is not None:
+                    record["s_next"] = controller.update(epoch + 1, frac_small)
+            if forecast is not None:
+                record["forecast"] = forecast(raw)
             history.append(record)
             is_best = test_top1 > best_top1
             if is_best:
@@ -958,6 +1008,28 @@ def _non_finite_advice(ckpt: Optional[Path], epochs_done: int, fresh: bool) -> s
         return "nothing was kept; run again with a lower --lr, or check the data"
     return (f"{ckpt} holds the last good state (epoch {epochs_done}); start over with a lower --lr "
             "(--force replaces this run), or check the data")
+
+
+def _sparsity_setup(raw: nn.Module, cfg: TrainConfig, meta: dict, ts: dict, device: torch.device,
+                    steps_per_epoch: int) -> tuple:
+    """(BNSparsity or None, SparsityController or None, SparsityForecast or None) of a run."""
+    if not cfg.sr or cfg.s == 0:
+        return None, None, None
+    for line in sparsity_warnings(cfg.s if cfg.s != "auto" else 0.0, cfg.weight_decay):
+        log.warning("%s", line)
+    controller = None
+    s = cfg.s
+    if s == "auto":
+        lrs = epoch_lrs(cfg.lr, cfg.epochs, epoch_milestones(cfg.epochs, cfg.milestones), cfg.gamma, cfg.schedule)
+        s = ts.get("s_current") or SparsityController.initial_s(raw, steps_per_epoch * sum(lrs))
+        controller = SparsityController(cfg.target_sparsity, lrs, float(s))
+    forecast = None
+    try:
+        from .checkpoint import example_input
+        forecast = SparsityForecast(raw, example_input(meta.get("input_size"), raw).to(device), cfg.forecast_percent)
+    except NetslimError as e:  # an untraceable model trains all the same; it just gets no forecast
+        log.warning("no pruning forecast during sparsity training: %s", e)
+    return BNSparsity(raw, float(s)), controller, forecast
 
 
 def _augment_label(spec: Any) -> str:

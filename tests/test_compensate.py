@@ -1,0 +1,133 @@
+"""Compensation: a removed channel's constant output is folded into what reads it."""
+import torch
+from torch import nn
+
+from netslim.checkpoint import load_checkpoint, save_checkpoint
+from netslim.prune import prune
+
+
+def _zero_half_the_factors(model):
+    """Random BN stats and betas; gamma = 0 on every odd channel (those are what 40% prunes)."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) or isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight[1::2] = 0.0
+                m.bias.copy_(torch.randn(n, generator=g))        # removed channels output act(beta) != 0
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model.eval()
+
+
+class OneByOne(nn.Module):
+    """3x3 conv -> BN -> ReLU -> 1x1 conv (no bias) -> BN -> ReLU -> 1x1 conv with a bias -> pool -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.c3(x), 1), 1))
+
+
+class Flattened(nn.Module):
+    """conv -> BN -> ReLU -> max-pool -> flatten -> Linear: the constant reaches the linear per block."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(nn.functional.max_pool2d(torch.relu(self.b1(self.c1(x))), 2), 1))
+
+
+class Attention(nn.Module):
+    """A removed channel multiplied by a map computed from the input: not a constant, so skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.c2(y * x[:, :1])
+
+
+def _outputs(model, pruned, x):
+    with torch.no_grad():
+        return model(x), pruned.eval()(x)
+
+
+def test_zero_factors_with_1x1_and_linear_consumers_prune_exactly():
+    x = torch.randn(4, 3, 8, 8)
+    for net in (OneByOne(), Flattened()):
+        model = _zero_half_the_factors(net)
+        for mode in ("slim", "mask"):
+            pruned, report = prune(model, 0.4, mode=mode, example_input=x[:1])
+            dense, out = _outputs(model, pruned, x)
+            torch.testing.assert_close(out, dense, rtol=0, atol=1e-5)
+            assert report["compensation"]["folded"] > 0 and report["compensation"]["skipped"] == 0
+        plain, _ = prune(model, 0.4, example_input=x[:1], compensate=False)
+        dense, out = _outputs(model, plain, x)
+        assert (out - dense).abs().max() > 1e-2   # without compensation the constants are lost
+
+
+def test_fold_goes_into_the_bn_behind_a_conv_and_adds_no_parameter():
+    model = _zero_half_the_factors(OneByOne())
+    x = torch.randn(2, 3, 8, 8)
+    slim, report = prune(model, 0.4, example_input=x[:1])
+    comp = report["compensation"]
+    assert comp["into_bn_running_mean"] == ["b2"] and comp["added_biases"] == []
+    assert comp["into_bias"] == ["c3"]
+    assert "biases" not in slim.netslim_meta
+
+
+def test_compensated_checkpoint_with_an_added_bias_reloads(tmp_path):
+    model = _zero_half_the_factors(Flattened())
+    model.fc.bias = None                              # the constant has nowhere to go: a bias is made
+    x = torch.randn(2, 3, 8, 8)
+    slim, report = prune(model, 0.4, example_input=x[:1])
+    assert report["compensation"]["added_biases"] == ["fc"] and slim.netslim_meta["biases"] == ["fc"]
+    save_checkpoint(tmp_path / "slim.pt", slim)
+    fresh = Flattened()
+    fresh.fc.bias = None
+    reloaded, meta = load_checkpoint(tmp_path / "slim.pt", model=fresh)
+    assert meta["biases"] == ["fc"]
+    dense, out = _outputs(model, reloaded, x)
+    torch.testing.assert_close(out, dense, rtol=0, atol=1e-5)
+
+
+def test_a_channel_that_is_not_constant_is_skipped_and_slim_still_equals_masked():
+    model = _zero_half_the_factors(Attention())
+    with torch.no_grad():
+        model.b1.bias.abs_().add_(0.1)              # relu(beta) > 0: every removed channel is non-zero
+    x = torch.randn(3, 3, 8, 8)
+    slim, report = prune(model, 0.4, example_input=x[:1])
+    masked, _ = prune(model, 0.4, mode="mask", example_input=x[:1])
+    assert report["compensation"]["skipped"] == 4 and report["compensation"]["folded"] == 0
+    _, ys = _outputs(model, slim, x)
+    _, ym = _outputs(model, masked, x)
+    torch.testing.assert_close(ys, ym, rtol=0, atol=1e-6)
+
+
+def test_compensate_false_is_the_plain_pruning():
+    from netslim.prune import apply_plan, make_plan
+    from netslim.graph import analyze
+
+    model = _zero_half_the_factors(OneByOne())
+    x = torch.randn(2, 3, 8, 8)
+    plain, report = prune(model, 0.4, example_input=x[:1], compensate=False)
+    plan, _, _ = make_plan(model, analyze(model, x[:1]), 0.4)
+    _, expected = _outputs(model, apply_plan(model, plan, x[:1]), x)
+    _, out = _outputs(model, plain, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert report["compensation"] is None
