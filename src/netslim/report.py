@@ -94,7 +94,9 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
         raise NetslimError(f"{pfile} is missing or unreadable ({e}): {run_dir} is not a pipeline run") from None
     cfg = PipelineConfig.from_dict(stored["config"])
     n_threads = threads if threads is not None else torch.get_num_threads()
-    onnxruntime_here = importlib.util.find_spec("onnxruntime") is not None
+    # The onnxruntime columns need the exporter (onnx) as well as the runtime: with only one of
+    # them installed the report leaves the columns out instead of failing after the training.
+    onnxruntime_here = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
     stages_out: list[dict] = []
     gamma: dict[str, dict] = {}
     for stage in plan_stages(cfg):
