@@ -50,7 +50,7 @@ from netslim.fuse import optimize_for_inference  # noqa: E402
 from netslim.latency_target import TargetUnreachable  # noqa: E402
 from netslim.models import build_model  # noqa: E402
 from netslim.profile import count, forward_runner  # noqa: E402
-from netslim.prune import prune  # noqa: E402
+from netslim.engine.prune import prune  # noqa: E402
 
 # label -> (build_model arguments, percents): the table
 MODELS: dict[str, tuple[dict, tuple[float, ...]]] = {

@@ -63,7 +63,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from netslim.fuse import optimize_for_inference
 from netslim.models import build_model
 from netslim.profile import count
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 # (label, arch, depth, percent, target ratio): the targets
 TARGETS = [

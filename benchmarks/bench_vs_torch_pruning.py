@@ -49,10 +49,11 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from netslim.graph import analyze
+from netslim.engine.analysis import analyze
 from netslim.models import build_model
 from netslim.profile import count
-from netslim.prune import global_threshold, prune
+from netslim.engine.plan import global_threshold
+from netslim.engine.prune import prune
 
 MODELS = {  # --models key -> (arch, depth, table label)
     "resnet-164": ("resnet", 164, "resnet-164 (pre-act)"),

@@ -6,7 +6,7 @@ import torch
 
 from netslim.autopilot import SparsityController, s_for_epoch, sparsity_warnings
 from netslim.checkpoint import load_checkpoint
-from netslim.prune import prune
+from netslim.engine.prune import prune
 from test_cli_commands import MODEL, run
 
 

@@ -10,7 +10,7 @@ import torch
 import netslim
 from netslim import cli
 from netslim.errors import ConfigError, PruneError
-from netslim.prune import prune
+from netslim.engine.prune import prune
 from test_zoo import build, skew_bn
 
 X = torch.randn(1, 3, 32, 32)

@@ -8,9 +8,9 @@ from torch import nn
 from netslim.checkpoint import (FORMAT, load_any_checkpoint, load_checkpoint,
                                 read_checkpoint, save_checkpoint)
 from netslim.errors import CheckpointError
-from netslim.graph import is_indexed_bn
+from netslim.layers import is_indexed_bn
 from netslim.models import build_model
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 from test_prune import randomize_bn
 

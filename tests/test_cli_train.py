@@ -106,7 +106,7 @@ def test_default_save_folder_and_finetune(run_dir, data_dir, tmp_path, monkeypat
 
 @pytest.mark.parametrize("mode", ["slim", "mask"])
 def test_finetune_a_pruned_checkpoint(run_dir, data_dir, tmp_path, mode):
-    from netslim.prune import prune
+    from netslim.engine.prune import prune
 
     model, meta = load_checkpoint(run_dir / "model_best.pt")
     pruned, _ = prune(model, 0.5, mode=mode)

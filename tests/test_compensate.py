@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from netslim.checkpoint import load_checkpoint, save_checkpoint
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 
 def _zero_half_the_factors(model):
@@ -120,8 +120,9 @@ def test_a_channel_that_is_not_constant_is_skipped_and_slim_still_equals_masked(
 
 
 def test_compensate_false_is_the_plain_pruning():
-    from netslim.prune import apply_plan, make_plan
-    from netslim.graph import analyze
+    from netslim.engine.plan import make_plan
+    from netslim.engine.slim import apply_plan
+    from netslim.engine.analysis import analyze
 
     model = _zero_half_the_factors(OneByOne())
     x = torch.randn(2, 3, 8, 8)

@@ -17,7 +17,7 @@ from netslim.latency_target import MARGIN, MAX_PERCENT, TargetUnreachable, prune
 from netslim.models import build_model
 from netslim.profile import measure_latency, profile
 from netslim.sparsity import bn_gammas
-from netslim.graph import analyze
+from netslim.engine.analysis import analyze
 from netslim.widths import _conv_shapes, candidates, fastest
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from netslim.errors import PruneError
-from netslim.prune import prune
+from netslim.engine.prune import prune
 from test_zoo import assert_same, build, skew_bn
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 from test_prune import randomize_bn
 

@@ -2,7 +2,7 @@
 
 A pruned channel is all zeros in the masked model and absent from the slim one, so an op
 between a BatchNorm and the next conv may pass it only if it maps 0 to 0 (else the two
-models differ). Each table entry of graph.py is run here on an input whose channel 1 is
+models differ). Each table entry of engine/rules.py is run here on an input whose channel 1 is
 zero; a table entry without a case below fails `test_every_table_entry_has_a_case`.
 """
 import pytest
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netslim import graph
-from netslim.prune import prune
+from netslim.engine import rules
+from netslim.engine.prune import prune
 
 from test_prune import randomize_bn
 
@@ -75,7 +75,7 @@ METHOD_CASES = {name: (lambda x, name=name: getattr(x.clone(), name)()) for name
                 ("relu", "relu_", "contiguous", "clone", "detach", "float", "double", "tanh", "tanh_")}
 METHOD_CASES.update({"half": lambda x: x.half(), "bfloat16": lambda x: x.bfloat16(),
                      "to": lambda x: x.to(torch.float64)})
-NONZERO_METHOD_CASES = {name: (lambda x, name=name: getattr(x.clone(), name)()) for name in graph._NONZERO_METHODS}
+NONZERO_METHOD_CASES = {name: (lambda x, name=name: getattr(x.clone(), name)()) for name in rules._NONZERO_METHODS}
 
 
 def with_zero_channel(rank: int) -> torch.Tensor:
@@ -85,11 +85,11 @@ def with_zero_channel(rank: int) -> torch.Tensor:
 
 
 def test_every_table_entry_has_a_case():
-    assert set(graph._PASS_MODULES) == set(MODULE_CASES)
-    assert set(graph._NONZERO_MODULES) == set(NONZERO_MODULE_CASES)
-    assert graph._PASS_FUNCTIONS == set(FUNCTION_CASES)
-    assert graph._NONZERO_FUNCTIONS == set(NONZERO_FUNCTION_CASES)
-    assert graph._PASS_METHODS == set(METHOD_CASES)
+    assert set(rules._PASS_MODULES) == set(MODULE_CASES)
+    assert set(rules._NONZERO_MODULES) == set(NONZERO_MODULE_CASES)
+    assert rules._PASS_FUNCTIONS == set(FUNCTION_CASES)
+    assert rules._NONZERO_FUNCTIONS == set(NONZERO_FUNCTION_CASES)
+    assert rules._PASS_METHODS == set(METHOD_CASES)
 
 
 @pytest.mark.parametrize("cls", list(MODULE_CASES), ids=lambda c: c.__name__)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netslim.errors import PruneError
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 from test_prune import randomize_bn
 

@@ -13,8 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import netslim
 from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.errors import PruneError
-from netslim.graph import convert_sync_batchnorm, is_indexed_bn
-from netslim.prune import prune
+from netslim.layers import convert_sync_batchnorm, is_indexed_bn
+from netslim.engine.prune import prune
 
 from test_prune import SMALL, PostActNet, randomize_bn
 

@@ -7,8 +7,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import netslim.models as M
 from netslim.fuse import (ClampActivation, FusedConv2d, MaxPool2x2, fold_bn, optimize_for_inference,
                           preactivation_fold)
-from netslim.graph import gather_channels, is_indexed_bn
-from netslim.prune import prune
+from netslim.layers import gather_channels, is_indexed_bn
+from netslim.engine.prune import prune
 
 SMALL = {
     "resnet": dict(depth=20),

@@ -331,8 +331,8 @@ def test_number_formats():
 
 
 def test_mask_mode_reports_effective_counts(data_dir, tmp_path):
-    from netslim.checkpoint import example_input
-    from netslim.prune import apply_plan
+    from netslim.engine.trace import example_input
+    from netslim.engine.slim import apply_plan
 
     results = run_pipeline(tiny(data_dir, prune_mode="mask"), tmp_path, latency_seconds=0)
     by = {r["key"]: r for r in results["stages"]}

@@ -18,7 +18,7 @@ from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.data import load_dataset
 from netslim.errors import CheckpointError, DatasetError
 from netslim.profile import count
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 TINY = {
     "vgg": dict(depth=11, width=0.125),

@@ -8,8 +8,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import netslim.models as M
 from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.errors import ConfigError, PruneError
-from netslim.graph import analyze, is_indexed_bn
-from netslim.prune import apply_plan, prune
+from netslim.engine.analysis import analyze
+from netslim.layers import is_indexed_bn
+from netslim.engine.prune import prune
+from netslim.engine.slim import apply_plan
 from netslim.profile import count
 
 from test_models import SMALL as _SMALL  # the cheapest configuration of every registered model

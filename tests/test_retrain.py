@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from netslim.checkpoint import load_checkpoint, save_checkpoint
 from netslim.distill import distillation_loss
 from netslim.models import build_model
-from netslim.prune import prune
+from netslim.engine.prune import prune
 from netslim.retrain import scratch_b_epochs, scratch_model
 from test_cli_commands import MODEL, run, trained  # noqa: F401  (the module's tiny sparsity-trained model)
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from netslim.checkpoint import load_checkpoint, save_checkpoint
-from netslim.prune import prune
+from netslim.engine.prune import prune
 from zoo import ZOO
 
 PERCENTS = (0.3, 0.5, 0.7, 0.95)

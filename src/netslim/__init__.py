@@ -12,11 +12,13 @@ from .checkpoint import load_any_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchLoader, DataBundle, get_spec, list_datasets, load_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError, PruneError
 from .fuse import optimize_for_inference
-from .graph import analyze
+from .engine.analysis import analyze
 from .models import build_model, list_models
 from .profile import count, measure_latency, profile
 from .provenance import provenance
-from .prune import apply_mask, apply_plan, prune
+from .engine.mask import apply_mask
+from .engine.prune import prune
+from .engine.slim import apply_plan
 from .config import read_config_file
 from .export import export_onnx, export_torchscript
 from .pipeline import PipelineConfig, list_presets, preset_config, run_pipeline

@@ -30,7 +30,7 @@ class SparsityForecast:
     """What pruning `model` at `percent` would give now (the plan only: no model is kept)."""
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, percent: float, min_channels: int = 1):
-        from .graph import analyze
+        from .engine.analysis import analyze
         from .profile import count
 
         self.percent, self.min_channels, self.example = percent, min_channels, example_input
@@ -39,7 +39,8 @@ class SparsityForecast:
 
     def __call__(self, model: nn.Module) -> dict:
         from .profile import count
-        from .prune import apply_plan, make_plan
+        from .engine.plan import make_plan
+        from .engine.slim import apply_plan
 
         plan, threshold, decisions = make_plan(model, self.analysis, self.percent, min_channels=self.min_channels)
         with torch.no_grad():

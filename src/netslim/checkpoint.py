@@ -32,6 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .engine.compensate import add_biases
+from .engine.mask import apply_mask
+from .engine.slim import apply_plan
+from .engine.trace import example_input, guess_input_size
 from .errors import CheckpointError, NetslimError
 from .fileio import atomic_torch_save, check_regular_file
 from .provenance import provenance
@@ -140,9 +144,7 @@ def model_from_checkpoint(obj: dict, model: nn.Module | None = None, *, strict: 
 
     load_weights=False: the architecture with the builder's fresh initialisation (Scratch-B).
     """
-    from .compensate import add_biases
     from .models import build_model
-    from .prune import apply_mask, apply_plan
 
     _check_input_size(obj.get("input_size"), source)
     if model is None:
@@ -226,24 +228,6 @@ def input_error(model: nn.Module, input_size: Any) -> str | None:
     return None
 
 
-def example_input(input_size, model: nn.Module | None = None) -> torch.Tensor:
-    """A zero batch of one example of shape [1, *input_size] (defaults from the model)."""
-    if input_size is None:
-        input_size = guess_input_size(model)
-    return torch.zeros(1, *[int(s) for s in input_size])
-
-
-def guess_input_size(model: nn.Module | None) -> list[int]:
-    """[C, 32, 32] from the first conv, or [features] from the first Linear (an MLP)."""
-    if model is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                return [m.in_channels, 32, 32]
-            if isinstance(m, nn.Linear):
-                return [m.in_features]
-    return [3, 32, 32]
-
-
 def _plain_plan(plan: dict | None) -> dict:
     """{name: [int, ...]}: lists of ints survive weights_only loading and read well."""
     if not plan:
@@ -272,7 +256,6 @@ def import_seed_checkpoint(obj: dict, arch: str, depth: int | None, *, num_class
     ordinary netslim model with a plan, so it saves, prunes and reloads like any other.
     """
     from .models import build_model
-    from .prune import apply_plan
 
     state = {k: v for k, v in obj["state_dict"].items()}
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}

@@ -655,7 +655,7 @@ def _prune_locked(args: argparse.Namespace, save: Path, target: Path, lock: Any)
 
     from .checkpoint import save_checkpoint
     from .fileio import atomic_write_json
-    from .prune import prune
+    from .engine.prune import prune
 
     model, meta = _load_for_cli(args)
     measured = dict(runtime=args.runtime, batch_size=args.batch_size, threads=args.threads)
@@ -731,11 +731,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Params, MACs, FLOPs, latency and peak memory of a checkpoint or an architecture."""
     import json
 
-    from .checkpoint import example_input
+    from .engine.trace import example_input
     from .data import get_spec
     from .models import build_model
     from .profile import count, profile
-    from .prune import apply_plan
+    from .engine.slim import apply_plan
     from .sparsity import GAMMA_THRESHOLDS, gamma_summary
     from .train import resolve_device
 
@@ -843,7 +843,7 @@ def _add_threads_flag(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _add_prune_parsers(sub: Any) -> None:
-    from .prune import DEFAULT_GROUP_SCORE, GROUP_SCORES
+    from .engine.plan import DEFAULT_GROUP_SCORE, GROUP_SCORES
 
     p = sub.add_parser("prune", help="prune channels with one global threshold", allow_abbrev=False,
                        description="Network Slimming's pruning: all BatchNorm |gamma| in one sorted list, "

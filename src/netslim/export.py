@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .checkpoint import example_input
+from .engine.trace import example_input
 from .errors import ConfigError, NetslimError
 from .fileio import atomic_write_bytes
 
@@ -41,7 +41,7 @@ def check_onnx_dependencies() -> None:
 
 def deployable(model: nn.Module, meta: dict) -> tuple[nn.Module, torch.Tensor]:
     """The eval-mode slim model to export (a mask applied as removal) and an example input."""
-    from .prune import apply_plan
+    from .engine.slim import apply_plan
 
     x = example_input(meta.get("input_size"), model)
     mask = meta.get("mask") or {}

@@ -25,7 +25,7 @@ and rewritten, in eval mode (BN = a fixed per-channel affine map s*x + b):
   max-pool computes argmax indices it then drops; 12-21% of VGG-13's time in NCHW).
 - channels_last=True stores conv weights channels-last, so oneDNN runs the whole network
   in NHWC (no reorder to its blocked layout and back around every conv) and the
-  pre-activation gathers of a slim model stay NHWC (graph.gather_channels). Best from a
+  pre-activation gathers of a slim model stay NHWC (layers.gather_channels). Best from a
   few images per batch up; for batch 1 keep NCHW (FusedConv2d then hands small convs to
   PyTorch's im2col path, as plain Conv2d does).
 
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .graph import _Tracer, gather_channels, is_indexed_bn
+from .engine.trace import Tracer
+from .layers import gather_channels, is_indexed_bn
 
 __all__ = ["ClampActivation", "FusedConv2d", "MaxPool2x2", "fold_bn", "optimize_for_inference",
            "preactivation_fold"]
@@ -452,7 +453,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     x.contiguous(memory_format=torch.channels_last), or let the first conv convert them).
     `model` is not changed. Outputs equal model.eval()'s up to float rounding.
     """
-    from .checkpoint import example_input as make_example
+    from .engine.trace import example_input as make_example
 
     src = copy.deepcopy(model).eval()
     meta = dict(getattr(model, "netslim_meta", {}) or {})
@@ -461,7 +462,7 @@ def optimize_for_inference(model: nn.Module, example_input: Optional[torch.Tenso
     param = next(src.parameters(), None)
     if param is not None:
         example_input = example_input.to(device=param.device, dtype=param.dtype)
-    gm = fx.GraphModule(src, _Tracer(set()).trace(src), class_name=type(model).__name__ + "Inference")
+    gm = fx.GraphModule(src, Tracer(set()).trace(src), class_name=type(model).__name__ + "Inference")
     gm.eval()
     if fold:
         _fold_pass(gm)

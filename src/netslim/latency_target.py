@@ -84,9 +84,10 @@ def prune_to_latency(model: nn.Module, target_latency: float, *, runtime: str = 
     latency is at most `target_latency` x the dense model's. Returns (pruned, report); the
     report is prune's plus "latency_target": the target, the measured latencies, the percent
     and every probe. Raises TargetUnreachable when MAX_PERCENT is still too slow."""
-    from .checkpoint import example_input as make_example
+    from .engine.trace import example_input as make_example
     from .profile import RUNTIMES, forward_runner
-    from .prune import apply_plan, prune
+    from .engine.prune import prune
+    from .engine.slim import apply_plan
 
     if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) \
             or not 0 < target_latency < 1:

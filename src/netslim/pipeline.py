@@ -598,7 +598,7 @@ class _Runner:
 
     def prune(self, stage: Stage) -> dict:
         from .checkpoint import load_checkpoint, save_checkpoint
-        from .prune import prune
+        from .engine.prune import prune
         from .recalibrate import recalibrate_on_training_data
         from .train import evaluate, resolve_device
 

@@ -54,8 +54,8 @@ PLOTS_DIR = "plots"
 
 def _effective_model(model: torch.nn.Module, meta: dict) -> torch.nn.Module:
     """The model a mask-mode checkpoint stands for: masked channels physically removed."""
-    from .checkpoint import example_input
-    from .prune import apply_plan
+    from .engine.trace import example_input
+    from .engine.slim import apply_plan
     mask = meta.get("mask") or {}
     if not mask:
         return model

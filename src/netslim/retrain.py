@@ -36,10 +36,10 @@ def scratch_model(path: str | os.PathLike, *, seed: int) -> tuple[nn.Module, dic
 
 def scratch_b_epochs(pruned: nn.Module, meta: dict, dense_epochs: int) -> tuple[int, float]:
     """(epochs, FLOPs ratio): dense_epochs x dense FLOPs / pruned FLOPs, rounded (at least dense_epochs)."""
-    from .checkpoint import example_input
+    from .engine.trace import example_input
     from .models import build_model
     from .profile import count
-    from .prune import apply_plan
+    from .engine.slim import apply_plan
 
     arch = dict(meta.get("arch") or {})
     name = arch.pop("name")

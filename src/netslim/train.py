@@ -716,7 +716,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
     if use_cl:
         model.to(memory_format=torch.channels_last)
     if world > 1 and cfg.sync_bn:
-        from .graph import convert_sync_batchnorm  # keeps the channel gathers of slim models
+        from .layers import convert_sync_batchnorm  # keeps the channel gathers of slim models
         model = convert_sync_batchnorm(model)
     raw = model
     train_model: nn.Module = model
@@ -727,7 +727,7 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
         train_model = torch.compile(train_model)
     teacher = None
     if cfg.distill:
-        from .checkpoint import example_input
+        from .engine.trace import example_input
         from .distill import load_teacher
         example = example_input(meta.get("input_size"), raw).to(device)
         teacher = load_teacher(cfg.distill, raw, example, device)
@@ -1025,7 +1025,7 @@ def _sparsity_setup(raw: nn.Module, cfg: TrainConfig, meta: dict, ts: dict, devi
         controller = SparsityController(cfg.target_sparsity, lrs, float(s))
     forecast = None
     try:
-        from .checkpoint import example_input
+        from .engine.trace import example_input
         forecast = SparsityForecast(raw, example_input(meta.get("input_size"), raw).to(device), cfg.forecast_percent)
     except NetslimError as e:  # an untraceable model trains all the same; it just gets no forecast
         log.warning("no pruning forecast during sparsity training: %s", e)

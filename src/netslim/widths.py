@@ -84,7 +84,7 @@ def _conv_shapes(model: nn.Module, analysis: Any, plan: dict[str, list[int]],
     stride, padding), the depthwise conv on the layer (kernel, stride, padding) or None, and
     the first plain conv reading the layer (its output width, kernel, stride, padding, and
     the pooling factor in between) or None."""
-    from .prune import apply_plan
+    from .engine.slim import apply_plan
 
     roots: dict[tuple[str, ...], set[int]] = {}
     for u in analysis.units:

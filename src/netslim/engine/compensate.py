@@ -17,7 +17,7 @@ How the constant is found: the model is run (eval mode, on random inputs) with e
 removed BN channel replaced by beta + gamma * N(0, 1), what it outputs when its normalised
 input is standard normal, and each consumer's input is averaged over the batch: the
 expected constant E[act(gamma z + beta)] through the model's own ops (exactly act(beta) when
-gamma = 0). The class analysis (graph.py) guarantees those channels carry only what removed
+gamma = 0). The class analysis (classes.py) guarantees those channels carry only what removed
 BN channels produced; a second run with the factors at 0 checks it: a channel whose value
 still varies with the input (e.g. multiplied by an attention map computed from kept
 channels) is not a constant, so it is skipped (left as plain pruning, still correct) and
@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .graph import Analysis, is_indexed_bn, trace
+from ..layers import is_indexed_bn
+from .analysis import Analysis
+from .trace import trace
 
 _CONSUMER_KINDS = ("conv", "gconv", "linear")
 _NOISE_BATCH = 16   # samples of the noise probe: the folded value averages over them (and over space)
@@ -75,7 +77,7 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
                example_input: torch.Tensor) -> tuple[nn.Module, Compensation]:
     """A copy of `model` whose removed channels are zeroed and whose consumers carry their constant.
 
-    `removed_roots`: the slot classes the plan removes (prune._removed_roots). The copy
+    `removed_roots`: the slot classes the plan removes (plan.removed_roots). The copy
     still has every channel; apply_plan / apply_mask on it give the compensated slim /
     masked model.
     """

@@ -1,7 +1,5 @@
-"""Channel-dependency analysis of a model: which channels can go, and what goes with them.
-
-The model is traced with torch.fx and every tensor's channel dimension (dim 1) is given
-one *slot* per channel. Ops then say how slots relate:
+"""Step 2: the slot walk. Every tensor's channel dimension (dim 1) gets one *slot* per
+channel, and each op of the traced graph says how slots relate (the tables in rules.py):
 
 - channel-preserving ops (ReLU, pooling, dropout, depthwise conv, ...) pass slots through;
 - `+`, `*`, `cat` on other dims tie the slots of their operands (union-find);
@@ -11,192 +9,33 @@ one *slot* per channel. Ops then say how slots relate:
   every part, so each part keeps the same number of channels and the model's own
   `x.chunk(n, 1)` (or a split size computed from `x.size(1)`) cuts the slim tensor at
   the right places; parts of unequal or hard-coded size keep their width;
-- conv / linear read slots (their input channels) and create fresh ones (their outputs).
+- conv / linear read slots (their input channels) and create fresh ones (their outputs);
+- a BatchNorm reads slots and creates fresh ones (its scaling factors, the candidates).
 
-A BatchNorm reads slots and creates fresh ones (its scaling factors, the candidates).
-Then each BN is classified:
-
-- owned: the BN is the only reader of its input (conv -> BN). Pruning its channel also
-  removes the producer's output channel, so the input slots join the BN's class.
-- tied: its input is read by others but is itself made only of other BN channels
-  (depthwise chains, post-activation residual streams); the BN joins that class, so
-  all of them are pruned together as one coupled group.
-- gather: its input is a stream that must keep its width (a pre-activation residual
-  stream, a DenseNet concatenation, the model input). The BN reads only its kept
-  channels through an index and runs at the reduced width (`IndexedBatchNorm*`).
-
-A *class* (a set of tied slots) is prunable when it holds BN channels of candidate BNs,
-no pinned slot (model input/output, an op we cannot slice), and every value entering it
-comes from a BN channel (so zeroing those factors zeroes the whole class: the slim model
-then computes exactly what the masked model computes). Unknown ops on a BN's channel path
-are an error that names the op and the way out (`exclude`), never a wrong model.
+An op the walk does not know pins the slots it touches, with the reason (fatal on a BN's
+channel path: analysis.py turns it into an error naming the op and the way out).
 """
 from __future__ import annotations
 
 import operator
-import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .errors import PruneError
-from .wrappers import unwrap_model
+from ..layers import is_indexed_bn
+from .rules import (_ADD_METHODS, _ADD_OPS, _CAT_OPS, _CHANNEL_MIXING_FUNCTIONS, _CHANNEL_MIXING_NORMS,
+                    _DIV_METHODS, _DIV_OPS, _MUL_METHODS, _MUL_OPS, _NONZERO_FUNCTIONS, _NONZERO_METHODS,
+                    _NONZERO_MODULES, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES, _REDUCE_FUNCTIONS,
+                    _REDUCE_METHODS, _RESHAPE_METHODS, _SPLIT_FUNCTIONS, _SPLIT_METHODS)
+from .trace import node_shape as _shape
 
 
-# ----------------------------------------------------------------------------------------
-# The BatchNorm that reads a subset of its input's channels (the seed's channel selection,
-# done without computing the BN at full width and without NumPy in forward).
-
-def gather_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x.index_select(1, index), in x's own memory layout ([N, C, ...] -> [N, len(index), ...]).
-
-    On a channels-last tensor, index_select along dim 1 writes a contiguous (NCHW) result,
-    a transposing copy that costs ~5x the gather, and the next conv has to transpose it back.
-    Seen as its [N*H*W, C] matrix, the same gather is a row-wise index_select along the last
-    dim, which stays channels-last (benchmarks/bench_inference.py measures both).
-    """
-    if x.dim() in (4, 5) and not x.is_contiguous():
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=fmt):
-            n, c, *spatial = x.shape
-            order = (0, *range(2, x.dim()), 1)                       # NCHW view -> NHWC (a view)
-            rows = x.permute(order).reshape(-1, c)                   # [N*H*W, C], still a view
-            y = rows.index_select(1, index).view(n, *spatial, index.numel())
-            return y.permute(0, x.dim() - 1, *range(1, x.dim() - 1))  # NHWC -> NCHW view
-    return x.index_select(1, index)
-
-
-class _IndexedBatchNorm:
-    """Mixin: gather `keep_index` channels of the input, then batch-normalise them."""
-
-    keep_index: torch.Tensor
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(gather_channels(x, self.keep_index))  # [N, C_in, ...] -> [N, len(keep), ...]
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, reads {self.keep_index.numel()} input channels"
-
-
-class IndexedBatchNorm1d(_IndexedBatchNorm, nn.BatchNorm1d):
-    pass
-
-
-class IndexedBatchNorm2d(_IndexedBatchNorm, nn.BatchNorm2d):
-    pass
-
-
-class IndexedBatchNorm3d(_IndexedBatchNorm, nn.BatchNorm3d):
-    pass
-
-
-INDEXED_BN = {nn.BatchNorm1d: IndexedBatchNorm1d, nn.BatchNorm2d: IndexedBatchNorm2d,
-              nn.BatchNorm3d: IndexedBatchNorm3d}
-
-
-class IndexedSyncBatchNorm(_IndexedBatchNorm, nn.SyncBatchNorm):
-    pass
-
-
-def is_indexed_bn(m: nn.Module) -> bool:
-    return isinstance(m, _IndexedBatchNorm)
-
-
-def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
-    """nn.SyncBatchNorm.convert_sync_batchnorm that keeps the channel gather of slim models.
-
-    torch's conversion builds a plain SyncBatchNorm from every BN and so drops the
-    `keep_index` of an IndexedBatchNorm (the model would then normalise the wrong
-    channels); here an IndexedBatchNorm becomes an IndexedSyncBatchNorm with the same
-    index. Parameters and buffers are shared with the original, as torch does.
-    """
-    if isinstance(model, _BatchNorm) and not isinstance(model, nn.SyncBatchNorm):
-        cls = IndexedSyncBatchNorm if is_indexed_bn(model) else nn.SyncBatchNorm
-        new = cls(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats,
-                  process_group)
-        if model.affine:
-            new.weight, new.bias = model.weight, model.bias
-        new.running_mean, new.running_var = model.running_mean, model.running_var
-        new.num_batches_tracked = model.num_batches_tracked
-        if is_indexed_bn(model):
-            new.register_buffer("keep_index", model.keep_index)
-        new.train(model.training)
-        for key, hook in model._forward_pre_hooks.items():  # e.g. the mask's gradient guard
-            new._forward_pre_hooks[key] = hook
-        for key, buf in model._buffers.items():
-            if key not in new._buffers:
-                new._buffers[key] = buf
-                if key in model._non_persistent_buffers_set:
-                    new._non_persistent_buffers_set.add(key)
-        model = new
-    for name, child in list(model.named_children()):
-        model.add_module(name, convert_sync_batchnorm(child, process_group))
-    return model
-
-
-# ----------------------------------------------------------------------------------------
-# Op tables. "Zero-preserving" matters: a pruned (masked) channel is all zeros, and the
-# slim model simply drops it, so every op between a BN and the next conv must map 0 to 0.
-
-_PASS_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.RReLU,
-    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
-    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
-)
-# AlphaDropout maps 0 to non-zero values in training only; the invariant (slim == masked)
-# is about eval, where every dropout is the identity.
-# Channel-preserving but f(0) != 0: a masked channel would not stay zero behind them.
-_NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)
-
-_PASS_FUNCTIONS = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.celu, F.selu, F.gelu,
-    F.silu, F.mish, F.hardswish, F.hardtanh, torch.tanh, F.tanh, F.softsign,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate,
-    torch.clone, torch.Tensor.contiguous,
-}
-_PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "detach", "float", "half", "bfloat16",
-                 "double", "to", "tanh", "tanh_"}
-# Norms whose statistics span several channels: their inputs and outputs keep their width.
-_CHANNEL_MIXING_NORMS = (nn.GroupNorm, nn.LocalResponseNorm, nn.CrossMapLRN2d)
-_CHANNEL_MIXING_FUNCTIONS = {F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm,
-                             F.local_response_norm, F.normalize}
-_NONZERO_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus, torch.exp}
-_NONZERO_METHODS = {"sigmoid", "sigmoid_", "exp"}
-
-_ADD_OPS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
-_ADD_METHODS = {"add", "add_", "sub", "sub_"}
-_MUL_OPS = {operator.mul, operator.imul, torch.mul}
-_MUL_METHODS = {"mul", "mul_"}
-_DIV_OPS = {operator.truediv, operator.itruediv, torch.div}
-_DIV_METHODS = {"div", "div_"}
-_CAT_OPS = {torch.cat, torch.concat}
-_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
-_SPLIT_FUNCTIONS = {torch.split, torch.chunk}
-_SPLIT_METHODS = {"split", "chunk"}
-
-
-# ----------------------------------------------------------------------------------------
-# Analysis result
-
-def _find(parent: list[int], s: int) -> int:
+def find_root(parent: list[int], s: int) -> int:
     """Union-find root of slot `s`, halving the path on the way."""
     while parent[s] != s:
         parent[s] = parent[parent[s]]
@@ -252,144 +91,6 @@ class _AttrRef:
     dim: int
 
 
-@dataclass
-class Unit:
-    """One prunable class: BN channels that live or die together, scored as a group."""
-    root: int
-    bn_channels: list[tuple[str, int]]       # (bn name, channel index)
-    layer: tuple[str, ...]                   # the BN modules involved: the "layer" for guards
-
-
-@dataclass
-class Analysis:
-    modules: dict[str, ModuleUse]
-    units: list[Unit]
-    unprunable: dict[str, str]               # bn name -> why its channels stay
-    bn_names: list[str]                      # every affine BN, in graph order
-    parent: list[int]                        # union-find over slots (resolved)
-    # (follower slot, leader slot): the follower's class goes when the leader's does (a gate
-    # and its producer, whose values only ever reach a product with the leader's channels)
-    follows: list[tuple[int, int]] = field(default_factory=list)
-    attrs: dict[str, AttrUse] = field(default_factory=dict)  # per-channel tensors to slice
-    untraceable: dict[str, str] = field(default_factory=dict)  # module traced as one call -> why
-
-    def find(self, s: int) -> int:
-        return _find(self.parent, s)
-
-    def coupled_layers(self) -> list[tuple[str, ...]]:
-        return sorted({u.layer for u in self.units if len(u.layer) > 1})
-
-
-# ----------------------------------------------------------------------------------------
-
-class _Tracer(fx.Tracer):
-    """Treats every BatchNorm (ours included) and every excluded module as a leaf."""
-
-    def __init__(self, opaque: set[str]):
-        super().__init__()
-        self.opaque = opaque
-        self.record_stack_traces = True  # source lines for the errors (node.meta["stack_trace"])
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchNorm) or qualname in self.opaque or super().is_leaf_module(m, qualname)
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _PartsProxy(node, self)
-
-    def iter(self, obj: fx.Proxy):
-        """`list(x.chunk(2, 1))`, `for part in x.split([a, b], 1)`: fx cannot iterate a Proxy
-        (it only unpacks `a, b = ...`), but the part count is known when written in the code."""
-        parts = _literal_part_count(obj.node)
-        if parts is None:
-            return super().iter(obj)
-        return iter([obj[i] for i in range(parts)])
-
-
-class _PartsProxy(fx.Proxy):
-    """A Proxy whose len() is known for chunk/split results with a literal count (list()
-    asks len() before iterating)."""
-
-    def __len__(self) -> int:
-        parts = _literal_part_count(self.node)
-        return super().__len__() if parts is None else parts
-
-
-def _literal_part_count(node: fx.Node) -> int | None:
-    """How many tensors a chunk/split node returns, if its arguments say so literally."""
-    if node.target in (torch.chunk, "chunk"):
-        n = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
-        return n if isinstance(n, int) else None
-    if node.target in (torch.split, "split"):
-        sizes = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
-                                                                        node.kwargs.get("split_size"))
-        return len(sizes) if isinstance(sizes, (list, tuple)) else None
-    return None
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def _failing_submodule(model: nn.Module, e: BaseException, skip: set[str]) -> str | None:
-    """The innermost submodule of `model` whose own forward code raised `e` while tracing."""
-    names = {id(m): n for n, m in model.named_modules()}
-    found = None
-    tb = e.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        owner = frame.f_locals.get("self")
-        name = names.get(id(owner)) if isinstance(owner, nn.Module) else None
-        if name and name not in skip and not frame.f_code.co_filename.startswith(_TORCH_DIR):
-            found = name
-        tb = tb.tb_next
-    return found
-
-
-def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] = ()) -> fx.GraphModule:
-    """Symbolically trace `model` and record every node's output shape (eval mode, no grad).
-
-    A submodule whose code torch.fx cannot trace (data-dependent sizes or control flow) is
-    traced as one opaque call instead, and the rest of the model around it as usual; the
-    GraphModule's `netslim_untraceable` says which ({module: why}).
-    """
-    opaque = set(opaque)
-    untraceable: dict[str, str] = {}
-    while True:
-        try:
-            graph = _Tracer(opaque).trace(model)
-            break
-        except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... for untraceable code
-            name = _failing_submodule(model, e, opaque)
-            if name is None:  # the model's own forward: nothing smaller to leave out
-                raise PruneError(
-                    f"torch.fx cannot trace the forward of {type(model).__name__} ({_first_line(e)}); "
-                    "netslim needs a forward without data-dependent control flow or sizes at the top "
-                    "level (inside a submodule it is fine: that module keeps its channels)") from None
-            untraceable[name] = _first_line(e)
-            opaque.add(name)
-    gm = fx.GraphModule(model, graph)
-    gm.netslim_untraceable = untraceable
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            # One real forward at the example's size. Measured (1 thread): faster than fake
-            # or meta tensors, whose per-op Python overhead and model copy dominate, on every
-            # model tried: 0.04 s vs 1.4 s (fake) for a 24-block CIFAR ResNet, 1.0 s vs 1.3 s
-            # for ResNet-50 at 224 (BENCHMARKS.md, analysis time).
-            ShapeProp(gm).propagate(example_input)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise PruneError(f"running {type(model).__name__} on an example input of shape "
-                         f"{tuple(example_input.shape)} failed ({first}); pass a matching example_input") from None
-    finally:
-        for m, t in modes.items():
-            m.training = t
-    return gm
-
 
 def _keeps_channel_dim(idx: Any, shape: tuple | None) -> bool:
     """Does tensor indexing `x[idx]` leave dim 1 whole and in place?"""
@@ -425,12 +126,8 @@ def _only_reshapes(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and node.target in _RESHAPE_ONLY
 
 
-def _shape(node: Any):
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-
-class _Analyzer:
+class SlotWalk:
     def __init__(self, model: nn.Module, gm: fx.GraphModule, exclude: set[str]):
         self.model = model
         self.gm = gm
@@ -463,7 +160,7 @@ class _Analyzer:
         return list(range(start, start + n))
 
     def find(self, s: int) -> int:
-        return _find(self.parent, s)
+        return find_root(self.parent, s)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -1040,258 +737,3 @@ class _Analyzer:
         if len(shape_out) >= 2 and shape_out[:2] == shape_in[:2]:
             return x
         return self.unknown(node, f"x.{node.target}() moves the channel dimension")
-
-    # phase 2: gates, then how each BN relates to its input ------------------------------
-    def resolve_gates(self, cs: "_Classes") -> list[tuple[int, int]]:
-        """Decide every gate and every sigmoid-like value; returns [(follower, leader slot)].
-
-        A gate class may follow its product's BN channels (go when they go) only if nothing
-        but such products ever reads its values: no module reads it, nothing pins it, no BN
-        channel is in it, and every value in it comes from a conv/linear output (sliced with
-        it) or a sigmoid-like op on such. Otherwise it is tied to the product as before, and
-        its non-zero values keep those channels (slim == masked either way).
-        """
-        gated = {self.find(g) for gs, _, _ in self.gates for g in gs}
-
-        def dont_care(r: int) -> bool:
-            return (r in gated and not cs.readers(r) and not cs.pinned(r)
-                    and all(self.sliceable_origin(o) for o in cs.origin.get(r, [])))
-
-        leader: dict[int, int] = {}
-
-        def follow(slot: int, lead: int) -> None:
-            r = self.find(slot)
-            if r in leader and self.find(leader[r]) != self.find(lead):
-                cs.merge(leader[r], lead)  # one gate for two paths: their channels go together
-            leader.setdefault(r, lead)
-
-        for out, src, reason in reversed(self.derived):  # consumers before producers
-            if all(dont_care(self.find(s)) for s in out):
-                for s, x in zip(out, src):
-                    if cs.has_bn_origin(self.find(x)):
-                        follow(s, x)   # computed from the BN channel itself: x * x.sigmoid()
-                    else:
-                        cs.merge(s, x)  # the gate's producer (fc2 of squeeze-excitation)
-                        gated.add(self.find(s))
-            else:
-                for s, x in zip(out, src):
-                    cs.merge(s, x)
-                for s in out:
-                    cs.pin(self.find(s), reason)
-        for gs, xs, _ in self.gates:
-            for g, x in zip(gs, xs):
-                if dont_care(self.find(g)):
-                    follow(g, x)
-                else:
-                    cs.merge(g, x)
-        return [(r, lead) for r, lead in leader.items()]
-
-    def sliceable_origin(self, o: tuple) -> bool:
-        kind, name, j = o
-        if kind == "derived":
-            return True
-        use = self.uses.get(name)
-        return kind == "free" and use is not None and use.kind in ("conv", "gconv", "linear") \
-            and j < len(use.out_slots)
-
-    def classify_bns(self, classes: "_Classes") -> "_Classes":
-        """Decide owned / tied / gather for every BN; returns the final per-class aggregates."""
-        for name in self.bn_order:
-            use = self.uses.get(name)
-            if use is None or use.kind != "bn":
-                continue
-            if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
-                continue
-            in_roots = [self.find(s) for s in use.in_slots]
-            # Owned: this BN alone reads its input classes. A class may cover several of its
-            # channels (a grouped conv ties position j of every group): then all of them.
-            own_readers: dict[int, set] = {}
-            for j, root in enumerate(in_roots):
-                own_readers.setdefault(root, set()).add(("bn", name, j))
-            owned = all(
-                classes.readers(root) and set(classes.readers(root)) == mine
-                and len(classes.readers(root)) == len(mine) and not classes.pinned(root)
-                for root, mine in own_readers.items())
-            if owned:
-                for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
-                    classes.absorb(self.find(s_in))
-                    classes.drop_reader(self.find(s_in), ("bn", name, j))
-                    classes.merge(s_in, s_out)
-                use.bn_mode = "owned"
-                continue
-            # Not the sole reader. Per channel: an input made only of other BN channels is
-            # tied to them (if they go, this channel must go too, or it would read a removed
-            # channel); anything else is a stream that keeps its width, read through a gather.
-            modes = set()
-            for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
-                root = self.find(s_in)
-                if classes.removable(root) and classes.has_bn_origin(root):
-                    classes.drop_reader(root, ("bn", name, j))
-                    classes.merge(s_in, s_out)
-                    modes.add("tied")
-                else:
-                    modes.add("gather")
-            use.bn_mode = modes.pop() if len(modes) == 1 else "mixed"
-        return classes
-
-
-class _Classes:
-    """Per-class aggregates (origins, readers, pins) kept up to date through BN merges."""
-
-    def __init__(self, a: _Analyzer):
-        self.a = a
-        self.origin: dict[int, list[tuple]] = {}
-        self.readers_: dict[int, list[tuple]] = {}
-        self.pins: dict[int, list[tuple[bool, str]]] = {}
-        self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
-        for s in range(len(a.parent)):
-            r = a.find(s)
-            self.origin.setdefault(r, []).extend(a.origin.get(s, []))
-            self.readers_.setdefault(r, []).extend(a.readers.get(s, []))
-            self.pins.setdefault(r, []).extend(a.pins.get(s, []))
-        for r, origins in self.origin.items():
-            self.free[r] = sum(1 for o in origins if o[0] != "bn")
-
-    def readers(self, r: int) -> list[tuple]:
-        return self.readers_.get(r, [])
-
-    def pinned(self, r: int) -> bool:
-        return bool(self.pins.get(r))
-
-    def has_bn_origin(self, r: int) -> bool:
-        return any(o[0] == "bn" for o in self.origin.get(r, []))
-
-    def removable(self, r: int) -> bool:
-        return not self.pinned(r) and self.free.get(r, 0) == 0
-
-    def pin(self, r: int | None, reason: str) -> None:
-        if r is not None:
-            self.pins.setdefault(r, []).append((False, reason))
-
-    def absorb(self, r: int) -> None:
-        self.free[r] = 0
-
-    def drop_reader(self, r: int, reader: tuple) -> None:
-        lst = self.readers_.get(r, [])
-        if reader in lst:
-            lst.remove(reader)
-
-    def merge(self, s_a: int, s_b: int) -> None:
-        ra, rb = self.a.find(s_a), self.a.find(s_b)
-        if ra == rb:
-            return
-        self.a.union(ra, rb)
-        r = self.a.find(ra)
-        other = rb if r == ra else ra
-        self.origin.setdefault(r, []).extend(self.origin.pop(other, []))
-        self.readers_.setdefault(r, []).extend(self.readers_.pop(other, []))
-        self.pins.setdefault(r, []).extend(self.pins.pop(other, []))
-        self.free[r] = self.free.get(r, 0) + self.free.pop(other, 0)
-
-
-def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[str] = (),
-            skip_coupled: bool = False, strict: bool = True) -> Analysis:
-    """Trace `model` and find its prunable channel units (see the module docstring).
-
-    strict: a BN whose channels reach an op netslim cannot slice is an error (PruneError,
-    naming the op and the way out); with strict=False it is just left unpruned.
-    """
-    model = unwrap_model(model)
-    exclude = set(exclude)
-    mods = dict(model.named_modules())
-    unknown_names = [n for n in exclude if n not in mods]
-    if unknown_names:
-        raise PruneError(f"exclude names no module of the model: {', '.join(sorted(unknown_names))}")
-    opaque = {n for n in exclude if not isinstance(mods[n], _BatchNorm)}
-    gm = trace(model, example_input, opaque)
-    an = _Analyzer(model, gm, exclude)
-    an.run()
-    cs = _Classes(an)
-    follows = an.resolve_gates(cs)
-    an.classify_bns(cs)
-
-    candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
-                  and an.uses[n].kind == "bn"}
-    by_root: dict[int, list[tuple[str, int]]] = {}
-    for name in an.bn_order:
-        use = an.uses.get(name)
-        if use is None or use.kind != "bn":
-            continue
-        for j, s in enumerate(use.out_slots):
-            by_root.setdefault(an.find(s), []).append((name, j))
-
-    units: list[Unit] = []
-    unprunable: dict[str, str] = {}
-    blocked: dict[str, list[str]] = {}  # op it cannot slice -> the BNs whose channels reach it
-    for root, members in by_root.items():
-        layer = tuple(sorted({n for n, _ in members}, key=an.bn_order.index))
-        why = None
-        fatal = [r for f, r in cs.pins.get(root, []) if f]
-        soft = [r for f, r in cs.pins.get(root, []) if not f]
-        if any(n not in candidates for n, _ in members):
-            why = "excluded" if any(n in exclude for n, _ in members) else "not a candidate"
-        elif soft:
-            why = soft[0]
-        elif cs.free.get(root, 0):
-            why = "its channels are also produced outside BatchNorm (a shared stream)"
-        elif fatal and not strict:
-            why = fatal[0]
-        elif fatal:
-            blocked.setdefault(fatal[0], []).extend(layer)
-            continue
-        elif skip_coupled and len(layer) > 1:
-            why = "coupled with " + ", ".join(layer) + " (skip_coupled)"
-        if why:
-            for n in layer:
-                unprunable.setdefault(n, why)
-            continue
-        units.append(Unit(root, members, layer))
-    if blocked:
-        raise PruneError(_blocked_message(blocked, an.blockers))
-    # A BN is reported unprunable only if none of its channels ended in a unit.
-    in_units = {n for u in units for n, _ in u.bn_channels}
-    unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
-    untraceable = dict(getattr(gm, "netslim_untraceable", {}))
-    for inner, m in mods.items():  # BNs inside a module traced as one call keep their channels
-        owner = next((u for u in untraceable if inner.startswith(u + ".")), None)
-        if owner and isinstance(m, _BatchNorm):
-            unprunable.setdefault(inner, f"inside {owner}, which torch.fx cannot trace")
-    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
-                    untraceable)
-
-
-def _where(node: fx.Node | None) -> str:
-    """' in module a.b at file.py:12 `code`' from what fx recorded about `node`, or ''."""
-    if node is None:
-        return ""
-    out = ""
-    stack = node.meta.get("nn_module_stack") or {}
-    if stack:
-        out += f" in module {list(stack)[-1]}"
-    lines = (node.meta.get("stack_trace") or "").splitlines()
-    for k in range(len(lines) - 1, -1, -1):  # the innermost frame outside torch
-        line = lines[k].strip()
-        if line.startswith("File ") and _TORCH_DIR not in line:
-            try:
-                path = line.split('"')[1]
-                lineno = line.split(", line ")[1].split(",")[0]
-            except IndexError:
-                break
-            code = lines[k + 1].strip() if k + 1 < len(lines) else ""
-            out += f" at {os.path.basename(path)}:{lineno}" + (f" `{code}`" if code else "")
-            break
-    return out
-
-
-def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node]) -> str:
-    """One line naming every op that blocks pruning, where it is, and which BNs reach it."""
-    places = []
-    every_bn: list[str] = []
-    for k, (reason, bns) in enumerate(blocked.items(), 1):
-        bns = list(dict.fromkeys(bns))
-        every_bn.extend(b for b in bns if b not in every_bn)
-        places.append(f"[{k}] {reason}{_where(blockers.get(reason))}, reached by BatchNorm {', '.join(bns)}")
-    names = ", ".join(f"'{n}'" for n in every_bn)
-    return (f"cannot prune: BatchNorm channels reach {len(places)} op(s) whose channel handling netslim "
-            f"does not know: {'; '.join(places)}. Leave those BatchNorms out with exclude=[{names}] "
-            f"(--exclude {' '.join(every_bn)}), or make each op's module opaque the same way")

@@ -1,0 +1,15 @@
+"""The pruning engine, one step per file:
+
+    trace.py     torch.fx tracing (chunk/split unpacking, untraceable submodules as leaves)
+    rules.py     what each op does to channels
+    slots.py     the slot walk: one slot per channel, tied by union-find
+    classes.py   gates, and how each BatchNorm relates to its input (owned / tied / gather)
+    analysis.py  analyze(): trace -> slots -> classes -> prunable units, errors naming the op
+    plan.py      global threshold, group scores, guards: {bn: kept channels}
+    slim.py      apply_plan: the physically smaller model
+    mask.py      apply_mask: the same shape, pruned factors held at zero
+    compensate.py  fold what removed channels still output into their readers
+    prune.py     prune(): the steps above, budgets, the report
+
+The modules slim models run (IndexedBatchNorm*) are in netslim/layers.py.
+"""

@@ -1,0 +1,134 @@
+"""The analysis, end to end: trace -> slots -> classes -> prunable units (`analyze`).
+
+A *unit* is one prunable class: BN channels that live or die together, scored as a group.
+Unknown ops on a BN's channel path are an error that names every such op, where it is, and
+the way out, never a wrong model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import PruneError
+from ..wrappers import unwrap_model
+from .classes import Classes, classify_bns, resolve_gates
+from .slots import AttrUse, ModuleUse, SlotWalk, find_root
+from .trace import trace, where
+
+
+@dataclass
+class Unit:
+    """One prunable class: BN channels that live or die together, scored as a group."""
+    root: int
+    bn_channels: list[tuple[str, int]]       # (bn name, channel index)
+    layer: tuple[str, ...]                   # the BN modules involved: the "layer" for guards
+
+
+@dataclass
+class Analysis:
+    modules: dict[str, ModuleUse]
+    units: list[Unit]
+    unprunable: dict[str, str]               # bn name -> why its channels stay
+    bn_names: list[str]                      # every affine BN, in graph order
+    parent: list[int]                        # union-find over slots (resolved)
+    # (follower slot, leader slot): the follower's class goes when the leader's does (a gate
+    # and its producer, whose values only ever reach a product with the leader's channels)
+    follows: list[tuple[int, int]] = field(default_factory=list)
+    attrs: dict[str, AttrUse] = field(default_factory=dict)  # per-channel tensors to slice
+    untraceable: dict[str, str] = field(default_factory=dict)  # module traced as one call -> why
+
+    def find(self, s: int) -> int:
+        return find_root(self.parent, s)
+
+    def coupled_layers(self) -> list[tuple[str, ...]]:
+        return sorted({u.layer for u in self.units if len(u.layer) > 1})
+
+
+def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[str] = (),
+            skip_coupled: bool = False, strict: bool = True) -> Analysis:
+    """Trace `model` and find its prunable channel units (see the module docstring).
+
+    strict: a BN whose channels reach an op netslim cannot slice is an error (PruneError,
+    naming the op and the way out); with strict=False it is just left unpruned.
+    """
+    model = unwrap_model(model)
+    exclude = set(exclude)
+    mods = dict(model.named_modules())
+    unknown_names = [n for n in exclude if n not in mods]
+    if unknown_names:
+        raise PruneError(f"exclude names no module of the model: {', '.join(sorted(unknown_names))}")
+    opaque = {n for n in exclude if not isinstance(mods[n], _BatchNorm)}
+    gm = trace(model, example_input, opaque)
+    an = SlotWalk(model, gm, exclude)
+    an.run()
+    cs = Classes(an)
+    follows = resolve_gates(an, cs)
+    classify_bns(an, cs)
+
+    candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
+                  and an.uses[n].kind == "bn"}
+    by_root: dict[int, list[tuple[str, int]]] = {}
+    for name in an.bn_order:
+        use = an.uses.get(name)
+        if use is None or use.kind != "bn":
+            continue
+        for j, s in enumerate(use.out_slots):
+            by_root.setdefault(an.find(s), []).append((name, j))
+
+    units: list[Unit] = []
+    unprunable: dict[str, str] = {}
+    blocked: dict[str, list[str]] = {}  # op it cannot slice -> the BNs whose channels reach it
+    for root, members in by_root.items():
+        layer = tuple(sorted({n for n, _ in members}, key=an.bn_order.index))
+        why = None
+        fatal = [r for f, r in cs.pins.get(root, []) if f]
+        soft = [r for f, r in cs.pins.get(root, []) if not f]
+        if any(n not in candidates for n, _ in members):
+            why = "excluded" if any(n in exclude for n, _ in members) else "not a candidate"
+        elif soft:
+            why = soft[0]
+        elif cs.free.get(root, 0):
+            why = "its channels are also produced outside BatchNorm (a shared stream)"
+        elif fatal and not strict:
+            why = fatal[0]
+        elif fatal:
+            blocked.setdefault(fatal[0], []).extend(layer)
+            continue
+        elif skip_coupled and len(layer) > 1:
+            why = "coupled with " + ", ".join(layer) + " (skip_coupled)"
+        if why:
+            for n in layer:
+                unprunable.setdefault(n, why)
+            continue
+        units.append(Unit(root, members, layer))
+    if blocked:
+        raise PruneError(_blocked_message(blocked, an.blockers))
+    # A BN is reported unprunable only if none of its channels ended in a unit.
+    in_units = {n for u in units for n, _ in u.bn_channels}
+    unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
+    untraceable = dict(getattr(gm, "netslim_untraceable", {}))
+    for inner, m in mods.items():  # BNs inside a module traced as one call keep their channels
+        owner = next((u for u in untraceable if inner.startswith(u + ".")), None)
+        if owner and isinstance(m, _BatchNorm):
+            unprunable.setdefault(inner, f"inside {owner}, which torch.fx cannot trace")
+    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
+                    untraceable)
+
+
+def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node]) -> str:
+    """One line naming every op that blocks pruning, where it is, and which BNs reach it."""
+    places = []
+    every_bn: list[str] = []
+    for k, (reason, bns) in enumerate(blocked.items(), 1):
+        bns = list(dict.fromkeys(bns))
+        every_bn.extend(b for b in bns if b not in every_bn)
+        places.append(f"[{k}] {reason}{where(blockers.get(reason))}, reached by BatchNorm {', '.join(bns)}")
+    names = ", ".join(f"'{n}'" for n in every_bn)
+    return (f"cannot prune: BatchNorm channels reach {len(places)} op(s) whose channel handling netslim "
+            f"does not know: {'; '.join(places)}. Leave those BatchNorms out with exclude=[{names}] "
+            f"(--exclude {' '.join(every_bn)}), or make each op's module opaque the same way")

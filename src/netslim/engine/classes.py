@@ -1,0 +1,168 @@
+"""Step 3: classes. After the walk, decide every gate and how each BatchNorm relates to its input:
+
+- owned: the BN is the only reader of its input (conv -> BN). Pruning its channel also
+  removes the producer's output channel, so the input slots join the BN's class.
+- tied: its input is read by others but is itself made only of other BN channels
+  (depthwise chains, post-activation residual streams); the BN joins that class, so
+  all of them are pruned together as one coupled group.
+- gather: its input is a stream that must keep its width (a pre-activation residual
+  stream, a DenseNet concatenation, the model input). The BN reads only its kept
+  channels through an index and runs at the reduced width (`IndexedBatchNorm*`).
+
+A *class* (a set of tied slots) is prunable when it holds BN channels of candidate BNs,
+no pinned slot (model input/output, an op we cannot slice), and every value entering it
+comes from a BN channel (so zeroing those factors zeroes the whole class: the slim model
+then computes exactly what the masked model computes).
+"""
+from __future__ import annotations
+
+from .slots import SlotWalk
+
+
+class Classes:
+    """Per-class aggregates (origins, readers, pins) kept up to date through BN merges."""
+
+    def __init__(self, a: SlotWalk):
+        self.a = a
+        self.origin: dict[int, list[tuple]] = {}
+        self.readers_: dict[int, list[tuple]] = {}
+        self.pins: dict[int, list[tuple[bool, str]]] = {}
+        self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
+        for s in range(len(a.parent)):
+            r = a.find(s)
+            self.origin.setdefault(r, []).extend(a.origin.get(s, []))
+            self.readers_.setdefault(r, []).extend(a.readers.get(s, []))
+            self.pins.setdefault(r, []).extend(a.pins.get(s, []))
+        for r, origins in self.origin.items():
+            self.free[r] = sum(1 for o in origins if o[0] != "bn")
+
+    def readers(self, r: int) -> list[tuple]:
+        return self.readers_.get(r, [])
+
+    def pinned(self, r: int) -> bool:
+        return bool(self.pins.get(r))
+
+    def has_bn_origin(self, r: int) -> bool:
+        return any(o[0] == "bn" for o in self.origin.get(r, []))
+
+    def removable(self, r: int) -> bool:
+        return not self.pinned(r) and self.free.get(r, 0) == 0
+
+    def pin(self, r: int | None, reason: str) -> None:
+        if r is not None:
+            self.pins.setdefault(r, []).append((False, reason))
+
+    def absorb(self, r: int) -> None:
+        self.free[r] = 0
+
+    def drop_reader(self, r: int, reader: tuple) -> None:
+        lst = self.readers_.get(r, [])
+        if reader in lst:
+            lst.remove(reader)
+
+    def merge(self, s_a: int, s_b: int) -> None:
+        ra, rb = self.a.find(s_a), self.a.find(s_b)
+        if ra == rb:
+            return
+        self.a.union(ra, rb)
+        r = self.a.find(ra)
+        other = rb if r == ra else ra
+        self.origin.setdefault(r, []).extend(self.origin.pop(other, []))
+        self.readers_.setdefault(r, []).extend(self.readers_.pop(other, []))
+        self.pins.setdefault(r, []).extend(self.pins.pop(other, []))
+        self.free[r] = self.free.get(r, 0) + self.free.pop(other, 0)
+
+
+
+def resolve_gates(walk: SlotWalk, cs: Classes) -> list[tuple[int, int]]:
+    """Decide every gate and every sigmoid-like value; returns [(follower, leader slot)].
+
+    A gate class may follow its product's BN channels (go when they go) only if nothing
+    but such products ever reads its values: no module reads it, nothing pins it, no BN
+    channel is in it, and every value in it comes from a conv/linear output (sliced with
+    it) or a sigmoid-like op on such. Otherwise it is tied to the product as before, and
+    its non-zero values keep those channels (slim == masked either way).
+    """
+    gated = {walk.find(g) for gs, _, _ in walk.gates for g in gs}
+
+    def dont_care(r: int) -> bool:
+        return (r in gated and not cs.readers(r) and not cs.pinned(r)
+                and all(sliceable_origin(walk, o) for o in cs.origin.get(r, [])))
+
+    leader: dict[int, int] = {}
+
+    def follow(slot: int, lead: int) -> None:
+        r = walk.find(slot)
+        if r in leader and walk.find(leader[r]) != walk.find(lead):
+            cs.merge(leader[r], lead)  # one gate for two paths: their channels go together
+        leader.setdefault(r, lead)
+
+    for out, src, reason in reversed(walk.derived):  # consumers before producers
+        if all(dont_care(walk.find(s)) for s in out):
+            for s, x in zip(out, src):
+                if cs.has_bn_origin(walk.find(x)):
+                    follow(s, x)   # computed from the BN channel itself: x * x.sigmoid()
+                else:
+                    cs.merge(s, x)  # the gate's producer (fc2 of squeeze-excitation)
+                    gated.add(walk.find(s))
+        else:
+            for s, x in zip(out, src):
+                cs.merge(s, x)
+            for s in out:
+                cs.pin(walk.find(s), reason)
+    for gs, xs, _ in walk.gates:
+        for g, x in zip(gs, xs):
+            if dont_care(walk.find(g)):
+                follow(g, x)
+            else:
+                cs.merge(g, x)
+    return [(r, lead) for r, lead in leader.items()]
+
+def sliceable_origin(walk: SlotWalk, o: tuple) -> bool:
+    kind, name, j = o
+    if kind == "derived":
+        return True
+    use = walk.uses.get(name)
+    return kind == "free" and use is not None and use.kind in ("conv", "gconv", "linear") \
+        and j < len(use.out_slots)
+
+def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
+    """Decide owned / tied / gather for every BN; returns the final per-class aggregates."""
+    for name in walk.bn_order:
+        use = walk.uses.get(name)
+        if use is None or use.kind != "bn":
+            continue
+        if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
+            continue
+        in_roots = [walk.find(s) for s in use.in_slots]
+        # Owned: this BN alone reads its input classes. A class may cover several of its
+        # channels (a grouped conv ties position j of every group): then all of them.
+        own_readers: dict[int, set] = {}
+        for j, root in enumerate(in_roots):
+            own_readers.setdefault(root, set()).add(("bn", name, j))
+        owned = all(
+            classes.readers(root) and set(classes.readers(root)) == mine
+            and len(classes.readers(root)) == len(mine) and not classes.pinned(root)
+            for root, mine in own_readers.items())
+        if owned:
+            for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
+                classes.absorb(walk.find(s_in))
+                classes.drop_reader(walk.find(s_in), ("bn", name, j))
+                classes.merge(s_in, s_out)
+            use.bn_mode = "owned"
+            continue
+        # Not the sole reader. Per channel: an input made only of other BN channels is
+        # tied to them (if they go, this channel must go too, or it would read a removed
+        # channel); anything else is a stream that keeps its width, read through a gather.
+        modes = set()
+        for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
+            root = walk.find(s_in)
+            if classes.removable(root) and classes.has_bn_origin(root):
+                classes.drop_reader(root, ("bn", name, j))
+                classes.merge(s_in, s_out)
+                modes.add("tied")
+            else:
+                modes.add("gather")
+        use.bn_mode = modes.pop() if len(modes) == 1 else "mixed"
+    return classes
+

@@ -1,0 +1,268 @@
+"""Step 4: the plan. Network Slimming's global threshold over the BN factors, the group
+score of coupled units, the guards, and what a plan removes.
+
+A *plan* is data: {BatchNorm module name: [kept channel indices]}. Plans compose: a slim
+model remembers the plan that made it (relative to the dense architecture), so pruning it
+again and reloading it from a checkpoint both work.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import ConfigError, PruneError
+from .analysis import Analysis
+
+# How a coupled unit (channels of several BNs that must go together) is scored. "mean",
+# "max", "sum": every BN channel of the unit enters the global sort with the unit's score,
+# so the threshold at `percent` removes that share of BN channels on coupled models too.
+# "strict": the paper's threshold over every factor on its own, and a unit goes only when
+# all of its factors are under it (a unit of k channels then goes with probability ~p^k).
+# On a model without coupled units every rule is the seed's rule exactly.
+GROUP_SCORES = ("mean", "max", "sum", "strict")
+DEFAULT_GROUP_SCORE = "mean"
+
+
+# ----------------------------------------------------------------------------------------
+# Plan: the seed's rule plus guards
+
+@dataclass
+class LayerDecision:
+    name: str            # "features.1", or "a+b+c" for a coupled group of BNs
+    bns: tuple[str, ...]
+    total: int           # pruning units (a coupled unit holds one channel of each BN in `bns`)
+    kept: int
+    by_rule: int         # units kept by the threshold alone
+    guard: str | None    # which guard changed the count, if any
+    channels: int = 0    # BN channels in those units
+    channels_kept: int = 0
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "bns": list(self.bns), "total": self.total, "kept": self.kept,
+                "kept_by_threshold": self.by_rule, "guard": self.guard,
+                "channels": self.channels, "channels_kept": self.channels_kept}
+
+
+def global_threshold(values: torch.Tensor, percent: float) -> float:
+    """The seed's threshold: sort all |gamma| ascending, take element int(total * percent)."""
+    y, _ = torch.sort(values.flatten())
+    return float(y[int(values.numel() * percent)])
+
+
+def check_options(percent, min_channels, max_layer_percent, round_to, group_score) -> None:
+    if not isinstance(percent, (int, float)) or isinstance(percent, bool) or not 0 <= percent < 1:
+        raise ConfigError(f"percent must be a number in [0, 1), got {percent!r}")
+    if not isinstance(min_channels, int) or min_channels < 1:
+        raise ConfigError(f"min_channels must be an integer >= 1, got {min_channels!r}")
+    if max_layer_percent is not None and not 0 <= max_layer_percent <= 1:
+        raise ConfigError(f"max_layer_percent must be in [0, 1], got {max_layer_percent!r}")
+    if round_to != "auto" and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ConfigError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
+    if group_score not in GROUP_SCORES:
+        raise ConfigError(f"group_score must be one of {', '.join(GROUP_SCORES)}, got {group_score!r}")
+
+
+def _check_finite_factors(gamma: dict[str, torch.Tensor]) -> None:
+    """NaN/inf factors (a diverged run) would make the threshold NaN and prune at random."""
+    bad = [n for n, g in gamma.items() if not bool(torch.isfinite(g).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise PruneError(f"BatchNorm scaling factors are not finite (NaN or inf) in {shown}: training "
+                         "diverged; prune a checkpoint from before it diverged, or train again with a "
+                         "lower learning rate or sparsity")
+
+
+def unit_scores(model: nn.Module, analysis: Analysis, group_score: str = DEFAULT_GROUP_SCORE
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score of every unit, the values the global threshold is taken over), see GROUP_SCORES."""
+    mods = dict(model.named_modules())
+    offset, flat = {}, []
+    for n in analysis.bn_names:  # every BN's |gamma| in one vector, so scoring is one scatter
+        w = getattr(mods[n], "weight", None)
+        if w is not None:
+            offset[n] = sum(len(f) for f in flat)
+            flat.append(w.detach().abs().float().cpu())
+    _check_finite_factors(dict(zip(offset, flat)))
+    gamma = torch.cat(flat)
+    index = torch.tensor([offset[n] + j for u in analysis.units for n, j in u.bn_channels])
+    sizes = torch.tensor([len(u.bn_channels) for u in analysis.units])
+    members = gamma[index]                                   # each unit's factors, unit after unit
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    how = {"mean": "mean", "max": "amax", "sum": "sum", "strict": "amax"}[group_score]
+    scores = torch.zeros(len(sizes)).scatter_reduce(0, owner, members, how, include_self=False)
+    if group_score == "strict":
+        return scores, members
+    return scores, torch.repeat_interleave(scores, sizes)
+
+
+def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_channels: int = 1,
+              max_layer_percent: float | None = None, round_to: int = 1,
+              group_score: str = DEFAULT_GROUP_SCORE, widths: dict[tuple[str, ...], int] | None = None,
+              masked_out: dict[str, Sequence[int]] | None = None,
+              ) -> tuple[dict[str, list[int]], float, list[LayerDecision]]:
+    """Decide which channels stay. Returns (plan, threshold, per-layer decisions).
+
+    Threshold: the seed's rule (sort, take element int(total * percent)) over one value per
+    candidate BN channel; a unit stays if its score is above it. On coupled units see
+    GROUP_SCORES. percent 0 prunes nothing. `widths` {layer: count} raises a layer's kept
+    count (widths.choose_widths: what the hardware runs fastest).
+
+    masked_out: {bn: [channel, ...]} already pruned by a mask; a unit whose channels all
+    are goes whatever its factors say, and the guards (min_channels...) still hold after.
+    """
+    mods = dict(model.named_modules())
+    units = analysis.units
+    if not units:
+        return {}, 0.0, []
+    unit_score, values = unit_scores(model, analysis, group_score)
+    threshold = global_threshold(values, percent) if percent > 0 else -math.inf
+    score_of = {id(u): float(sc) for u, sc in zip(units, unit_score)}
+    gone = {n: set(map(int, k)) for n, k in (masked_out or {}).items()}
+
+    def score(u) -> float:
+        if all(j in gone.get(n, ()) for n, j in u.bn_channels):
+            return -math.inf  # below any threshold; a guard may still bring it back
+        return score_of[id(u)]
+
+    by_layer: dict[tuple[str, ...], list] = {}
+    for u in units:
+        by_layer.setdefault(u.layer, []).append(u)
+    kept_units = []
+    decisions = []
+    for layer, lunits in by_layer.items():
+        scores = torch.tensor([score(u) for u in lunits])
+        order = torch.argsort(scores, descending=True, stable=True).tolist()  # best first
+        n = len(lunits)
+        keep = int((scores > threshold).sum())
+        by_rule = keep
+        guard = None
+        if max_layer_percent is not None:
+            floor_keep = n - int(n * max_layer_percent)
+            if keep < floor_keep:
+                keep, guard = floor_keep, "max_layer_percent"
+        if keep < min(min_channels, n):
+            keep, guard = min(min_channels, n), "min_channels"
+        if round_to > 1 and keep % round_to:
+            rounded = min(n, -(-keep // round_to) * round_to)
+            if rounded != keep:
+                keep, guard = rounded, guard or "round_to"
+        if widths and widths.get(layer, 0) > keep:
+            keep, guard = min(n, widths[layer]), guard or "round_to auto"
+        # Guards add back the best-scoring units; the rule keeps exactly those above threshold.
+        chosen = order[:keep]
+        kept_units.extend(lunits[i] for i in chosen)
+        name = layer[0] if len(layer) == 1 else "+".join(layer)
+        decisions.append(LayerDecision(name, layer, n, keep, by_rule, guard,
+                                       channels=sum(len(u.bn_channels) for u in lunits),
+                                       channels_kept=sum(len(lunits[i].bn_channels) for i in chosen)))
+
+    plan: dict[str, set[int]] = {}
+    touched = {n for u in units for n, _ in u.bn_channels}
+    for n in touched:
+        plan[n] = set()
+    for u in kept_units:
+        for n, j in u.bn_channels:
+            plan[n].add(j)
+    full = {n: mods[n].num_features for n in touched}
+    out = {n: sorted(k) for n, k in plan.items()}
+    # Channels of a BN outside every unit (unprunable ones) stay.
+    in_unit = {}
+    for u in units:
+        for n, j in u.bn_channels:
+            in_unit.setdefault(n, set()).add(j)
+    for n in out:
+        extra = set(range(full[n])) - in_unit[n]
+        if extra:
+            out[n] = sorted(set(out[n]) | extra)
+    return {n: k for n, k in out.items() if len(k) < full[n]}, threshold, decisions
+
+
+
+def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict) -> set[int]:
+    kept = {n: set(int(i) for i in k) for n, k in plan.items()}
+    for n, k in kept.items():
+        if n not in mods or not isinstance(mods[n], _BatchNorm):
+            raise PruneError(f"the plan names {n!r}, which is not a BatchNorm of this model")
+        if k and (max(k) >= mods[n].num_features or min(k) < 0):
+            raise PruneError(f"the plan keeps channel {max(k)} of {n}, which has {mods[n].num_features}")
+    in_unit: dict[str, set[int]] = {}
+    removed = set()
+    for u in analysis.units:
+        states = {j in kept[n] if n in kept else True for n, j in u.bn_channels}
+        for n, j in u.bn_channels:
+            in_unit.setdefault(n, set()).add(j)
+        if states == {False}:
+            removed.add(u.root)
+        elif len(states) > 1:
+            raise PruneError(f"the plan keeps some but not all of the coupled channels {u.bn_channels[:4]}...; "
+                             "coupled channels must be pruned together")
+    for follower, leader in analysis.follows:  # gates go with the channels they multiply
+        if analysis.find(leader) in removed:
+            removed.add(analysis.find(follower))
+    for n, k in kept.items():
+        gone = set(range(mods[n].num_features)) - k - in_unit.get(n, set())
+        if gone:
+            why = analysis.unprunable.get(n, "its channels are tied to something that cannot shrink")
+            raise PruneError(f"the plan removes channel {min(gone)} of {n}, which cannot be pruned ({why})")
+    return removed
+
+
+
+def masked_out(model: nn.Module, meta: dict) -> dict[str, list[int]]:
+    """{bn: channels the model's stored mask removed}."""
+    mods = dict(model.named_modules())
+    out = {}
+    for n, kept in (meta.get("mask") or {}).items():
+        if isinstance(mods.get(n), _BatchNorm):
+            out[n] = sorted(set(range(mods[n].num_features)) - set(map(int, kept)))
+    return out
+
+
+def compose_plans(outer: dict[str, Sequence[int]], inner: dict[str, Sequence[int]]) -> dict[str, list[int]]:
+    """The plan relative to the dense model after `outer` then `inner` (inner indexes outer's kept)."""
+    out = {n: list(map(int, k)) for n, k in outer.items()}
+    for n, k in inner.items():
+        out[n] = [out[n][i] for i in k] if n in out else [int(i) for i in k]
+    return out
+
+
+
+# Above this gap (in points) between the share asked and the share removed, say why.
+SHORTFALL_POINTS = 10
+
+
+def explain_shortfall(report: dict, decisions: list[LayerDecision], mods: dict[str, nn.Module]) -> str | None:
+    """Why far fewer (or more) BN channels went than `percent` asked, or None if within 10 points.
+
+    Names what held channels back: BNs that cannot be pruned (and the op that pins them),
+    the guards, and (with group_score "strict") the coupled groups that all-or-nothing kept.
+    """
+    asked, got = report["percent"], report["removed_share"]
+    if abs(asked - got) * 100 <= SHORTFALL_POINTS:
+        return None
+    reasons = []
+    unprunable = report["unprunable"]
+    if unprunable:
+        held = sum(getattr(mods.get(n), "num_features", 0) for n in unprunable)
+        why = sorted({w for w in unprunable.values()}, key=list(unprunable.values()).count, reverse=True)
+        reasons.append(f"{len(unprunable)} BN(s) cannot be pruned ({held} channels, e.g. "
+                       f"{next(iter(unprunable))}: {why[0]})")
+    guarded = [d for d in decisions if d.guard and d.kept > d.by_rule]
+    if guarded:
+        extra = sum(d.channels_kept - d.channels * d.by_rule // max(d.total, 1) for d in guarded)
+        reasons.append(f"guards kept ~{extra} channels in {len(guarded)} layer(s) "
+                       f"({', '.join(sorted({d.guard for d in guarded}))}, e.g. {guarded[0].name})")
+    coupled = [d for d in decisions if len(d.bns) > 1]
+    if coupled and report["group_score"] == "strict":
+        big = max(coupled, key=lambda d: len(d.bns))
+        reasons.append(f"group_score 'strict' keeps a coupled group unless all its factors are small "
+                       f"({len(coupled)} groups, the largest {len(big.bns)} BNs: {big.bns[0]} ...); "
+                       "group_score 'mean' honours the percent")
+    if not reasons:
+        reasons.append("many factors tie at the threshold")
+    return (f"removed {got:.1%} of BN channels where {asked:.1%} was asked: " + "; ".join(reasons))

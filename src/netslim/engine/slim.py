@@ -1,0 +1,167 @@
+"""Step 5a: slim. `apply_plan` turns a model and a plan into a physically smaller copy by
+slicing every module that touches a removed channel.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..layers import INDEXED_BN, is_indexed_bn
+from ..wrappers import unwrap_model
+from .analysis import Analysis, analyze
+from .mask import strip_masks
+from .plan import removed_roots
+from .trace import example_input as make_example
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().clone(), requires_grad=True)
+
+
+def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: torch.Tensor | None = None,
+               *, exclude: Sequence[str] = (), analysis: Analysis | None = None) -> nn.Module:
+    """A physically smaller copy of `model` that keeps, per BN, the channels in `plan`.
+
+    Every module that reads or writes a removed channel is sliced: producer convs/linears
+    lose output channels, consumers lose input channels (per flatten block for a Linear),
+    depthwise convs lose groups, and a BN that reads a stream which must keep its width
+    becomes an IndexedBatchNorm that gathers only its kept channels.
+    """
+    model = unwrap_model(model)
+    meta = dict(getattr(model, "netslim_meta", {}) or {})
+    if example_input is None:
+        example_input = make_example(meta.get("input_size"), model)
+    if analysis is None:
+        analysis = analyze(model, example_input, exclude=exclude, strict=False)
+    new = copy.deepcopy(model)
+    strip_masks(new)
+    mods = dict(new.named_modules())
+    removed = removed_roots(analysis, plan, mods)
+
+    def keep(slots: Sequence[int]) -> list[int]:
+        return [j for j, s in enumerate(slots) if analysis.find(s) not in removed]
+
+    with torch.no_grad():
+        for name, use in analysis.modules.items():
+            m = mods[name]
+            if use.kind == "conv":
+                ki, ko = keep(use.in_slots), keep(use.out_slots)
+                if len(ki) == m.in_channels and len(ko) == m.out_channels:
+                    continue
+                m.weight = _param(m.weight[ko][:, ki])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[ko])
+                m.in_channels, m.out_channels = len(ki), len(ko)
+            elif use.kind == "gconv":
+                ki, ko = keep(use.in_slots), keep(use.out_slots)
+                if len(ki) == m.in_channels and len(ko) == m.out_channels:
+                    continue
+                # slots.py ties position j of every group, so each group keeps the same
+                # positions: slice the weight's per-group input dim by group 0's.
+                per_in = m.in_channels // m.groups
+                kj = [j for j in ki if j < per_in]
+                m.weight = _param(m.weight[ko][:, kj])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[ko])
+                m.in_channels, m.out_channels = len(ki), len(ko)
+            elif use.kind == "dwconv":
+                k = keep(use.in_slots)
+                if len(k) == m.in_channels:
+                    continue
+                m.weight = _param(m.weight[k])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[k])
+                m.in_channels = m.out_channels = m.groups = len(k)
+            elif use.kind == "linear":
+                ki, ko = keep(use.in_slots), keep(use.out_slots)
+                if len(ki) == len(use.in_slots) and len(ko) == m.out_features:
+                    continue
+                b = use.in_block
+                cols = [j * b + t for j in ki for t in range(b)]
+                m.weight = _param(m.weight[ko][:, cols])
+                if m.bias is not None:
+                    m.bias = _param(m.bias[ko])
+                m.in_features, m.out_features = len(cols), len(ko)
+            elif use.kind in ("bn", "bn_passive"):
+                _slice_bn(new, name, m, use, keep, analysis)
+        for attr in analysis.attrs.values():
+            kept_channels = keep(attr.slots)
+            if len(kept_channels) < len(attr.slots):
+                _slice_attr(new, attr.target, attr.dim, kept_channels)
+    new.netslim_meta = meta
+    return new
+
+
+def _slice_attr(model: nn.Module, target: str, dim: int, index: list[int]) -> None:
+    """Keep `index` along `dim` of the tensor attribute `target` (a layer scale...)."""
+    owner_name, _, attr = target.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    t = getattr(owner, attr)
+    sliced = t.detach().index_select(dim, torch.tensor(index, dtype=torch.long, device=t.device)).clone()
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(sliced, requires_grad=t.requires_grad)
+    else:  # slots.py tracks only parameters and buffers
+        owner._buffers[attr] = sliced
+
+
+def _slice_bn(model, name, m, use, keep, analysis) -> None:
+    ko = keep(use.out_slots)
+    # Where each kept channel's input sits in the (possibly also slimmed) input tensor.
+    if use.kind == "bn_passive":
+        src = ko
+        in_width_after = len(ko)
+    else:
+        in_all = use.gather_index  # dense input position read by each BN channel
+        # The input tensor's own slots: rebuild from the input positions of this BN's channels.
+        # A removed input slot is never read by a kept channel (classes.py ties such channels).
+        in_slots_full = use.input_slots
+        kept_in = keep(in_slots_full)
+        rank = {p: r for r, p in enumerate(kept_in)}
+        src = [rank[in_all[j]] for j in ko]
+        in_width_after = len(kept_in)
+    identity = src == list(range(in_width_after)) and len(src) == in_width_after
+    if len(ko) == m.num_features and identity and not is_indexed_bn(m):
+        return
+    sliced = {}
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(m, key, None)
+        if t is not None:
+            sliced[key] = t.detach()[ko].clone()
+    if use.kind == "bn" and not identity:
+        if is_indexed_bn(m):
+            cls = type(m)
+        else:  # SyncBatchNorm and other subclasses: pick by the input's rank
+            base = next((b for b in type(m).__mro__ if b in INDEXED_BN), nn.BatchNorm2d)
+            cls = INDEXED_BN[base]
+        new = cls(len(ko), eps=m.eps, momentum=m.momentum, affine=m.affine,
+                  track_running_stats=m.track_running_stats,
+                  device=m.weight.device if m.weight is not None else None,
+                  dtype=m.weight.dtype if m.weight is not None else None)
+        new.register_buffer("keep_index", torch.tensor(src, dtype=torch.long,
+                                                        device=sliced["weight"].device))
+        if m.num_batches_tracked is not None:
+            new.num_batches_tracked.copy_(m.num_batches_tracked)
+        new.train(m.training)
+        target = new
+        _set_module(model, name, new)
+    else:
+        if is_indexed_bn(m):  # identity gather: a plain BN again is enough, but keep the type stable
+            m.keep_index = torch.tensor(src, dtype=torch.long, device=m.keep_index.device)
+        target = m
+    target.num_features = len(ko)
+    if sliced.get("weight") is not None:
+        target.weight = _param(sliced["weight"])
+        target.bias = _param(sliced["bias"])
+    if sliced.get("running_mean") is not None:
+        target.running_mean = sliced["running_mean"]
+        target.running_var = sliced["running_var"]
+
