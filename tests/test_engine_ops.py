@@ -1,9 +1,10 @@
-"""Every op the engine declares channel-wise and zero-preserving really maps a zero channel to 0.
+"""Every op rule the engine holds (engine/rules.py) is tested here.
 
 A pruned channel is all zeros in the masked model and absent from the slim one, so an op
 between a BatchNorm and the next conv may pass it only if it maps 0 to 0 (else the two
-models differ). Each table entry of engine/rules.py is run here on an input whose channel 1 is
-zero; a table entry without a case below fails `test_every_table_entry_has_a_case`.
+models differ). Each passthrough and nonzero rule is run here on an input whose channel 1
+is zero, each channelwise rule is pruned behind a BN; a rule without a case below fails
+`test_every_rule_has_a_case`. Adding support for an op: one rule, one case.
 """
 import pytest
 import torch
@@ -75,7 +76,16 @@ METHOD_CASES = {name: (lambda x, name=name: getattr(x.clone(), name)()) for name
                 ("relu", "relu_", "contiguous", "clone", "detach", "float", "double", "tanh", "tanh_")}
 METHOD_CASES.update({"half": lambda x: x.half(), "bfloat16": lambda x: x.bfloat16(),
                      "to": lambda x: x.to(torch.float64)})
-NONZERO_METHOD_CASES = {name: (lambda x, name=name: getattr(x.clone(), name)()) for name in rules._NONZERO_METHODS}
+NONZERO_METHOD_CASES = {name: (lambda x, name=name: getattr(x.clone(), name)()) for name in rules.NONZERO_METHODS}
+# channelwise modules (per-channel weights sliced with the channels): constructor for 8 channels
+CHANNELWISE_MODULE_CASES = {nn.PReLU: lambda: nn.PReLU(8)}
+# every other built-in rule kind is the walk's own code, covered by the engine's model tests
+STRUCTURAL_KINDS = {"conv", "linear", "batchnorm", "instancenorm", "layernorm", "flatten", "keeps_channels",
+                    "add", "mul", "div", "cat", "reduce", "getitem", "split", "reshape"}
+
+
+def table(rules_by_op: dict, kind: str) -> set:
+    return {op for op, rule in rules_by_op.items() if rule.kind == kind}
 
 
 def with_zero_channel(rank: int) -> torch.Tensor:
@@ -84,12 +94,45 @@ def with_zero_channel(rank: int) -> torch.Tensor:
     return x
 
 
-def test_every_table_entry_has_a_case():
-    assert set(rules._PASS_MODULES) == set(MODULE_CASES)
-    assert set(rules._NONZERO_MODULES) == set(NONZERO_MODULE_CASES)
-    assert rules._PASS_FUNCTIONS == set(FUNCTION_CASES)
-    assert rules._NONZERO_FUNCTIONS == set(NONZERO_FUNCTION_CASES)
-    assert rules._PASS_METHODS == set(METHOD_CASES)
+def test_every_rule_has_a_case():
+    assert table(rules.BUILTIN_MODULE_RULES, "passthrough") == set(MODULE_CASES)
+    assert table(rules.BUILTIN_MODULE_RULES, "nonzero") == set(NONZERO_MODULE_CASES)
+    assert table(rules.BUILTIN_MODULE_RULES, "channelwise") == set(CHANNELWISE_MODULE_CASES)
+    assert table(rules.FUNCTION_RULES, "passthrough") == set(FUNCTION_CASES)
+    assert table(rules.FUNCTION_RULES, "nonzero") == set(NONZERO_FUNCTION_CASES)
+    assert table(rules.METHOD_RULES, "passthrough") == set(METHOD_CASES)
+    assert table(rules.METHOD_RULES, "nonzero") == set(NONZERO_METHOD_CASES)
+    covered = {"passthrough", "nonzero", "channelwise"} | STRUCTURAL_KINDS
+    for by_op in (rules.BUILTIN_MODULE_RULES, rules.FUNCTION_RULES, rules.METHOD_RULES):
+        assert {r.kind for r in by_op.values()} <= covered
+
+
+def test_every_rule_kind_has_a_step_and_every_module_use_a_slicer():
+    """The rule drives both the analysis (slots.py) and the slicing (slim.py)."""
+    from netslim.engine.slim import SLICERS
+    from netslim.engine.channels import USE_KINDS
+    from netslim.engine.slots import CALL_STEPS, MODULE_STEPS
+
+    assert {r.kind for r in rules.MODULE_RULES.values()} <= set(MODULE_STEPS)  # users' rules too
+    assert {r.kind for r in rules.FUNCTION_RULES.values()} | {r.kind for r in rules.METHOD_RULES.values()} \
+        <= set(CALL_STEPS)
+    assert set(SLICERS) == set(USE_KINDS)
+
+
+@pytest.mark.parametrize("cls", list(CHANNELWISE_MODULE_CASES), ids=lambda c: c.__name__)
+def test_channelwise_modules_are_sliced_with_the_channels(cls):
+    op = CHANNELWISE_MODULE_CASES[cls]()
+    with torch.no_grad():
+        for p in op.parameters():
+            p.uniform_(0.1, 0.9)
+    model = randomize_bn(ConvBnOpConv(op)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    slim, _ = prune(model, 0.5, example_input=x[:1])
+    masked, _ = prune(model, 0.5, mode="mask", example_input=x[:1])
+    kept = slim.bn.num_features
+    assert kept < 8 and all(p.shape[0] == kept for p in slim.op.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(slim(x), masked(x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cls", list(MODULE_CASES), ids=lambda c: c.__name__)

@@ -157,3 +157,15 @@ def test_readme_torchrun_multi_node_line(torchrun_lines, tmp_path):
     assert ck["train_state"]["world_size"] == 2
     config = ck["train_state"]["config"]
     assert config["sr"] and config["s"] == 1e-5  # --lambda reached the trainer as the strength
+
+
+def test_registering_your_own_module_type_runs(capsys):
+    scope: dict = {}
+    exec(compile(_python_block_after("#### Your own module types"), "README.md", "exec"), scope)
+    slim, model = scope["slim"], scope["model"]
+    assert slim[2].slope.shape == (7,) == (slim[1].num_features,)  # the seed's rule: 16 - int(16 * 0.5) - 1
+    assert "torch.Size([7])" in capsys.readouterr().out
+    x = torch.randn(2, 3, 32, 32)
+    masked, _ = netslim.prune(model, 0.5, mode="mask", example_input=x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(slim.eval()(x), masked.eval()(x), rtol=1e-5, atol=1e-5)

@@ -12,12 +12,14 @@ from .checkpoint import load_any_checkpoint, load_checkpoint, save_checkpoint
 from .data import BatchLoader, DataBundle, get_spec, list_datasets, load_dataset
 from .errors import CheckpointError, ConfigError, DatasetError, NetslimError, PruneError
 from .fuse import optimize_for_inference
+from .engine import rules
 from .engine.analysis import analyze
 from .models import build_model, list_models
 from .profile import count, measure_latency, profile
 from .provenance import provenance
 from .engine.mask import apply_mask
 from .engine.prune import prune
+from .engine.rules import register_module
 from .engine.slim import apply_plan
 from .config import read_config_file
 from .export import export_onnx, export_torchscript
@@ -32,7 +34,7 @@ __all__ = [
     "fit", "evaluate", "TrainConfig", "bn_l1_", "BNSparsity", "SparsityCallback",
     "run_pipeline", "preset_config", "list_presets", "PipelineConfig", "read_config_file",
     "export_onnx", "export_torchscript",
-    "prune", "apply_plan", "apply_mask", "analyze", "recalibrate_bn",
+    "prune", "apply_plan", "apply_mask", "analyze", "recalibrate_bn", "register_module", "rules",
     "count", "measure_latency", "profile", "optimize_for_inference",
     "save_checkpoint", "load_checkpoint", "load_any_checkpoint", "provenance",
     "NetslimError", "ConfigError", "DatasetError", "CheckpointError", "PruneError",

@@ -1,12 +1,14 @@
 """The pruning engine, one step per file:
 
     trace.py     torch.fx tracing (chunk/split unpacking, untraceable submodules as leaves)
-    rules.py     what each op does to channels
-    slots.py     the slot walk: one slot per channel, tied by union-find
+    rules.py     what each op does to channels: one rule per op; register_module for yours
+    channels.py  the analysis' data: slots, a tensor's channel layout, module uses
+    slots.py     the slot walk: one slot per channel, tied by union-find, one step per rule
+    layout.py    the walk's steps for ops that move channels (cat, split, views, shuffles)
     classes.py   gates, and how each BatchNorm relates to its input (owned / tied / gather)
     analysis.py  analyze(): trace -> slots -> classes -> prunable units, errors naming the op
     plan.py      global threshold, group scores, guards: {bn: kept channels}
-    slim.py      apply_plan: the physically smaller model
+    slim.py      apply_plan: the physically smaller model, one slicer per module kind
     mask.py      apply_mask: the same shape, pruned factors held at zero
     compensate.py  fold what removed channels still output into their readers
     prune.py     prune(): the steps above, budgets, the report

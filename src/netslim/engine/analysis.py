@@ -17,7 +17,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import PruneError
 from ..wrappers import unwrap_model
 from .classes import Classes, classify_bns, resolve_gates
-from .slots import AttrUse, ModuleUse, SlotWalk, find_root
+from . import rules
+from .channels import AttrUse, ModuleUse, find_root
+from .slots import SlotWalk
 from .trace import trace, where
 
 
@@ -107,21 +109,25 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
             continue
         units.append(Unit(root, members, layer))
     if blocked:
-        raise PruneError(_blocked_message(blocked, an.blockers))
+        raise PruneError(_blocked_message(blocked, an.blockers, mods))
     # A BN is reported unprunable only if none of its channels ended in a unit.
     in_units = {n for u in units for n, _ in u.bn_channels}
     unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
     untraceable = dict(getattr(gm, "netslim_untraceable", {}))
+    one_call = {u: "which torch.fx cannot trace" for u in untraceable}
+    one_call.update({n: f"a {type(m).__name__} registered with netslim.register_module"
+                     for n, m in mods.items() if rules.is_registered_leaf(m)})
     for inner, m in mods.items():  # BNs inside a module traced as one call keep their channels
-        owner = next((u for u in untraceable if inner.startswith(u + ".")), None)
+        owner = next((u for u in one_call if inner.startswith(u + ".")), None)
         if owner and isinstance(m, _BatchNorm):
-            unprunable.setdefault(inner, f"inside {owner}, which torch.fx cannot trace")
+            unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
     return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
                     untraceable)
 
 
-def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node]) -> str:
-    """One line naming every op that blocks pruning, where it is, and which BNs reach it."""
+def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module]) -> str:
+    """One line naming every op that blocks pruning, where it is, which BNs reach it, and the
+    ways out: exclude those BNs, or tell netslim what the module around the op does."""
     places = []
     every_bn: list[str] = []
     for k, (reason, bns) in enumerate(blocked.items(), 1):
@@ -129,6 +135,22 @@ def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node]
         every_bn.extend(b for b in bns if b not in every_bn)
         places.append(f"[{k}] {reason}{where(blockers.get(reason))}, reached by BatchNorm {', '.join(bns)}")
     names = ", ".join(f"'{n}'" for n in every_bn)
+    owners = list(dict.fromkeys(c for c in (_user_module_class(blockers.get(r), mods) for r in blocked) if c))
     return (f"cannot prune: BatchNorm channels reach {len(places)} op(s) whose channel handling netslim "
             f"does not know: {'; '.join(places)}. Leave those BatchNorms out with exclude=[{names}] "
-            f"(--exclude {' '.join(every_bn)}), or make each op's module opaque the same way")
+            f"(--exclude {' '.join(every_bn)}), or make each op's module opaque the same way, or tell netslim "
+            f"what the module does: netslim.register_module({' / '.join(owners) or 'YourModule'}, "
+            "netslim.rules.channelwise(params=(...)) | netslim.rules.passthrough() | "
+            "netslim.rules.keeps_channels(why))")
+
+
+def _user_module_class(node: fx.Node | None, mods: dict[str, nn.Module]) -> str | None:
+    """The class name of the innermost module of the user's own code that holds `node`."""
+    if node is None:
+        return None
+    path = node.target if node.op == "call_module" else \
+        next(reversed([v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]), None)
+    m = mods.get(path) if isinstance(path, str) and path else None
+    if m is None or type(m).__module__.startswith("torch."):
+        return None
+    return type(m).__name__

@@ -52,53 +52,73 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
 
     with torch.no_grad():
         for name, use in analysis.modules.items():
-            m = mods[name]
-            if use.kind == "conv":
-                ki, ko = keep(use.in_slots), keep(use.out_slots)
-                if len(ki) == m.in_channels and len(ko) == m.out_channels:
-                    continue
-                m.weight = _param(m.weight[ko][:, ki])
-                if m.bias is not None:
-                    m.bias = _param(m.bias[ko])
-                m.in_channels, m.out_channels = len(ki), len(ko)
-            elif use.kind == "gconv":
-                ki, ko = keep(use.in_slots), keep(use.out_slots)
-                if len(ki) == m.in_channels and len(ko) == m.out_channels:
-                    continue
-                # slots.py ties position j of every group, so each group keeps the same
-                # positions: slice the weight's per-group input dim by group 0's.
-                per_in = m.in_channels // m.groups
-                kj = [j for j in ki if j < per_in]
-                m.weight = _param(m.weight[ko][:, kj])
-                if m.bias is not None:
-                    m.bias = _param(m.bias[ko])
-                m.in_channels, m.out_channels = len(ki), len(ko)
-            elif use.kind == "dwconv":
-                k = keep(use.in_slots)
-                if len(k) == m.in_channels:
-                    continue
-                m.weight = _param(m.weight[k])
-                if m.bias is not None:
-                    m.bias = _param(m.bias[k])
-                m.in_channels = m.out_channels = m.groups = len(k)
-            elif use.kind == "linear":
-                ki, ko = keep(use.in_slots), keep(use.out_slots)
-                if len(ki) == len(use.in_slots) and len(ko) == m.out_features:
-                    continue
-                b = use.in_block
-                cols = [j * b + t for j in ki for t in range(b)]
-                m.weight = _param(m.weight[ko][:, cols])
-                if m.bias is not None:
-                    m.bias = _param(m.bias[ko])
-                m.in_features, m.out_features = len(cols), len(ko)
-            elif use.kind in ("bn", "bn_passive"):
-                _slice_bn(new, name, m, use, keep, analysis)
+            SLICERS[use.kind](new, name, mods[name], use, keep, analysis)
         for attr in analysis.attrs.values():
             kept_channels = keep(attr.slots)
             if len(kept_channels) < len(attr.slots):
                 _slice_attr(new, attr.target, attr.dim, kept_channels)
     new.netslim_meta = meta
     return new
+
+
+# One slicer per ModuleUse kind (channels.USE_KINDS): (model, name, module, use, keep, analysis),
+# where keep(slots) lists the positions of the kept channels among `slots`.
+
+def _slice_conv(model, name, m, use, keep, analysis) -> None:
+    ki, ko = keep(use.in_slots), keep(use.out_slots)
+    if len(ki) == m.in_channels and len(ko) == m.out_channels:
+        return
+    m.weight = _param(m.weight[ko][:, ki])
+    if m.bias is not None:
+        m.bias = _param(m.bias[ko])
+    m.in_channels, m.out_channels = len(ki), len(ko)
+
+
+def _slice_grouped_conv(model, name, m, use, keep, analysis) -> None:
+    ki, ko = keep(use.in_slots), keep(use.out_slots)
+    if len(ki) == m.in_channels and len(ko) == m.out_channels:
+        return
+    # slots.py ties position j of every group, so each group keeps the same
+    # positions: slice the weight's per-group input dim by group 0's.
+    per_in = m.in_channels // m.groups
+    kj = [j for j in ki if j < per_in]
+    m.weight = _param(m.weight[ko][:, kj])
+    if m.bias is not None:
+        m.bias = _param(m.bias[ko])
+    m.in_channels, m.out_channels = len(ki), len(ko)
+
+
+def _slice_depthwise_conv(model, name, m, use, keep, analysis) -> None:
+    k = keep(use.in_slots)
+    if len(k) == m.in_channels:
+        return
+    m.weight = _param(m.weight[k])
+    if m.bias is not None:
+        m.bias = _param(m.bias[k])
+    m.in_channels = m.out_channels = m.groups = len(k)
+
+
+def _slice_linear(model, name, m, use, keep, analysis) -> None:
+    ki, ko = keep(use.in_slots), keep(use.out_slots)
+    if len(ki) == len(use.in_slots) and len(ko) == m.out_features:
+        return
+    b = use.in_block
+    cols = [j * b + t for j in ki for t in range(b)]
+    m.weight = _param(m.weight[ko][:, cols])
+    if m.bias is not None:
+        m.bias = _param(m.bias[ko])
+    m.in_features, m.out_features = len(cols), len(ko)
+
+
+def _slice_channelwise(model, name, m, use, keep, analysis) -> None:
+    """A registered rules.channelwise module: its per-channel tensors lose the removed channels
+    (one of size 1 along the channel dim is broadcast, and stays)."""
+    k = keep(use.in_slots)
+    if len(k) == len(use.in_slots):
+        return
+    for p in use.params:
+        if getattr(m, p).shape[use.param_dim] == len(use.in_slots):
+            _slice_attr(model, f"{name}.{p}", use.param_dim, k)
 
 
 def _slice_attr(model: nn.Module, target: str, dim: int, index: list[int]) -> None:
@@ -165,3 +185,7 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
         target.running_mean = sliced["running_mean"]
         target.running_var = sliced["running_var"]
 
+
+
+SLICERS = {"conv": _slice_conv, "gconv": _slice_grouped_conv, "dwconv": _slice_depthwise_conv,
+           "linear": _slice_linear, "bn": _slice_bn, "bn_passive": _slice_bn, "channelwise": _slice_channelwise}

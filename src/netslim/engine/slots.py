@@ -12,106 +12,26 @@ channel, and each op of the traced graph says how slots relate (the tables in ru
 - conv / linear read slots (their input channels) and create fresh ones (their outputs);
 - a BatchNorm reads slots and creates fresh ones (its scaling factors, the candidates).
 
-An op the walk does not know pins the slots it touches, with the reason (fatal on a BN's
+Ops that move channels around (cat, split, views, shuffles) are in layout.py. An op the
+walk does not know pins the slots it touches, with the reason (fatal on a BN's
 channel path: analysis.py turns it into an error naming the op and the way out).
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..layers import is_indexed_bn
-from .rules import (_ADD_METHODS, _ADD_OPS, _CAT_OPS, _CHANNEL_MIXING_FUNCTIONS, _CHANNEL_MIXING_NORMS,
-                    _DIV_METHODS, _DIV_OPS, _MUL_METHODS, _MUL_OPS, _NONZERO_FUNCTIONS, _NONZERO_METHODS,
-                    _NONZERO_MODULES, _PASS_FUNCTIONS, _PASS_METHODS, _PASS_MODULES, _REDUCE_FUNCTIONS,
-                    _REDUCE_METHODS, _RESHAPE_METHODS, _SPLIT_FUNCTIONS, _SPLIT_METHODS)
+from . import rules
+from .channels import AttrRef, AttrUse, ChannelInfo, Grid, ModuleUse, find_root
+from .layout import LayoutSteps
+from .rules import Rule
 from .trace import node_shape as _shape
-
-
-def find_root(parent: list[int], s: int) -> int:
-    """Union-find root of slot `s`, halving the path on the way."""
-    while parent[s] != s:
-        parent[s] = parent[parent[s]]
-        s = parent[s]
-    return s
-
-
-@dataclass
-class ChannelInfo:
-    """Slots of a tensor's channel dim; `block` consecutive features per slot after flatten."""
-    slots: list[int]
-    block: int = 1
-
-
-@dataclass
-class _Grid:
-    """The channels of x.view(N, g, C // g, ...) as a g x (C // g) grid of slots (dims 1, 2);
-    a channel shuffle transposes it and flattens it back (torchvision's ShuffleNet)."""
-    rows: list[list[int]]
-
-    def slots(self) -> list[int]:
-        return [s for row in self.rows for s in row]
-
-    def transposed(self) -> "_Grid":
-        return _Grid([list(col) for col in zip(*self.rows)])
-
-
-@dataclass
-class ModuleUse:
-    """How one parametrised module touches slots; what the surgery needs to slice it."""
-    name: str
-    kind: str                      # conv | gconv (grouped) | dwconv | linear | bn | bn_passive
-    in_slots: list[int] = field(default_factory=list)
-    out_slots: list[int] = field(default_factory=list)
-    in_block: int = 1
-    bn_mode: str = ""              # owned | tied | gather (BN only)
-    gather_index: list[int] | None = None   # BN: input position read by channel j
-    input_slots: list[int] = field(default_factory=list)  # BN: slots of its whole input tensor
-
-
-@dataclass
-class AttrUse:
-    """A per-channel tensor attribute (layer scale...) multiplied into a channel path."""
-    target: str                    # its path on the model, e.g. "blocks.0.gamma"
-    dim: int                       # the tensor's dimension that holds the channels
-    slots: list[int] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class _AttrRef:
-    """A get_attr value (or a view of it) that is a vector in disguise: one dim of size > 1."""
-    target: str
-    dim: int
-
-
-
-def _keeps_channel_dim(idx: Any, shape: tuple | None) -> bool:
-    """Does tensor indexing `x[idx]` leave dim 1 whole and in place?"""
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    if shape is None or any(isinstance(i, fx.Node) or i is None for i in idx) \
-            or sum(i is Ellipsis for i in idx) > 1:
-        return False
-    if any(i is Ellipsis for i in idx):
-        k = next(n for n, i in enumerate(idx) if i is Ellipsis)
-        idx = idx[:k] + (slice(None),) * (len(shape) - len(idx) + 1) + idx[k + 1:]
-    idx = idx + (slice(None),) * (len(shape) - len(idx))
-    return len(idx) >= 2 and isinstance(idx[0], slice) and idx[1] == slice(None)
-
-
-def _show_index(idx: Any) -> str:
-    def one(i):
-        if isinstance(i, slice):
-            return ":".join("" if v is None else str(v) for v in (i.start, i.stop)) + \
-                (f":{i.step}" if i.step is not None else "")
-        return "..." if i is Ellipsis else str(i)
-    return "x[" + ", ".join(one(i) for i in (idx if isinstance(idx, tuple) else (idx,))) + "]"
 
 
 _RESHAPE_ONLY = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "to", "float", "half",
@@ -127,7 +47,7 @@ def _only_reshapes(node: fx.Node) -> bool:
 
 
 
-class SlotWalk:
+class SlotWalk(LayoutSteps):
     def __init__(self, model: nn.Module, gm: fx.GraphModule, exclude: set[str]):
         self.model = model
         self.gm = gm
@@ -150,7 +70,7 @@ class SlotWalk:
         self.gates: list[tuple[list[int], list[int], str]] = []
         # sigmoid-like outputs: (their slots, their input's slots, why they are not zero)
         self.derived: list[tuple[list[int], list[int], str]] = []
-        self.attr_refs: dict[fx.Node, _AttrRef] = {}
+        self.attr_refs: dict[fx.Node, AttrRef] = {}
         self.attr_uses: dict[str, AttrUse] = {}
 
     # union-find -------------------------------------------------------------------------
@@ -206,7 +126,7 @@ class SlotWalk:
             if torch.is_tensor(t):
                 big = [d for d, n in enumerate(t.shape) if n > 1]
                 if len(big) == 1:
-                    self.attr_refs[node] = _AttrRef(str(node.target), big[0])
+                    self.attr_refs[node] = AttrRef(str(node.target), big[0])
         elif node.args and node.args[0] in self.attr_refs and _only_reshapes(node):
             self.attr_refs[node] = self.attr_refs[node.args[0]]
 
@@ -224,7 +144,7 @@ class SlotWalk:
                 out.append(c)
             elif isinstance(c, tuple):
                 out.extend(x for x in c if isinstance(x, ChannelInfo))
-            elif isinstance(c, _Grid):
+            elif isinstance(c, Grid):
                 out.append(ChannelInfo(c.slots()))
         return out
 
@@ -250,7 +170,7 @@ class SlotWalk:
         if op == "call_module":
             return self.visit_module(node, self.mods[node.target])
         if op in ("call_function", "call_method") and node.args and \
-                isinstance(self.chans.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None, _Grid):
+                isinstance(self.chans.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None, Grid):
             return self.grid_op(node, self.chans[node.args[0]])
         if op == "call_function":
             return self.visit_function(node)
@@ -264,7 +184,10 @@ class SlotWalk:
         x = self.info(node.args[0]) if node.args else None
         if name in self.opaque and not isinstance(m, _BatchNorm):
             return self.unknown(node, self.opaque[name], fatal=False)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm, _InstanceNorm)):
+        rule = rules.module_rule(m)
+        if rule is None:
+            return self.unknown(node, f"module {name} ({type(m).__name__})")
+        if rule.kind in _WEIGHTED_KINDS:
             self.calls[name] = self.calls.get(name, 0) + 1
             if self.calls[name] > 1 or name in self.uses:
                 # A weight-shared module called twice: its two call sites would have to agree.
@@ -272,25 +195,7 @@ class SlotWalk:
                 if use:
                     self.pin(use.in_slots + use.out_slots, f"module {name} is called more than once")
                 return self.unknown(node, f"module {name} is called more than once", fatal=False)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            return self.conv(node, name, m, x)
-        if isinstance(m, nn.Linear):
-            return self.linear(node, name, m, x)
-        if isinstance(m, _BatchNorm):
-            return self.batchnorm(node, name, m, x)
-        if isinstance(m, _InstanceNorm):
-            return self.instancenorm(node, name, m, x)
-        if isinstance(m, _CHANNEL_MIXING_NORMS):
-            return self.unknown(node, f"{type(m).__name__} {name} normalises across channels", fatal=False)
-        if isinstance(m, nn.LayerNorm):
-            return self.layernorm(node, name, m, x)
-        if isinstance(m, nn.Flatten):
-            return self.flatten(node, x, m.start_dim, m.end_dim)
-        if isinstance(m, _PASS_MODULES):
-            return self.passthrough(node, x)
-        if isinstance(m, _NONZERO_MODULES):
-            return self.nonzero(node, x, f"{type(m).__name__} {name} maps 0 to a non-zero value")
-        return self.unknown(node, f"module {name} ({type(m).__name__})")
+        return MODULE_STEPS[rule.kind](self, node, rule, m, name, x)
 
     def passthrough(self, node: fx.Node, x: ChannelInfo | None) -> Any:
         """An op that keeps every channel where it is (activation, pooling, dropout...)."""
@@ -308,13 +213,7 @@ class SlotWalk:
         if x is None or x.block != 1 or len(x.slots) != m.in_channels:
             return self.unknown(node, f"conv {name} input")
         if m.groups == 1:
-            out = self.new(m.out_channels)
-            for j, s in enumerate(x.slots):
-                self.readers.setdefault(s, []).append(("conv", name, j))
-            for j, s in enumerate(out):
-                self.origin.setdefault(s, []).append(("free", name, j))
-            self.uses[name] = ModuleUse(name, "conv", list(x.slots), out)
-            return ChannelInfo(out)
+            return self.reads_and_creates(name, "conv", x, m.out_channels)
         if m.groups == m.in_channels == m.out_channels:
             # Depthwise: output channel j is input channel j scaled; they live and die together.
             if m.bias is not None:
@@ -332,12 +231,7 @@ class SlotWalk:
             for i in range(1, g):
                 for j in range(per):
                     self.union(slots[j], slots[i * per + j])
-        for j, s in enumerate(x.slots):
-            self.readers.setdefault(s, []).append(("conv", name, j))
-        for j, s in enumerate(out):
-            self.origin.setdefault(s, []).append(("free", name, j))
-        self.uses[name] = ModuleUse(name, "gconv", list(x.slots), out)
-        return ChannelInfo(out)
+        return self.reads_and_creates(name, "gconv", x, out)
 
     def linear(self, node, name, m, x: ChannelInfo | None):
         in_shape = _shape(node.args[0])
@@ -345,12 +239,17 @@ class SlotWalk:
             if x is not None:
                 self.pin(x.slots, f"linear {name} reads a tensor whose features are not its channels")
             return self.fresh(node, f"linear {name} output on a non-channel layout")
-        out = self.new(m.out_features)
+        return self.reads_and_creates(name, "linear", x, m.out_features)
+
+    def reads_and_creates(self, name: str, kind: str, x: ChannelInfo, out: int | list[int]) -> ChannelInfo:
+        """A conv / linear `name` reads x's slots and creates `out` fresh ones (or those slots)."""
+        out = self.new(out) if isinstance(out, int) else out
+        reader = "linear" if kind == "linear" else "conv"
         for j, s in enumerate(x.slots):
-            self.readers.setdefault(s, []).append(("linear", name, j))
+            self.readers.setdefault(s, []).append((reader, name, j))
         for j, s in enumerate(out):
             self.origin.setdefault(s, []).append(("free", name, j))
-        self.uses[name] = ModuleUse(name, "linear", list(x.slots), out, in_block=x.block)
+        self.uses[name] = ModuleUse(name, kind, list(x.slots), out, in_block=x.block)
         return ChannelInfo(out)
 
     def batchnorm(self, node, name, m, x: ChannelInfo | None):
@@ -402,56 +301,62 @@ class SlotWalk:
             self.pin(x.slots, f"LayerNorm {name} adds a bias: it maps 0 to a non-zero value")
         return self.passthrough(node, x)
 
-    def flatten(self, node, x: ChannelInfo | None, start: int, end: int):
-        shape_in = _shape(node.args[0] if node.args else None)
-        if x is None:
-            return self.fresh(node)
-        if shape_in is None or x.block != 1:
-            return self.unknown(node, "flatten")
-        nd = len(shape_in)
-        start = start % nd
-        end = end % nd
-        if start >= 2:
-            return self.passthrough(node, x)
-        if start == 1 and end == nd - 1:
-            block = 1
-            for d in shape_in[2:]:
-                block *= int(d)
-            return ChannelInfo(x.slots, block)
-        return self.unknown(node, f"flatten({start}, {end}) mixes the channel dimension")
+    def channelwise(self, node: fx.Node, rule: Rule, m: nn.Module, name: str, x: ChannelInfo | None) -> Any:
+        """A module whose output channel j depends on input channel j alone (a registered
+        rules.channelwise): channels pass through, its per-channel tensors are sliced with them,
+        and a channel it maps 0 to a non-zero value keeps its width."""
+        label = f"{type(m).__name__} {name}"
+        if len(node.args) != 1 or node.kwargs or x is None or x.block != 1:
+            return self.unknown(node, f"{label}: a channelwise module netslim can slice takes one tensor "
+                                      "with channels in dim 1")
+        out = self.module_passthrough(node, rule, m, name, x)
+        if out is not x:
+            return out
+        for p in rule.params:
+            t = m._parameters.get(p, m._buffers.get(p))
+            if t is None or t.dim() <= rule.dim or t.shape[rule.dim] not in (1, len(x.slots)):
+                return self.unknown(node, f"{label}: {p!r} is not a parameter or buffer with "
+                                          f"{len(x.slots)} (or 1) entries along dim {rule.dim}")
+        for j in self.maps_zero_elsewhere(m, _shape(node.args[0])):
+            self.pin([x.slots[j]], f"{label} maps 0 to a non-zero value (channel {j})")
+        self.uses[name] = ModuleUse(name, "channelwise", list(x.slots), list(x.slots),
+                                    params=rule.params, param_dim=rule.dim)
+        return x
+
+    def module_passthrough(self, node: fx.Node, rule: Rule, m: nn.Module, name: str, x: ChannelInfo | None) -> Any:
+        """A module that keeps channels in place. Per-channel tensors its rule does not name would
+        keep their size in the slim model (and break it): refused, naming them."""
+        width = len(x.slots) if x is not None else 0
+        unlisted = [n for n, t in (*m.named_parameters(), *m.named_buffers())
+                    if width > 1 and width in t.shape and n not in rule.params]
+        if unlisted:
+            how = "channelwise(params=(...))" if rule.kind == "passthrough" else "channelwise(params=(...)) naming all"
+            return self.unknown(node, f"{type(m).__name__} {name} holds per-channel tensors its rule does not slice "
+                                      f"({', '.join(unlisted[:4])}); register it with netslim.rules.{how}, or "
+                                      "keeps_channels(why)")
+        return self.passthrough(node, x)
+
+    @staticmethod
+    def maps_zero_elsewhere(m: nn.Module, shape: tuple) -> list[int]:
+        """Channels j where m(0)[:, j] != 0: run once on zeros, in eval mode, like the trace."""
+        like = next((t for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()), None)
+        zeros = torch.zeros(shape, dtype=like.dtype if like is not None else None,
+                            device=like.device if like is not None else None)
+        was_training = m.training
+        try:
+            with torch.no_grad():
+                y = m.eval()(zeros)
+        finally:
+            m.train(was_training)
+        return torch.nonzero(y.transpose(0, 1).reshape(y.shape[1], -1).ne(0).any(1)).flatten().tolist()
 
     # functions / methods ----------------------------------------------------------------
     def visit_function(self, node: fx.Node) -> Any:
         t = node.target
-        args = node.args
-        if t in _PASS_FUNCTIONS:
-            return self.passthrough(node, self.info(args[0]))
-        if t in _NONZERO_FUNCTIONS:
-            return self.nonzero(node, self.info(args[0]), f"{getattr(t, '__name__', t)} maps 0 to a non-zero value")
-        if t in _CHANNEL_MIXING_FUNCTIONS:  # functional norms: weights come as tensors we do not slice
-            return self.unknown(node, f"{t.__name__} normalises with tensors netslim does not slice", fatal=False)
-        if t in _ADD_OPS:
-            return self.binary(node, args[:2], additive=True)
-        if t in _MUL_OPS:
-            return self.product(node, args[:2])
-        if t in _DIV_OPS:
-            if not isinstance(args[1], fx.Node):
-                return self.passthrough(node, self.info(args[0]))
-            return self.unknown(node, "division by a tensor")
-        if t in _CAT_OPS:
-            tensors = args[0] if args else node.kwargs.get("tensors")
-            dim = args[1] if len(args) > 1 else node.kwargs.get("dim", 0)
-            return self.cat(node, tensors, dim)
-        if t is torch.flatten:
-            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
-            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
-            return self.flatten(node, self.info(args[0]), start, end)
-        if t in _REDUCE_FUNCTIONS:
-            return self.reduce(node)
-        if t is operator.getitem:
-            return self.getitem(node)
-        if t in _SPLIT_FUNCTIONS:
-            return self.split(node)
+        rule = rules.function_rule(t)
+        if rule is not None:
+            x = self.info(node.args[0]) if node.args else None
+            return CALL_STEPS[rule.kind](self, node, rule, getattr(t, "__name__", str(t)), x)
         if t is getattr or _shape(node) is None and not self.tensor_inputs(node):
             return self.fresh(node)
         if _shape(node) is None and node.meta.get("tensor_meta") is None:
@@ -463,23 +368,16 @@ class SlotWalk:
         x = self.info(node.args[0]) if node.args else None
         if t in ("size", "dim", "numel") or (node.meta.get("tensor_meta") is None and x is None):
             return None
-        if t in _PASS_METHODS:
-            return self.passthrough(node, x)
-        if t in _NONZERO_METHODS:
-            return self.nonzero(node, x, f"{t} maps 0 to a non-zero value")
-        if t in _ADD_METHODS:
-            return self.binary(node, node.args[:2], additive=True)
-        if t in _MUL_METHODS:
-            return self.product(node, node.args[:2])
-        if t in _DIV_METHODS and len(node.args) > 1 and not isinstance(node.args[1], fx.Node):
-            return self.passthrough(node, x)
-        if t in _REDUCE_METHODS:
-            return self.reduce(node)
-        if t in _RESHAPE_METHODS:
-            return self.reshape(node, x)
-        if t in _SPLIT_METHODS:
-            return self.split(node)
+        rule = rules.method_rule(t)
+        if rule is not None:
+            return CALL_STEPS[rule.kind](self, node, rule, t, x)
         return self.unknown(node, f"method .{t}()")
+
+    def divide(self, node: fx.Node, x: ChannelInfo | None) -> Any:
+        """x / 2 scales every channel alike; x / tensor is not followed."""
+        if len(node.args) > 1 and not isinstance(node.args[1], fx.Node):
+            return self.passthrough(node, x)
+        return self.unknown(node, "division by a tensor")
 
     def binary(self, node, operands, additive: bool):
         out_shape = _shape(node)
@@ -535,7 +433,7 @@ class SlotWalk:
             return self.binary(node, operands, additive=False)
         width = int(out_shape[1])
         infos: list[ChannelInfo] = []
-        attrs: list[_AttrRef] = []
+        attrs: list[AttrRef] = []
         for a in operands:
             shape = _shape(a) if isinstance(a, fx.Node) else None
             if shape is None:
@@ -574,67 +472,13 @@ class SlotWalk:
     def from_bn(self, c: ChannelInfo) -> bool:
         return any(o[0] == "bn" for s in c.slots for o in self.origin.get(s, ()))
 
-    def attr_use(self, ref: _AttrRef, slots: list[int]) -> None:
+    def attr_use(self, ref: AttrRef, slots: list[int]) -> None:
         prev = self.attr_uses.get(ref.target)
         if prev is None:
             self.attr_uses[ref.target] = AttrUse(ref.target, ref.dim, list(slots))
         else:  # one tensor scaling two paths: their channels go together
             for a, b in zip(prev.slots, slots):
                 self.union(a, b)
-
-    def cat(self, node, tensors, dim):
-        infos = [self.info(t) for t in tensors]
-        out_shape = _shape(node)
-        if out_shape is None or any(c is None for c in infos):
-            return self.unknown(node, "torch.cat of non-tensors")
-        dim = dim % len(out_shape)
-        if dim == 1:
-            if any(c.block != 1 for c in infos):
-                return self.unknown(node, "torch.cat of flattened features")
-            return ChannelInfo([s for c in infos for s in c.slots])
-        first = infos[0]
-        for c in infos[1:]:
-            for a, b in zip(first.slots, c.slots):
-                self.union(a, b)
-        return first
-
-    def split(self, node):
-        """torch.split / torch.chunk / x.split / x.chunk: a tuple of parts of the input's slots."""
-        x = self.info(node.args[0]) if node.args else None
-        shape_in = _shape(node.args[0]) if node.args else None
-        meta = node.meta.get("tensor_meta")
-        if x is None or shape_in is None or not isinstance(meta, (tuple, list)) or hasattr(meta, "shape"):
-            return self.unknown(node, f"{node.name}: a split netslim cannot follow")
-        shapes = [tuple(m.shape) for m in meta]
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        if not isinstance(dim, int):
-            return self.unknown(node, f"{node.name}: split along a computed dimension")
-        dim %= len(shape_in)
-        if dim != 1:  # along batch or space: every part has all the channels
-            return tuple(x for _ in shapes)
-        if x.block != 1:
-            return self.unknown(node, f"{node.name}: split of flattened features")
-        sizes = [int(sh[1]) for sh in shapes]
-        parts, start = [], 0
-        for n in sizes:
-            parts.append(x.slots[start:start + n])
-            start += n
-        how = node.args[1] if len(node.args) > 1 else (node.kwargs.get("chunks") or
-                                                        node.kwargs.get("split_size_or_sections") or
-                                                        node.kwargs.get("split_size"))
-        is_chunk = node.target in (torch.chunk, "chunk")
-        # The slim model runs the same forward code on a narrower tensor. chunk(n) cuts it into
-        # equal parts, and so does a split size computed from the tensor (an fx node); a size
-        # written in the code (an int or a list) would cut the slim tensor in the wrong places.
-        follows_width = is_chunk or isinstance(how, fx.Node)
-        if follows_width and len(set(sizes)) == 1:
-            for part in parts[1:]:
-                for a, b in zip(parts[0], part):
-                    self.union(a, b)
-        else:
-            why = "unequal parts" if len(set(sizes)) > 1 else "a size written in the code"
-            self.pin(x.slots, f"{node.name} splits the channels into {why} {sizes}; they keep their width")
-        return tuple(ChannelInfo(part) for part in parts)
 
     def reduce(self, node):
         x = self.info(node.args[0])
@@ -650,90 +494,32 @@ class SlotWalk:
             return self.unknown(node, f"{node.name} reduces over the channel dimension")
         return self.passthrough(node, x)
 
-    def getitem(self, node):
-        src = self.chans.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        idx = node.args[1]
-        if isinstance(src, tuple) and isinstance(idx, int):
-            return src[idx]
-        if isinstance(src, ChannelInfo):
-            if _keeps_channel_dim(idx, _shape(node.args[0])):  # batch / spatial indexing only
-                return self.passthrough(node, src)
-            # x[:, :d] (DPN) cuts at a position the slim model would not move: like a split
-            # with written sizes, those channels keep their width; the rest is still pruned.
-            return self.unknown(node, f"{node.name} indexes the channels ({_show_index(idx)}); "
-                                      "they keep their width", fatal=False)
-        return self.fresh(node) if node.meta.get("tensor_meta") is not None else None
-
-    def grid_op(self, node: fx.Node, grid: _Grid) -> Any:
-        """transpose(1, 2) / permute(0, 2, 1, ...) / contiguous / flatten back of a channel grid."""
-        t, nd = node.target, len(_shape(node.args[0]) or ())
-        rest = list(node.args[1:])
-        if t in ("contiguous", "clone", torch.clone):
-            return grid
-        if t in ("transpose", torch.transpose) and len(rest) == 2 and sorted(d % nd for d in rest) == [1, 2]:
-            return grid.transposed()
-        if t in ("permute", torch.permute):
-            dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-            if [d % nd for d in dims] == [0, 2, 1, *range(3, nd)]:
-                return grid.transposed()
-        if t in ("view", "reshape", torch.reshape, "flatten", torch.flatten):
-            shape_in, shape_out = _shape(node.args[0]), _shape(node)
-            if t in ("flatten", torch.flatten):
-                merges = rest[:2] == [1, 2]
-            else:
-                sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
-                merges = len(sizes) >= 2 and not (isinstance(sizes[1], int) and sizes[1] != -1)
-            if merges and shape_in and shape_out and len(shape_out) == len(shape_in) - 1 \
-                    and shape_out[1] == shape_in[1] * shape_in[2] and shape_out[2:] == shape_in[3:]:
-                return ChannelInfo(grid.slots())
-        return self.unknown(node, f"{node.name} uses the channel grid of a shuffle in a way netslim cannot follow",
-                            fatal=False)
-
-    def grid(self, node: fx.Node, x: ChannelInfo, sizes: list) -> Any:
-        """x.view(N, g, C // g, ...) with g written in the code: every group keeps the same
-        positions (tied, like a grouped conv), so the slim model's own view still cuts right."""
-        shape_out = _shape(node)
-        g, m = int(shape_out[1]), int(shape_out[2])
-        if not isinstance(sizes[1], int) or sizes[1] == -1 or (isinstance(sizes[2], int) and sizes[2] != -1):
-            return self.unknown(node, f"{node.name} views the channels as a grid of sizes netslim cannot follow "
-                                      "(write the group count, compute the rest from x.size(1)); they keep "
-                                      "their width", fatal=False)
-        rows = [x.slots[i * m:(i + 1) * m] for i in range(g)]
-        for row in rows[1:]:
-            for a, b in zip(rows[0], row):
-                self.union(a, b)
-        return _Grid(rows)
-
-    def reshape(self, node, x):
-        shape_in, shape_out = _shape(node.args[0]), _shape(node)
-        if x is None or shape_out is None:
-            return self.fresh(node)
-        if node.target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self.flatten(node, x, start, end)
-        sizes = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
-            else list(node.args[1:])
-        if (x.block == 1 and len(sizes) >= 3 and len(shape_in) >= 2 and len(shape_out) == len(shape_in) + 1
-                and shape_out[0] == shape_in[0] and shape_out[1] * shape_out[2] == shape_in[1]
-                and shape_out[3:] == shape_in[2:]):
-            return self.grid(node, x, sizes)
-        if (x.block == 1 and len(sizes) >= 2 and len(shape_in) >= 2 and len(shape_out) >= 2
-                and shape_out[:2] == shape_in[:2] and not (isinstance(sizes[1], int) and sizes[1] != -1)):
-            # batch and channel dims unchanged, the channel size follows the tensor: x.view(n, c, 1, 1)
-            # stays right at any width (the other sizes describe one channel's elements)
-            return x
-        literal = [a for a in node.args[1:] if isinstance(a, int) and a != -1]
-        literal += [a for a in node.args[1:] if isinstance(a, (tuple, list))
-                    for a in a if isinstance(a, int) and a != -1]
-        if literal:
-            return self.unknown(node, f"x.{node.target}() with a hard-coded size {tuple(literal)}; "
-                                      "use torch.flatten(x, 1) or sizes from x.size()")
-        if x.block == 1 and len(shape_in) >= 2 and len(shape_out) == 2 and shape_out[0] == shape_in[0]:
-            block = 1
-            for d in shape_in[2:]:
-                block *= int(d)
-            return ChannelInfo(x.slots, block)
-        if len(shape_out) >= 2 and shape_out[:2] == shape_in[:2]:
-            return x
-        return self.unknown(node, f"x.{node.target}() moves the channel dimension")
+# name, input), functions and methods (walk, node, rule, label, first input).
+_WEIGHTED_KINDS = {"conv", "linear", "batchnorm", "instancenorm", "channelwise"}  # sliced per module
+MODULE_STEPS: dict[str, Callable[..., Any]] = {
+    "conv": lambda w, node, rule, m, name, x: w.conv(node, name, m, x),
+    "linear": lambda w, node, rule, m, name, x: w.linear(node, name, m, x),
+    "batchnorm": lambda w, node, rule, m, name, x: w.batchnorm(node, name, m, x),
+    "instancenorm": lambda w, node, rule, m, name, x: w.instancenorm(node, name, m, x),
+    "layernorm": lambda w, node, rule, m, name, x: w.layernorm(node, name, m, x),
+    "flatten": lambda w, node, rule, m, name, x: w.flatten(node, x, m.start_dim, m.end_dim),
+    "passthrough": lambda w, node, rule, m, name, x: w.module_passthrough(node, rule, m, name, x),
+    "nonzero": lambda w, node, rule, m, name, x: w.nonzero(node, x, f"{type(m).__name__} {name} {rule.reason}"),
+    "keeps_channels": lambda w, node, rule, m, name, x: w.unknown(node, f"{type(m).__name__} {name} {rule.reason}",
+                                                                  fatal=False),
+    "channelwise": lambda w, node, rule, m, name, x: w.channelwise(node, rule, m, name, x),
+}
+CALL_STEPS: dict[str, Callable[..., Any]] = {
+    "passthrough": lambda w, node, rule, label, x: w.passthrough(node, x),
+    "nonzero": lambda w, node, rule, label, x: w.nonzero(node, x, f"{label} {rule.reason}"),
+    "keeps_channels": lambda w, node, rule, label, x: w.unknown(node, f"{label} {rule.reason}", fatal=False),
+    "add": lambda w, node, rule, label, x: w.binary(node, node.args[:2], additive=True),
+    "mul": lambda w, node, rule, label, x: w.product(node, node.args[:2]),
+    "div": lambda w, node, rule, label, x: w.divide(node, x),
+    "cat": lambda w, node, rule, label, x: w.cat_call(node),
+    "flatten": lambda w, node, rule, label, x: w.flatten_call(node, x),
+    "reduce": lambda w, node, rule, label, x: w.reduce(node),
+    "getitem": lambda w, node, rule, label, x: w.getitem(node),
+    "split": lambda w, node, rule, label, x: w.split(node),
+    "reshape": lambda w, node, rule, label, x: w.reshape(node, x),
+}

@@ -16,6 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import PruneError
+from . import rules
 
 
 def example_input(input_size: Sequence[int] | None, model: nn.Module | None = None) -> torch.Tensor:
@@ -37,7 +38,8 @@ def guess_input_size(model: nn.Module | None) -> list[int]:
 
 
 class Tracer(fx.Tracer):
-    """Treats every BatchNorm (ours included) and every excluded module as a leaf."""
+    """Treats every BatchNorm (ours included), every excluded module and every module type
+    registered with netslim.register_module as a leaf (one call in the graph)."""
 
     def __init__(self, opaque: set[str]):
         super().__init__()
@@ -45,7 +47,8 @@ class Tracer(fx.Tracer):
         self.record_stack_traces = True  # source lines for the errors (node.meta["stack_trace"])
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _BatchNorm) or qualname in self.opaque or super().is_leaf_module(m, qualname)
+        return (isinstance(m, _BatchNorm) or qualname in self.opaque or rules.is_registered_leaf(m)
+                or super().is_leaf_module(m, qualname))
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _PartsProxy(node, self)

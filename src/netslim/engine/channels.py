@@ -1,0 +1,70 @@
+"""The analysis' data: slots, the channel layout of a tensor, and how modules use slots.
+
+A *slot* stands for one channel of one tensor; union-find ties slots that must be kept or
+removed together (their *class*).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def find_root(parent: list[int], s: int) -> int:
+    """Union-find root of slot `s`, halving the path on the way."""
+    while parent[s] != s:
+        parent[s] = parent[parent[s]]
+        s = parent[s]
+    return s
+
+
+@dataclass
+class ChannelInfo:
+    """Slots of a tensor's channel dim; `block` consecutive features per slot after flatten."""
+    slots: list[int]
+    block: int = 1
+
+
+@dataclass
+class Grid:
+    """The channels of x.view(N, g, C // g, ...) as a g x (C // g) grid of slots (dims 1, 2);
+    a channel shuffle transposes it and flattens it back (torchvision's ShuffleNet)."""
+    rows: list[list[int]]
+
+    def slots(self) -> list[int]:
+        return [s for row in self.rows for s in row]
+
+    def transposed(self) -> "Grid":
+        return Grid([list(col) for col in zip(*self.rows)])
+
+
+@dataclass
+class ModuleUse:
+    """How one parametrised module touches slots; what the surgery needs to slice it."""
+    name: str
+    kind: str                      # one of USE_KINDS: how slim.py slices it
+    in_slots: list[int] = field(default_factory=list)
+    out_slots: list[int] = field(default_factory=list)
+    in_block: int = 1
+    bn_mode: str = ""              # owned | tied | gather (BN only)
+    gather_index: list[int] | None = None   # BN: input position read by channel j
+    input_slots: list[int] = field(default_factory=list)  # BN: slots of its whole input tensor
+    params: tuple[str, ...] = ()   # channelwise: per-channel parameters / buffers to slice
+    param_dim: int = 0             # channelwise: their dimension that holds the channels
+
+
+# How a module with weights touches channels; slim.SLICERS has one slicer per kind.
+USE_KINDS = ("conv", "gconv", "dwconv", "linear", "bn", "bn_passive", "channelwise")
+
+
+@dataclass
+class AttrUse:
+    """A per-channel tensor attribute (layer scale...) multiplied into a channel path."""
+    target: str                    # its path on the model, e.g. "blocks.0.gamma"
+    dim: int                       # the tensor's dimension that holds the channels
+    slots: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttrRef:
+    """A get_attr value (or a view of it) that is a vector in disguise: one dim of size > 1."""
+    target: str
+    dim: int
