@@ -43,6 +43,7 @@ class Analysis:
     follows: list[tuple[int, int]] = field(default_factory=list)
     attrs: dict[str, AttrUse] = field(default_factory=dict)  # per-channel tensors to slice
     untraceable: dict[str, str] = field(default_factory=dict)  # module traced as one call -> why
+    graph: fx.GraphModule | None = None      # the traced model the analysis walked
 
     def find(self, s: int) -> int:
         return find_root(self.parent, s)
@@ -122,7 +123,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
         if owner and isinstance(m, _BatchNorm):
             unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
     return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
-                    untraceable)
+                    untraceable, gm)
 
 
 def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module]) -> str:

@@ -28,11 +28,11 @@ class Classes:
         self.readers_: dict[int, list[tuple]] = {}
         self.pins: dict[int, list[tuple[bool, str]]] = {}
         self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
-        for s in range(len(a.parent)):
-            r = a.find(s)
-            self.origin.setdefault(r, []).extend(a.origin.get(s, []))
-            self.readers_.setdefault(r, []).extend(a.readers.get(s, []))
-            self.pins.setdefault(r, []).extend(a.pins.get(s, []))
+        # Only slots with entries; in slot order, so a class's first pin (its reported reason)
+        # is the same as when every slot was visited. A class without entries has none here.
+        for per_slot, per_class in ((a.origin, self.origin), (a.readers, self.readers_), (a.pins, self.pins)):
+            for s in sorted(per_slot):
+                per_class.setdefault(a.find(s), []).extend(per_slot[s])
         for r, origins in self.origin.items():
             self.free[r] = sum(1 for o in origins if o[0] != "bn")
 

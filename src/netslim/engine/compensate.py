@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -89,7 +90,7 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     if consumers:
         exact = _consumer_inputs(new, removed, consumers, example_input, noise=False, batch=2)
         expected = _consumer_inputs(new, removed, consumers, example_input, noise=True, batch=_NOISE_BATCH)
-        feeds_bn = _single_bn_reader(new, example_input, list(consumers))
+        feeds_bn = _single_bn_reader(new, analysis.graph or trace(model, example_input), list(consumers))
         for name, channels in consumers.items():
             shift, folded, skipped = _contribution(mods[name], analysis.modules[name].in_block,
                                                    exact[name], expected[name], channels)
@@ -126,8 +127,7 @@ def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers:
     standard normal, so averaging over the batch estimates E[act(gamma z + beta)] through
     the model's own ops (equal to act(beta) when gamma = 0).
     """
-    probe = copy.deepcopy(model).eval()
-    mods = dict(probe.named_modules())
+    mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(0)
 
     def replace(bn: nn.Module, channels: list[int]):
@@ -146,12 +146,15 @@ def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers:
     hooks += [mods[n].register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0].detach().float()))
               for n in consumers]
     x = torch.randn((batch, *example_input.shape[1:]), generator=gen).to(example_input.device, example_input.dtype)
-    try:
+    modes = {m: m.training for m in mods.values()}
+    try:  # on `model` itself (a copy of the user's), not on another deepcopy: hooks and modes are restored
         with torch.no_grad():
-            probe(x)
+            model.eval()(x)
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     return seen
 
 
@@ -182,9 +185,9 @@ def _contribution(m: nn.Module, in_block: int, x: torch.Tensor, expected: torch.
     return shift, len(keep), len(channels) - len(keep)
 
 
-def _single_bn_reader(model: nn.Module, example_input: torch.Tensor, names: list[str]) -> dict[str, str]:
-    """{consumer: BN} for consumers whose output is read by one plain BN and nothing else."""
-    gm = trace(model, example_input)
+def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str]) -> dict[str, str]:
+    """{consumer: BN} for consumers whose output is read by one plain BN and nothing else
+    (`gm`: the traced model, or a copy of it: only module names are read from it)."""
     mods = dict(model.named_modules())
     out = {}
     for node in gm.graph.nodes:

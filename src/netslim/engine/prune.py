@@ -21,7 +21,7 @@ from .compensate import compensate as compensate_removed
 from .mask import apply_mask, strip_masks
 from .plan import (DEFAULT_GROUP_SCORE, check_options, compose_plans, explain_shortfall, make_plan,
                    masked_out, removed_roots, unit_scores)
-from .slim import apply_plan
+from .slim import apply_plan, slice_in_place
 from .trace import example_input as make_example
 
 log = logging.getLogger(__name__)
@@ -111,14 +111,15 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         source, compensation = compensate_removed(model, analysis, removed, example_input)
         if compensation.added_biases:
             meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
-    if mode == "slim":
-        pruned = apply_plan(source, plan, example_input, analysis=analysis)
+    if mode == "slim":  # the compensated copy is ours to slice; the user's model is copied first
+        pruned = slice_in_place(source, plan, analysis) if source is not model else \
+            apply_plan(source, plan, example_input, analysis=analysis)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = _count(pruned, example_input)
         effective = after
     else:
-        pruned = copy.deepcopy(source)
+        pruned = source if source is not model else copy.deepcopy(source)
         strip_masks(pruned)
         pruned = apply_mask(pruned, plan)
         meta["mask"] = pruned.netslim_meta["mask"]

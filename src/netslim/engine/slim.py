@@ -37,12 +37,19 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
     becomes an IndexedBatchNorm that gathers only its kept channels.
     """
     model = unwrap_model(model)
-    meta = dict(getattr(model, "netslim_meta", {}) or {})
-    if example_input is None:
-        example_input = make_example(meta.get("input_size"), model)
     if analysis is None:
+        meta = getattr(model, "netslim_meta", {}) or {}
+        if example_input is None:
+            example_input = make_example(meta.get("input_size"), model)
         analysis = analyze(model, example_input, exclude=exclude, strict=False)
-    new = copy.deepcopy(model)
+    return slice_in_place(copy.deepcopy(model), plan, analysis)
+
+
+def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: Analysis) -> nn.Module:
+    """apply_plan on `model` itself, no copy: for a private copy the caller owns (`analysis`
+    is of the model it was copied from, or of itself)."""
+    new = model
+    meta = dict(getattr(new, "netslim_meta", {}) or {})
     strip_masks(new)
     mods = dict(new.named_modules())
     removed = removed_roots(analysis, plan, mods)
