@@ -1,4 +1,6 @@
 """Compensation: a removed channel's constant output is folded into what reads it."""
+import math
+
 import torch
 from torch import nn
 
@@ -132,3 +134,14 @@ def test_compensate_false_is_the_plain_pruning():
     _, out = _outputs(model, plain, x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert report["compensation"] is None
+
+
+def test_the_noise_probe_keeps_its_sample_count_on_larger_inputs():
+    """Fewer examples on a larger input, never fewer noise samples than 16 examples at 32x32."""
+    from netslim.engine.compensate import noise_batch
+
+    for shape in [(3, 32, 32), (1, 28, 28), (784,), (3, 40, 40), (3, 64, 64), (3, 224, 224), (2, 8, 16, 16)]:
+        batch = noise_batch(torch.zeros(1, *shape))
+        positions = math.prod(shape[1:])
+        assert 2 <= batch <= 16 and batch * positions >= min(16 * positions, 16 * 32 * 32)
+    assert noise_batch(torch.zeros(1, 3, 224, 224)) == 2

@@ -31,6 +31,7 @@ model (apply_plan) and the masked model (apply_mask) of it compute exactly the s
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -46,6 +47,15 @@ from .trace import trace
 
 _CONSUMER_KINDS = ("conv", "gconv", "linear")
 _NOISE_BATCH = 16   # samples of the noise probe: the folded value averages over them (and over space)
+_NOISE_POSITIONS = 32 * 32  # ... at this input size; a larger input has as many samples in fewer examples
+
+
+def noise_batch(example_input: torch.Tensor) -> int:
+    """Examples in the noise probe: 16 at 32x32 or smaller, fewer on larger inputs, whose every
+    position draws its own noise (so the spatial mean has at least as many samples), at least 2.
+    At 224x224 that is 2 forwards instead of 16 (the probe was half of ResNet-50's prune time)."""
+    positions = math.prod(example_input.shape[2:])
+    return min(_NOISE_BATCH, max(2, math.ceil(_NOISE_BATCH * _NOISE_POSITIONS / positions)))
 
 
 @dataclass
@@ -89,7 +99,8 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     consumers = _consumers(analysis, removed_roots)
     if consumers:
         exact = _consumer_inputs(new, removed, consumers, example_input, noise=False, batch=2)
-        expected = _consumer_inputs(new, removed, consumers, example_input, noise=True, batch=_NOISE_BATCH)
+        expected = _consumer_inputs(new, removed, consumers, example_input, noise=True,
+                                     batch=noise_batch(example_input))
         feeds_bn = _single_bn_reader(new, analysis.graph or trace(model, example_input), list(consumers))
         for name, channels in consumers.items():
             shift, folded, skipped = _contribution(mods[name], analysis.modules[name].in_block,
