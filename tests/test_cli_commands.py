@@ -188,3 +188,41 @@ def test_imagefolder_val_split(tmp_path, capsys):
     capsys.readouterr()
     assert run(["eval", "--checkpoint", str(tmp_path / "run" / "model_best.pt")]) == 0
     assert "on imagefolder test, 8 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, want_s", [
+    (["--s", "auto", "--target-sparsity", "0.5"], None),                  # the autopilot's choice
+    (["--s", "1e-3", "--s-schedule", "linear-decay"], [1e-3, 5e-4]),       # to 0 at the end
+])
+def test_pipeline_passes_the_s_settings_to_its_sparsity_stage(data_dir, tmp_path, capsys, flags, want_s):
+    save = tmp_path / "pipe"
+    argv = ["pipeline", "--save", str(save), "--data-dir", str(data_dir), *MODEL, "--epochs", "1",
+            "--sparsity-epochs", "2", "--train-subset", "128", "--percent", "0.5", "--latency-seconds", "0.01",
+            "--quiet", *flags]
+    assert run(argv) == 0
+    sparsity = [json.loads(line) for line in (save / "sparsity" / "metrics.jsonl").read_text().splitlines()]
+    cfg = torch.load(save / "sparsity" / "checkpoint.pt", weights_only=True)["train_state"]["config"]
+    if want_s is None:
+        assert cfg["s"] == "auto" and cfg["target_sparsity"] == 0.5
+        assert sparsity[1]["s"] == pytest.approx(sparsity[0]["s_next"])   # the controller set epoch 2's s
+        md = (save / "results.md").read_text()
+        assert "Sparsity (s auto)" in capsys.readouterr().out
+        assert "s auto, target 50% of |gamma| under 1e-2. s per epoch" in md
+    else:
+        assert cfg["s_schedule"] == "linear-decay"
+        assert [r["s"] for r in sparsity] == pytest.approx(want_s)
+    # the written configuration repeats the run: every stage is found done
+    assert run(["pipeline", "--config", str(save / "config.toml"), "--save", str(save)]) == 0
+    assert capsys.readouterr().out.count("already done") == 4
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--s", "auto"], "--s auto needs --target-sparsity Q"),
+    (["--s", "auto", "--target-sparsity", "0.5", "--s-schedule", "step-decay"], "does not apply to --s auto"),
+    (["--target-sparsity", "0.5"], "--target-sparsity goes with --s auto"),
+])
+def test_pipeline_refuses_s_settings_that_do_not_go_together(tmp_path, capsys, flags, says):
+    assert run(["pipeline", "--save", str(tmp_path / "pipe"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err
+    assert not (tmp_path / "pipe").exists()

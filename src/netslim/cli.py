@@ -214,16 +214,13 @@ def _add_train_flags(p: argparse.ArgumentParser, command: str) -> None:
     if not pipeline:
         r.add_argument("-sr", "--sr", "--sparsity-regularization", dest="sr", action="store_true", default=None,
                        help="train with the L1 sparsity term on BatchNorm gammas")
-    if pipeline:
-        r.add_argument("--s", "--lambda", dest="s", type=_non_negative, metavar="S",
-                       help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
-                            f"resnet/densenet); {_LAMBDA_WHY}")
-    else:
-        r.add_argument("--s", "--lambda", dest="s", type=_s_value, metavar="S",
-                       help=f"sparsity strength, the paper's lambda (default {d.s:g}; 1e-5 for resnet/densenet), "
-                            f"or auto: adjusted every epoch to reach --target-sparsity; {_LAMBDA_WHY}")
-        r.add_argument("--target-sparsity", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="Q",
-                       help="with --s auto: the share of BN factors under 1e-2 to reach by the last epoch")
+    r.add_argument("--s", "--lambda", dest="s", type=_s_value, metavar="S",
+                   help=f"sparsity strength, the paper's lambda (default {default(f'{d.s:g}')}; 1e-5 for "
+                        f"resnet/densenet), or auto: adjusted every epoch to reach --target-sparsity; {_LAMBDA_WHY}")
+    r.add_argument("--target-sparsity", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="Q",
+                   help="with --s auto: the share of BN factors under 1e-2 to reach by the last "
+                        + ("sparsity epoch" if pipeline else "epoch"))
+    if not pipeline:
         r.add_argument("--forecast-percent", type=_float_where(lambda v: 0 < v < 1, "in (0, 1)"), metavar="P",
                        help=f"sparsity epochs log what pruning P of the channels would give (default "
                             f"{d.forecast_percent})")

@@ -90,6 +90,9 @@ class PipelineConfig:
     `train_overrides` holds any other TrainConfig field (amp, seed, channels_last, momentum,
     nesterov, device, ...) and the data options `train_subset` (train on the first N images),
     `image_size` and `val_split` (imagefolder); they apply to every training stage.
+    `s="auto"` with train_overrides {"target_sparsity": Q} lets the sparsity stage adjust s
+    every epoch until a share Q of the BN factors is under 1e-2 (autopilot.py); `s_schedule`
+    (constant, linear-decay, step-decay) is a train override too.
     """
     dataset: str = "cifar10"
     arch: str = "vgg"
@@ -98,7 +101,8 @@ class PipelineConfig:
     epochs: Union[int, dict] = 160
     batch_size: int = 64
     lr: float = 0.1                                           # per batch_size images, /10 at 50% and 75%
-    s: float = 1e-4                                           # sparsity strength of the sparsity stages
+    s: Union[float, str] = 1e-4                               # sparsity strength of the sparsity stages, or
+                                                              # "auto" with train_overrides target_sparsity
     percents: list = field(default_factory=lambda: [0.5])
     passes: int = 1
     max_layer_percent: Optional[float] = None                 # per-layer cap; the paper's multi-pass: 0.5

@@ -47,6 +47,8 @@ __all__ = ["collect_results", "write_report", "render_table", "format_params", "
 RESULTS_FORMAT = "netslim-pipeline-results/1"
 LATENCY_BATCHES = (64, 1)
 PLOTS_DIR = "plots"
+# what a sparsity epoch records besides top-1 and loss (fit's metrics.jsonl): kept in the curve
+_SPARSITY_CURVE_KEYS = ("s", "frac_gamma_below_1e-2")
 
 
 # --------------------------------------------------------------------------- collecting
@@ -62,14 +64,16 @@ def _effective_model(model: torch.nn.Module, meta: dict) -> torch.nn.Module:
     return apply_plan(model, mask, example_input(meta.get("input_size"), model)).eval()
 
 
-def _stage_label(stage: Any, s: float) -> str:
-    """Column header in the seed's style: "Sparsity (1e-4)", "Prune (50%)", "Fine-tune (50%)"."""
+def _stage_label(stage: Any, s: "float | str") -> str:
+    """Column header in the seed's style: "Sparsity (1e-4)", "Prune (50%)", "Fine-tune (50%)";
+    "Sparsity (s auto)" when the autopilot chose s."""
     from .pipeline import percent_label
     suffix = f", pass {stage.pass_no}" if stage.pass_no > 1 else ""
     if stage.role == "baseline":
         return "Baseline"
     if stage.role == "sparsity":
-        return f"Sparsity ({s:.0e}{suffix})".replace("e-0", "e-")
+        strength = "s auto" if s == "auto" else f"{s:.0e}".replace("e-0", "e-")
+        return f"Sparsity ({strength}{suffix})"
     name = "Prune" if stage.role == "prune" else "Fine-tune"
     return f"{name} ({percent_label(stage.percent)}%{suffix})"
 
@@ -124,7 +128,8 @@ def collect_results(run_dir: str | os.PathLike, *, latency_seconds: float = 0.5,
             row["best_epoch"] = metrics.get("epoch")
             row["final_top1"] = float(history[-1]["test_top1"]) if history else None
             row["curve"] = [{"epoch": r["epoch"], "test_top1": r["test_top1"], "train_loss": r["train_loss"],
-                             "lr": r["lr"]} for r in history]
+                             "lr": r["lr"], **{k: r[k] for k in _SPARSITY_CURVE_KEYS if k in r}}
+                            for r in history]
         else:
             pr = json.loads((folder / "prune.json").read_text(encoding="utf-8"))
             row["threshold"] = pr.get("threshold")
@@ -286,6 +291,16 @@ def render_table(results: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _autopilot_note(row: dict, target: Optional[float]) -> str:
+    """The s the autopilot chose per epoch and the share of small factors it reached."""
+    curve = row.get("curve") or []
+    s = ", ".join(f"{r['s']:.2g}" for r in curve if "s" in r)
+    share = [100 * r["frac_gamma_below_1e-2"] for r in curve if "frac_gamma_below_1e-2" in r]
+    aim = f", target {100 * target:g}% of |gamma| under 1e-2" if target is not None else ""
+    return (f"- {row['key']}: s auto{aim}. s per epoch {s}; share of |gamma| under 1e-2 after each epoch "
+            f"{', '.join(f'{v:.1f}' for v in share)}%" + (f"; reached {share[-1]:.1f}%." if share else "."))
+
+
 def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
     cfg = results["config"]
     lat = results["latency"]
@@ -307,6 +322,8 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
                      + (" onnxruntime: the model as `netslim export --onnx` writes it, in an onnxruntime CPU "
                         "session with the same threads." if "onnxruntime" in lat.get("runtimes", []) else ""))
     for r in results["stages"]:
+        if r["role"] == "sparsity" and cfg["s"] == "auto" and r.get("done"):
+            lines.append(_autopilot_note(r, cfg["train_overrides"].get("target_sparsity")))
         if r.get("top1_before_recalibration") is not None:
             lines.append(f"- {r['key']}: top-1 {r['top1_before_recalibration']:.2f}% right after pruning"
                          + (f" ({r['compensated']} removed channels' constants folded)" if r.get("compensated") else "")
@@ -316,7 +333,8 @@ def _markdown(results: dict, plots: list[str], skipped: Optional[str]) -> str:
     lines.append(f"- Recipe: {cfg['dataset']}, {cfg['arch']}"
                  f"{'-' + str(cfg['depth']) if cfg['depth'] is not None else ''}{opts}, "
                  f"SGD lr {cfg['lr']:g} (/10 at 50% and 75%), batch {cfg['batch_size']}, epochs baseline "
-                 f"{ep['baseline']} / sparsity {ep['sparsity']} / fine-tune {ep['finetune']}, s {cfg['s']:g}, "
+                 f"{ep['baseline']} / sparsity {ep['sparsity']} / fine-tune {ep['finetune']}, "
+                 f"s {cfg['s'] if cfg['s'] == 'auto' else format(cfg['s'], 'g')}, "
                  f"prune {', '.join(f'{100 * p:g}%' for p in cfg['percents'])} ({cfg['prune_mode']})"
                  + (f", {cfg['passes']} passes" if cfg["passes"] > 1 else "")
                  + ("" if cfg.get("compensate", True) else ", no compensation")
