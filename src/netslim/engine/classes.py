@@ -73,7 +73,6 @@ class Classes:
         self.free[r] = self.free.get(r, 0) + self.free.pop(other, 0)
 
 
-
 def resolve_gates(walk: SlotWalk, cs: Classes) -> list[tuple[int, int]]:
     """Decide every gate and every sigmoid-like value; returns [(follower, leader slot)].
 
@@ -118,6 +117,7 @@ def resolve_gates(walk: SlotWalk, cs: Classes) -> list[tuple[int, int]]:
                 cs.merge(g, x)
     return [(r, lead) for r, lead in leader.items()]
 
+
 def sliceable_origin(walk: SlotWalk, o: tuple) -> bool:
     kind, name, j = o
     if kind == "derived":
@@ -125,6 +125,7 @@ def sliceable_origin(walk: SlotWalk, o: tuple) -> bool:
     use = walk.uses.get(name)
     return kind == "free" and use is not None and use.kind in ("conv", "gconv", "linear") \
         and j < len(use.out_slots)
+
 
 def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
     """Decide owned / tied / gather for every BN; returns the final per-class aggregates."""
