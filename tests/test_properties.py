@@ -80,7 +80,11 @@ def test_prune_invariants(tmp_path_factory, arch, seed, percent, min_channels, c
     masked, _ = prune(model, percent, mode="mask", **opts)
     with torch.no_grad():
         torch.testing.assert_close(slim.eval()(x), masked.eval()(x), rtol=1e-4, atol=1e-5)
+    removed_bns = {n for block in report["removed_blocks"] for n in block["bns"]}
     for layer in report["layers"]:
+        if set(layer["bns"]) <= removed_bns:  # a residual branch removed whole (blocks.py)
+            assert layer["kept"] == 0
+            continue
         assert layer["kept"] >= min(min_channels, layer["total"])
         if cap is not None:
             assert layer["total"] - layer["kept"] <= int(layer["total"] * cap)

@@ -663,7 +663,7 @@ def _prune_locked(args: argparse.Namespace, save: Path, target: Path, lock: Any)
                            group_score=args.group_score, skip_coupled=args.skip_coupled,
                            exclude=args.exclude or (), target_flops=args.target_flops,
                            target_params=args.target_params, compensate=args.compensate is not False,
-                           **latency)
+                           remove_blocks=args.remove_blocks is not False, **latency)
     data = _dataset_for(meta, args, required=True) if args.recalibrate else None
     top1 = _try_top1(pruned, meta, args, data)
     if args.recalibrate:
@@ -707,13 +707,17 @@ def _prune_locked(args: argparse.Namespace, save: Path, target: Path, lock: Any)
     if report["guarded"]:
         print(f"guards changed {len(report['guarded'])} layer(s): {', '.join(report['guarded'][:8])}"
               f"{' ...' if len(report['guarded']) > 8 else ''}")
+    for block in report["removed_blocks"]:
+        print(f"removed block {block['block'] or '(the model)'}: its branch {', '.join(block['modules'][:6])}"
+              f"{' ...' if len(block['modules']) > 6 else ''} (every BN factor under the threshold)")
     if report.get("latency_target"):
         from .latency_target import describe
         print(describe(report["latency_target"]))
     comp = report["compensation"]
     if comp:
         print(f"compensation: {comp['folded']} constant(s) of {comp['removed_channels']} removed channels folded "
-              f"into the next layer" + (f", {comp['skipped']} not constant (left as pruned)" if comp["skipped"] else ""))
+              f"into the next layer" + (f", {comp['skipped']} not constant (left as pruned)" if comp["skipped"] else "")
+              + ("; the removed blocks' channels are dropped, not folded" if report["removed_blocks"] else ""))
     recal = report.get("recalibration")
     if recal and recal["top1_before"] is not None:
         print(f"top-1 right after pruning: {recal['top1_before']:.2f}%, after BN recalibration on "
@@ -881,6 +885,9 @@ def _add_prune_parsers(sub: Any) -> None:
     p.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
                    help="do not fold the removed channels' constant output (act(beta)) into the next layer's "
                         "bias or BN mean: the seed's pruning exactly")
+    p.add_argument("--no-remove-blocks", dest="remove_blocks", action="store_false", default=None,
+                   help="keep residual branches whose every BN factor is under the threshold (min-channels "
+                        "per layer) instead of removing them whole; with --no-compensate the seed's rule exactly")
     p.add_argument("--recalibrate", type=_int_at_least(1), metavar="N",
                    help="re-estimate every BN's running statistics on N training batches after pruning "
                         "(needs the dataset; prints top-1 before and after)")

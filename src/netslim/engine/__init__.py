@@ -9,6 +9,7 @@
     analysis.py  analyze(): trace -> slots -> classes -> prunable units, errors naming the op
     plan.py      global threshold, group scores, guards: {bn: kept channels}
     slim.py      apply_plan: the physically smaller model, one slicer per module kind
+    blocks.py    whole residual branches removed when all their factors are under the threshold
     mask.py      apply_mask: the same shape, pruned factors held at zero
     compensate.py  fold what removed channels still output into their readers
     prune.py     prune(): the steps above, budgets, the report

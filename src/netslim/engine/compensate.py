@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 import torch.fx as fx
@@ -85,18 +85,19 @@ def removed_bn_channels(analysis: Analysis, removed_roots: set[int]) -> dict[str
 
 
 def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
-               example_input: torch.Tensor) -> tuple[nn.Module, Compensation]:
+               example_input: torch.Tensor, skip: Collection[str] = ()) -> tuple[nn.Module, Compensation]:
     """A copy of `model` whose removed channels are zeroed and whose consumers carry their constant.
 
     `removed_roots`: the slot classes the plan removes (plan.removed_roots). The copy
     still has every channel; apply_plan / apply_mask on it give the compensated slim /
-    masked model.
+    masked model. `skip`: modules that get nothing (a residual branch removed whole, whose
+    output must stay exactly 0).
     """
     new = copy.deepcopy(model)
     mods = dict(new.named_modules())
     removed = removed_bn_channels(analysis, removed_roots)
     report = Compensation(removed_channels=sum(len(v) for v in removed.values()))
-    consumers = _consumers(analysis, removed_roots)
+    consumers = {n: c for n, c in _consumers(analysis, removed_roots).items() if n not in skip}
     if consumers:
         exact = _consumer_inputs(new, removed, consumers, example_input, noise=False, batch=2)
         expected = _consumer_inputs(new, removed, consumers, example_input, noise=True,

@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..budget import budget_report, check_budget, search_percent
 from ..errors import ConfigError
 from ..wrappers import unwrap_model
+from . import blocks
 from .analysis import analyze
 from .compensate import compensate as compensate_removed
 from .mask import apply_mask, strip_masks
@@ -48,7 +49,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
           skip_coupled: bool = False, exclude: Sequence[str] = (),
           target_flops: float | None = None, target_params: float | None = None,
           target_latency: float | None = None, runtime: str = "torch", batch_size: int = 1,
-          threads: int | None = None, compensate: bool = True) -> tuple[nn.Module, dict]:
+          threads: int | None = None, compensate: bool = True, remove_blocks: bool = True
+          ) -> tuple[nn.Module, dict]:
     """Prune `model` with Network Slimming's global threshold. Returns (pruned model, report).
 
     Give one of `percent` (the share of BN channels to remove), `target_flops` or
@@ -62,6 +64,9 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     per layer, the width at or above the kept count that runs fastest there (widths.py).
     compensate (default): fold the constant each removed channel still outputs into the
     layers that read it (compensate.py), in both modes alike; False is the seed's pruning.
+    remove_blocks (default): a residual branch whose every BN factor is at or under the
+    threshold is removed whole (blocks.py) instead of keeping min_channels per layer;
+    False (with compensate=False) is the seed's rule exactly. Not with max_layer_percent.
     """
     model = unwrap_model(model)  # DataParallel / DDP / torch.compile: prune the model inside
     if target_latency is not None:
@@ -71,7 +76,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         return prune_to_latency(model, target_latency, runtime=runtime, batch_size=batch_size, threads=threads,
                                 example_input=example_input, mode=mode, min_channels=min_channels,
                                 max_layer_percent=max_layer_percent, round_to=round_to, group_score=group_score,
-                                skip_coupled=skip_coupled, exclude=exclude, compensate=compensate)
+                                skip_coupled=skip_coupled, exclude=exclude, compensate=compensate,
+                                remove_blocks=remove_blocks)
     targets = {k: v for k, v in (("flops", target_flops), ("params", target_params)) if v is not None}
     if percent is None and not targets:
         raise ConfigError("prune needs percent (the fraction of channels to prune) or a target: "
@@ -93,10 +99,12 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
                    masked_out=masked_out(model, meta))
     before = _count(model, example_input)
     budget = None
+    removal = blocks.BlockRemoval(model, analysis, example_input, set(exclude) | set(analysis.untraceable),
+                                  options["masked_out"]) if remove_blocks and max_layer_percent is None else None
     if targets:
         (key, fraction), = targets.items()
         percent, budget = _fit_budget(model, analysis, example_input, key, fraction, before,
-                                      {**options, "round_to": 1 if round_to == "auto" else round_to})
+                                      {**options, "round_to": 1 if round_to == "auto" else round_to}, removal)
     if round_to == "auto":  # measure which widths at or above the kept counts run fastest
         from ..widths import choose_widths
         plan, _, decisions = make_plan(model, analysis, percent, **options)
@@ -104,16 +112,22 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
                                           batch_size=batch_size, threads=threads)
     plan, threshold, decisions = make_plan(model, analysis, percent, round_to=1 if round_to == "auto" else round_to,
                                            **options)
+    removed_blocks = []
+    if removal is not None:  # dead residual branches go whole (their BNs keep no channel)
+        plan, removed_blocks = removal(plan, threshold, decisions)
     input_size = list(example_input.shape[1:])
     source, compensation = model, None
     if compensate:
-        removed = removed_roots(analysis, plan, dict(model.named_modules()))
-        source, compensation = compensate_removed(model, analysis, removed, example_input)
+        removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks),
+                                dict(model.named_modules()))
+        source, compensation = compensate_removed(
+            blocks.silence(model, removed_blocks) if removed_blocks else model, analysis, removed, example_input,
+            skip={m for b in removed_blocks for m in b.modules})
         if compensation.added_biases:
             meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
     if mode == "slim":  # the compensated copy is ours to slice; the user's model is copied first
-        pruned = slice_in_place(source, plan, analysis) if source is not model else \
-            apply_plan(source, plan, example_input, analysis=analysis)
+        pruned = slice_in_place(source, plan, analysis, branches=removed_blocks) if source is not model else \
+            apply_plan(source, plan, example_input, analysis=analysis, branches=removed_blocks)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = _count(pruned, example_input)
@@ -124,7 +138,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         pruned = apply_mask(pruned, plan)
         meta["mask"] = pruned.netslim_meta["mask"]
         after = _count(pruned, example_input)
-        effective = _count(apply_plan(pruned, plan, example_input, analysis=analysis), example_input)
+        effective = _count(apply_plan(pruned, plan, example_input, analysis=analysis, branches=removed_blocks),
+                           example_input)
     meta["input_size"] = input_size
     if exclude:
         meta["exclude"] = exclude
@@ -133,6 +148,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     mods = dict(model.named_modules())
     total = sum(mods[n].num_features for n in analysis.bn_names)
     kept = total - sum(d.channels - d.channels_kept for d in decisions)
+    if removed_blocks:  # every channel of their BNs, unprunable ones too
+        kept = blocks.kept_channels(mods, analysis.bn_names, plan)
     report = {
         "mode": mode, "percent": percent, "threshold": threshold if percent > 0 else None,
         "group_score": group_score, "min_channels": min_channels,
@@ -149,6 +166,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         "coupled": ["+".join(layer) for layer in analysis.coupled_layers()],
         "before": before, "after": after, "effective": effective,
         "compensation": compensation.as_dict() if compensation else None,
+        "remove_blocks": removal is not None,
+        "removed_blocks": [b.as_dict() for b in removed_blocks],
     }
     if budget is not None:
         report["budget"] = budget
@@ -157,14 +176,15 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     return pruned, report
 
 
-def _fit_budget(model, analysis, example_input, key, fraction, dense, options) -> tuple[float, dict]:
+def _fit_budget(model, analysis, example_input, key, fraction, dense, options, removal=None) -> tuple[float, dict]:
     """The percent whose slim model keeps at most `fraction` of the dense `key` count."""
     _, values = unit_scores(model, analysis, options["group_score"])
     n_values = max(int(values.numel()), 1)
 
     def measure(percent: float) -> int:
-        plan = make_plan(model, analysis, percent, **options)[0]
-        return _count(apply_plan(model, plan, example_input, analysis=analysis), example_input)[key]
+        plan, threshold, decisions = make_plan(model, analysis, percent, **options)
+        plan, gone = removal(plan, threshold, decisions) if removal is not None else (plan, [])
+        return _count(apply_plan(model, plan, example_input, analysis=analysis, branches=gone), example_input)[key]
 
     if not analysis.units:
         measure = lambda percent: dense[key]  # noqa: E731 (nothing prunable: the dense count)

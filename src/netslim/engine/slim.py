@@ -11,6 +11,7 @@ from torch import nn
 
 from ..layers import INDEXED_BN, is_indexed_bn
 from ..wrappers import unwrap_model
+from . import blocks
 from .analysis import Analysis, analyze
 from .mask import strip_masks
 from .plan import removed_roots
@@ -28,13 +29,16 @@ def _param(t: torch.Tensor) -> nn.Parameter:
 
 
 def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: torch.Tensor | None = None,
-               *, exclude: Sequence[str] = (), analysis: Analysis | None = None) -> nn.Module:
+               *, exclude: Sequence[str] = (), analysis: Analysis | None = None,
+               branches: Sequence[blocks.Branch] | None = None) -> nn.Module:
     """A physically smaller copy of `model` that keeps, per BN, the channels in `plan`.
 
     Every module that reads or writes a removed channel is sliced: producer convs/linears
     lose output channels, consumers lose input channels (per flatten block for a Linear),
     depthwise convs lose groups, and a BN that reads a stream which must keep its width
-    becomes an IndexedBatchNorm that gathers only its kept channels.
+    becomes an IndexedBatchNorm that gathers only its kept channels. BNs the plan keeps no
+    channel of form residual branches that are removed whole (blocks.py; `branches`: the
+    removable ones if known, else found by tracing).
     """
     model = unwrap_model(model)
     if analysis is None:
@@ -42,16 +46,22 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
         if example_input is None:
             example_input = make_example(meta.get("input_size"), model)
         analysis = analyze(model, example_input, exclude=exclude, strict=False)
-    return slice_in_place(copy.deepcopy(model), plan, analysis)
+    return slice_in_place(copy.deepcopy(model), plan, analysis, exclude=exclude, branches=branches)
 
 
-def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: Analysis) -> nn.Module:
+def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: Analysis, *,
+                   exclude: Sequence[str] = (), branches: Sequence[blocks.Branch] | None = None) -> nn.Module:
     """apply_plan on `model` itself, no copy: for a private copy the caller owns (`analysis`
     is of the model it was copied from, or of itself)."""
     new = model
     meta = dict(getattr(new, "netslim_meta", {}) or {})
     strip_masks(new)
     mods = dict(new.named_modules())
+    # Whole residual branches first: the rest of the plan is sliced as usual, then they go.
+    untouchable = set(exclude) | set(analysis.untraceable)
+    removed_branches = [b for b in branches if set(b.bns) <= blocks.emptied_bns(plan)] if branches is not None \
+        else blocks.branches_for_plan(new, plan, analysis, untouchable)
+    plan = blocks.plan_for_slicing(plan, analysis, removed_branches)
     removed = removed_roots(analysis, plan, mods)
 
     def keep(slots: Sequence[int]) -> list[int]:
@@ -64,6 +74,7 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
             kept_channels = keep(attr.slots)
             if len(kept_channels) < len(attr.slots):
                 _slice_attr(new, attr.target, attr.dim, kept_channels)
+    new = blocks.remove_branches(new, removed_branches, untouchable)
     new.netslim_meta = meta
     return new
 
