@@ -356,3 +356,11 @@ def test_more_passes_reuse_the_finished_ones(data_dir, tmp_path):
     started = [e["stage"] for e in events if e["event"] == "stage_start"]
     assert started and all(s.startswith("pass2") for s in started)
     assert (run / "pass2").is_dir() and {r["pass"] for r in results["stages"]} == {1, 2}
+
+
+def test_the_start_line_names_what_flags_changed_in_the_preset():
+    """`pipeline --preset quick --arch resnet-cifar` must not announce the preset's vgg-13."""
+    from netslim.cli import _preset_note
+    assert _preset_note("quick", preset_config("quick", data_dir="/elsewhere")) == PRESET_NOTES["quick"]
+    note = _preset_note("quick", preset_config("quick", arch="resnet-cifar", depth=20))
+    assert "vgg-13" not in note and "arch resnet-cifar" in note and "depth 20" in note

@@ -926,10 +926,21 @@ def _add_prune_parsers(sub: Any) -> None:
 # --------------------------------------------------------------------------- pipeline
 
 
+def _preset_note(preset: str, cfg) -> str:
+    """The preset's one-line description, or, where flags changed it, what they changed:
+    the note names the preset's model and recipe, which `--arch resnet-cifar` no longer runs."""
+    from dataclasses import fields
+    from .pipeline import PRESET_NOTES, PRESETS
+    base = PRESETS.get(preset)
+    changed = [f"{f.name} {getattr(cfg, f.name)}" for f in fields(cfg) if base is not None
+               and f.name not in ("data_dir", "download") and getattr(cfg, f.name) != getattr(base, f.name)]
+    return "the preset with " + ", ".join(changed) if changed else PRESET_NOTES.get(preset, "")
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     """baseline -> sparsity -> prune -> fine-tune (-> more passes), resumable, with a report."""
     from .config import CONFIG_NAME, write_config_file
-    from .pipeline import PIPELINE_OWN_TRAIN_FIELDS, PRESET_NOTES, preset_config, run_pipeline
+    from .pipeline import PIPELINE_OWN_TRAIN_FIELDS, preset_config, run_pipeline
     from .report import render_table
     from .train import TrainingInterrupted
 
@@ -965,7 +976,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         elif kind == "pipeline_start":  # run_dir is claimed: record what this run resolved to
             write_config_file(run_dir / CONFIG_NAME, _pipeline_config_values(args, cfg, ev["seed"]),
                               _config_header("pipeline"))
-            say(f"pipeline {args.preset} in {run_dir}: {PRESET_NOTES.get(args.preset, '')}".rstrip(": "))
+            say(f"pipeline {args.preset} in {run_dir}: {_preset_note(args.preset, cfg)}".rstrip(": "))
         elif kind == "stage_start":
             how = " (resuming)" if ev.get("resume") else ""
             say(f"== stage {ev.get('index', '?')}/{ev.get('total', '?')}: {ev['stage']}{how}")
