@@ -125,10 +125,12 @@ def test_export_without_onnx_writes_nothing(trained, tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_pipeline_command(data_dir, tmp_path, capsys):
+def test_pipeline_command(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NETSLIM_CACHE", str(tmp_path / "cache"))
     save = tmp_path / "pipe"
     argv = ["pipeline", "--save", str(save), "--data-dir", str(data_dir), *MODEL, "--epochs", "1",
-            "--train-subset", "128", "--percent", "0.5", "--latency-seconds", "0.05"]
+            "--train-subset", "128", "--percent", "0.5", "--latency-seconds", "0.05",
+            "--round-to", "auto", "--runtime", "onnxruntime"]
     assert run(argv) == 0
     out = capsys.readouterr().out
     assert "Baseline" in out and "Fine-tune (50%)" in out
@@ -137,6 +139,9 @@ def test_pipeline_command(data_dir, tmp_path, capsys):
     results = json.loads((save / "results.json").read_text())
     assert results["netslim"] == provenance() and results["netslim"]["version"] == netslim.__version__
     assert [r["netslim"] for r in results["stages"]] == [provenance()] * 4
+    # --round-to auto measured the widths in the runtime asked for
+    assert json.loads((save / "prune-50" / "prune.json").read_text())["round_to"] == "auto"
+    assert all("|onnxruntime|" in key for key in json.loads((tmp_path / "cache" / "widths.json").read_text()))
     assert run(argv) == 0  # re-run: everything already done
     assert "already done" in capsys.readouterr().out
     # the written configuration is this run's: repeated from it, every stage is found done

@@ -301,6 +301,8 @@ def test_preset_overrides_win():
     (dict(lr=-1.0), "lr"),
     (dict(retrain="scratch"), "finetune or scratch-b"),
     (dict(recalibrate=-1), "recalibrate"),
+    (dict(round_to="fast"), "round_to 'fast' is not valid: use an integer >= 1 or 'auto'"),
+    (dict(round_to="auto", runtime="tensorrt"), "runtime 'tensorrt' is not valid"),
 ])
 def test_bad_configs_are_refused_before_any_work(data_dir, tmp_path, change, says):
     with pytest.raises(ConfigError, match=says):
@@ -323,6 +325,15 @@ def test_recovery_options_distill_scratch_b_and_recalibration(data_dir, tmp_path
     assert by["prune-50"]["top1_before_recalibration"] == prune["recalibration"]["top1_before"]
     md = (run / "results.md").read_text()
     assert "after BN recalibration on 2 batches" in md and "Scratch-B" in md
+
+
+def test_round_to_auto_measures_widths_in_the_runtime_given(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("NETSLIM_CACHE", str(tmp_path / "cache"))
+    run_pipeline(tiny(data_dir, round_to="auto", runtime="onnxruntime"), tmp_path / "run", latency_seconds=0)
+    report = json.loads((tmp_path / "run" / "prune-50" / "prune.json").read_text())
+    assert report["round_to"] == "auto"
+    cache = json.loads((tmp_path / "cache" / "widths.json").read_text())
+    assert cache and all(f"|onnxruntime|t{torch.get_num_threads()}|b1|" in key for key in cache)
 
 
 def test_number_formats():

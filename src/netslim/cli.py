@@ -959,7 +959,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         arch_options={"width": args.width} if args.width is not None else None, epochs=epochs,
         batch_size=args.batch_size, lr=args.lr, s=args.s, percents=args.percent, passes=args.passes,
         max_layer_percent=args.max_layer_percent, prune_mode=args.mode, min_channels=args.min_channels,
-        round_to=args.round_to, train_overrides=overrides or None, data_dir=args.data_dir,
+        round_to=args.round_to, runtime=args.runtime, train_overrides=overrides or None, data_dir=args.data_dir,
         download=args.download or None, compensate=args.compensate, recalibrate=args.recalibrate,
         distill=args.distill, retrain=args.retrain)
     run_dir = Path(args.save or f"runs/{args.preset}")
@@ -1020,8 +1020,8 @@ def _pipeline_config_values(args: argparse.Namespace, cfg: Any, seed: int) -> di
               **{f"{stage}_epochs": n for stage, n in epochs.items()},
               "batch_size": cfg.batch_size, "lr": cfg.lr, "s": cfg.s, "percent": [float(p) for p in cfg.percents],
               "passes": cfg.passes, "max_layer_percent": cfg.max_layer_percent, "mode": cfg.prune_mode,
-              "min_channels": cfg.min_channels, "round_to": cfg.round_to, "compensate": cfg.compensate,
-              "recalibrate": cfg.recalibrate, "distill": cfg.distill, "retrain": cfg.retrain,
+              "min_channels": cfg.min_channels, "round_to": cfg.round_to, "runtime": cfg.runtime,
+              "compensate": cfg.compensate, "recalibrate": cfg.recalibrate, "distill": cfg.distill, "retrain": cfg.retrain,
               "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, "download": cfg.download,
               "latency_seconds": args.latency_seconds}
     return {**values, **cfg.train_overrides, "seed": seed}
@@ -1048,7 +1048,11 @@ def _add_pipeline_parser(sub: Any) -> None:
     e.add_argument("--max-layer-percent", type=_float_where(lambda v: 0 <= v <= 1, "in [0, 1]"))
     e.add_argument("--mode", choices=("slim", "mask"), help="prune mode (default slim)")
     e.add_argument("--min-channels", type=_int_at_least(1))
-    e.add_argument("--round-to", type=_int_at_least(1))
+    e.add_argument("--round-to", type=_int_or_auto, metavar="K|auto",
+                   help="round kept widths up to a multiple of K; auto: per layer, the width at or above the "
+                        "kept count that measures fastest in --runtime at batch 1 (cached in ~/.cache/netslim)")
+    e.add_argument("--runtime", choices=("torch", "onnxruntime"),  # profile.RUNTIMES
+                   help="with --round-to auto: where widths are measured (default torch)")
     e.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
                    help="prune as the seed does: no folding of the removed channels' constants")
     e.add_argument("--recalibrate", type=_int_at_least(0), metavar="N",

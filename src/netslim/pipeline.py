@@ -108,7 +108,8 @@ class PipelineConfig:
     max_layer_percent: Optional[float] = None                 # per-layer cap; the paper's multi-pass: 0.5
     prune_mode: str = "slim"                                  # slim | mask
     min_channels: int = 1
-    round_to: int = 1
+    round_to: Union[int, str] = 1                             # K, or "auto": widths measured in `runtime`
+    runtime: str = "torch"                                    # where round_to="auto" measures (batch 1)
     compensate: bool = True                                   # fold removed channels' constants (compensate.py)
     recalibrate: int = 50                                     # BN recalibration batches after pruning; 0: none
     distill: bool = False                                     # fine-tune with the pruned sparsity model as teacher
@@ -116,6 +117,20 @@ class PipelineConfig:
     train_overrides: dict = field(default_factory=dict)
     data_dir: Optional[str] = None
     download: bool = False
+
+    def _check_runtime(self) -> None:
+        """The runtime round_to="auto" measures in must exist here: found now, not after the training."""
+        import importlib.util
+
+        from .profile import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime {self.runtime!r} is not valid: use {' or '.join(RUNTIMES)}")
+        if self.round_to == "auto" and self.runtime == "onnxruntime":
+            missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ConfigError(f"round_to 'auto' with runtime onnxruntime needs {' and '.join(missing)}, "
+                                  "which is not installed: pip install netslim[onnx]")
 
     # ---- derived values
 
@@ -187,8 +202,9 @@ class PipelineConfig:
             raise ConfigError(f"max_layer_percent {self.max_layer_percent!r} is not valid: use a fraction in [0, 1]")
         for name in ("min_channels", "round_to"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} {v!r} is not valid: use an integer >= 1")
+            if (isinstance(v, bool) or not isinstance(v, int) or v < 1) and not (name == "round_to" and v == "auto"):
+                raise ConfigError(f"{name} {v!r} is not valid: use an integer >= 1" + " or 'auto'" * (name == "round_to"))
+        self._check_runtime()
         if self.retrain not in RETRAIN_CHOICES:
             raise ConfigError(f"retrain {self.retrain!r} is not valid: use {' or '.join(RETRAIN_CHOICES)}")
         if isinstance(self.recalibrate, bool) or not isinstance(self.recalibrate, int) or self.recalibrate < 0:
@@ -611,7 +627,8 @@ class _Runner:
         cap = self.cfg.layer_cap(stage.pass_no)
         pruned, report = prune(model, float(stage.percent), mode=self.cfg.prune_mode,
                                min_channels=self.cfg.min_channels, max_layer_percent=cap,
-                               round_to=self.cfg.round_to, compensate=self.cfg.compensate)
+                               round_to=self.cfg.round_to, runtime=self.cfg.runtime,
+                               compensate=self.cfg.compensate)
         # Top-1 right after pruning, before fine-tuning (the seed's "Prune (40%)" column), evaluated
         # as fit evaluates: same device, autocast and memory layout, so the columns compare.
         tcfg = self.cfg.train_config("finetune", seed=self.seed)
