@@ -241,3 +241,43 @@ def test_width_probe_includes_the_depthwise_conv_of_an_inverted_residual():
     assert with_dw and all(shape[7] is not None for shape in with_dw)   # and the projection after it
     cin, h, w, k, s, p, (dk, ds, dp), (cout, ck, cs, cp, pool) = with_dw[0]
     assert k == (1, 1) and dk == (3, 3) and ck == (1, 1) and pool == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The exported graph
+
+def _skewed(model: nn.Module) -> nn.Module:
+    """Random BN statistics and factors, so pruning removes a different share of each layer."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g)
+            m.bias.data = torch.randn(m.num_features, generator=g) * 0.1
+            m.running_mean = torch.randn(m.num_features, generator=g) * 0.1
+            m.running_var = torch.rand(m.num_features, generator=g) + 0.5
+    return model.eval()
+
+
+def test_onnx_folds_the_gathers_of_preactivation_bottlenecks_and_keeps_the_outputs(tmp_path):
+    # A pre-activation bottleneck gathers the kept channels of the full-width stream for its
+    # first BN; onnxruntime cannot run that gather in its blocked layout (a reorder per block).
+    # The export folds it into the 1x1 conv's zero weights; a conv as wide as its stream
+    # (DenseNet's transition) keeps its gather, where folding measured slower.
+    import onnx
+
+    from netslim.export import onnx_bytes
+
+    x = torch.randn(1, 3, 32, 32)
+    resnet, _ = netslim.prune(_skewed(build_model("resnet", num_classes=10, depth=20)), 0.4)
+    densenet, _ = netslim.prune(_skewed(build_model("densenet", num_classes=10, depth=10, growth_rate=4)), 0.4)
+    for model, folds in ((resnet, True), (densenet, False)):
+        graph = onnx.load_from_string(onnx_bytes(model.eval(), x)).graph
+        unfolded = onnx.load_from_string(onnx_bytes(model, x, fold_gathers=False)).graph
+        ops = [n.op_type for n in graph.node]
+        before = [n.op_type for n in unfolded.node].count("Gather")
+        # resnet keeps two: the first block's (its conv reads the 16-wide stem: no narrower) and
+        # the last BN's (it feeds the pooling)
+        assert ops.count("Gather") == (2 if folds else before) and before > 5
+        assert "Identity" not in ops and len({t.name for t in graph.initializer}) == len(graph.initializer)
+        result = netslim.export_onnx(model, {}, str(tmp_path / "m.onnx"), atol=1e-5)
+        assert result["checked"] and result["max_abs_diff"] <= 1e-5
