@@ -132,7 +132,9 @@ def fold_preactivation_gathers(data: bytes) -> bytes:
         width = widths[gather.input[0]]
         if weight.shape[2:] != (1, 1) or conv_attrs.get("group", 1) != 1 or 2 * weight.shape[0] > width:
             continue
-        kept = numpy_helper.to_array(inits[gather.input[1]]).astype(np.int64)
+        kept = numpy_helper.to_array(inits[gather.input[1]]).astype(np.int64) % width
+        if kept.ndim != 1 or len(np.unique(kept)) != len(kept):  # a repeated channel is not a selection
+            continue
         # BN scale, shift, mean, var at the full width: a dropped channel outputs 0 (scale 0, shift 0)
         for slot, fill in zip(range(1, 5), (0.0, 0.0, 0.0, 1.0)):
             values = numpy_helper.to_array(inits[bn.input[slot]])
