@@ -375,3 +375,15 @@ def test_the_start_line_names_what_flags_changed_in_the_preset():
     assert _preset_note("quick", preset_config("quick", data_dir="/elsewhere")) == PRESET_NOTES["quick"]
     note = _preset_note("quick", preset_config("quick", arch="resnet-cifar", depth=20))
     assert "vgg-13" not in note and "arch resnet-cifar" in note and "depth 20" in note
+
+
+def test_no_remove_blocks_reaches_the_prune_stage(data_dir, tmp_path):
+    """`pipeline --no-remove-blocks` prunes as `prune --no-remove-blocks` does (dead branches keep
+    min-channels per layer), and the resolved config records it."""
+    from netslim import cli
+    args = cli.build_parser().parse_args(["pipeline", "--no-remove-blocks"])
+    assert args.remove_blocks is False
+    assert preset_config("quick").remove_blocks is True
+    run_pipeline(tiny(data_dir, remove_blocks=False), tmp_path / "run", latency_seconds=0)
+    report = json.loads((tmp_path / "run" / "prune-50" / "prune.json").read_text())
+    assert report["remove_blocks"] is False

@@ -960,7 +960,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, lr=args.lr, s=args.s, percents=args.percent, passes=args.passes,
         max_layer_percent=args.max_layer_percent, prune_mode=args.mode, min_channels=args.min_channels,
         round_to=args.round_to, runtime=args.runtime, train_overrides=overrides or None, data_dir=args.data_dir,
-        download=args.download or None, compensate=args.compensate, recalibrate=args.recalibrate,
+        download=args.download or None, compensate=args.compensate, remove_blocks=args.remove_blocks,
+        recalibrate=args.recalibrate,
         distill=args.distill, retrain=args.retrain)
     run_dir = Path(args.save or f"runs/{args.preset}")
     progress = Progress(quiet=bool(args.quiet))
@@ -1021,7 +1022,7 @@ def _pipeline_config_values(args: argparse.Namespace, cfg: Any, seed: int) -> di
               "batch_size": cfg.batch_size, "lr": cfg.lr, "s": cfg.s, "percent": [float(p) for p in cfg.percents],
               "passes": cfg.passes, "max_layer_percent": cfg.max_layer_percent, "mode": cfg.prune_mode,
               "min_channels": cfg.min_channels, "round_to": cfg.round_to, "runtime": cfg.runtime,
-              "compensate": cfg.compensate, "recalibrate": cfg.recalibrate, "distill": cfg.distill, "retrain": cfg.retrain,
+              "compensate": cfg.compensate, "remove_blocks": cfg.remove_blocks, "recalibrate": cfg.recalibrate, "distill": cfg.distill, "retrain": cfg.retrain,
               "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None, "download": cfg.download,
               "latency_seconds": args.latency_seconds}
     return {**values, **cfg.train_overrides, "seed": seed}
@@ -1055,6 +1056,9 @@ def _add_pipeline_parser(sub: Any) -> None:
                    help="with --round-to auto: where widths are measured (default torch)")
     e.add_argument("--no-compensate", dest="compensate", action="store_false", default=None,
                    help="prune as the seed does: no folding of the removed channels' constants")
+    e.add_argument("--no-remove-blocks", dest="remove_blocks", action="store_false", default=None,
+                   help="keep residual branches whose factors are all under the threshold (min-channels per "
+                        "layer) instead of removing them whole; with --no-compensate the seed's rule exactly")
     e.add_argument("--recalibrate", type=_int_at_least(0), metavar="N",
                    help="BN recalibration batches after pruning (default 50; 0: none, the seed's)")
     p.add_argument("--latency-seconds", type=_positive, default=0.5, help="time per latency measurement")

@@ -111,6 +111,8 @@ class PipelineConfig:
     round_to: Union[int, str] = 1                             # K, or "auto": widths measured in `runtime`
     runtime: str = "torch"                                    # where round_to="auto" measures (batch 1)
     compensate: bool = True                                   # fold removed channels' constants (compensate.py)
+    remove_blocks: bool = True                                # a residual branch whose factors are all under the
+                                                              # threshold goes whole (engine/blocks.py)
     recalibrate: int = 50                                     # BN recalibration batches after pruning; 0: none
     distill: bool = False                                     # fine-tune with the pruned sparsity model as teacher
     retrain: str = "finetune"                                 # finetune | scratch-b (retrain.py)
@@ -628,7 +630,7 @@ class _Runner:
         pruned, report = prune(model, float(stage.percent), mode=self.cfg.prune_mode,
                                min_channels=self.cfg.min_channels, max_layer_percent=cap,
                                round_to=self.cfg.round_to, runtime=self.cfg.runtime,
-                               compensate=self.cfg.compensate)
+                               compensate=self.cfg.compensate, remove_blocks=self.cfg.remove_blocks)
         # Top-1 right after pruning, before fine-tuning (the seed's "Prune (40%)" column), evaluated
         # as fit evaluates: same device, autocast and memory layout, so the columns compare.
         tcfg = self.cfg.train_config("finetune", seed=self.seed)
