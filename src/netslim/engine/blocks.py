@@ -27,7 +27,6 @@ unprunable for the next pass (a constant not produced by a BN).
 """
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -298,18 +297,6 @@ def plan_for_slicing(plan: dict[str, Sequence[int]], analysis: Analysis, removed
 
 def _bn_size(analysis: Analysis, name: str) -> int:
     return len(analysis.modules[name].out_slots)
-
-
-def silence(model: nn.Module, removed: Sequence[Branch]) -> nn.Module:
-    """A copy of `model` whose removed branches output 0: their BNs' gamma and beta zeroed."""
-    new = copy.deepcopy(model)
-    mods = dict(new.named_modules())
-    with torch.no_grad():
-        for b in removed:
-            for n in b.bns:
-                mods[n].weight.zero_()
-                mods[n].bias.zero_()
-    return new
 
 
 def kept_channels(mods: dict[str, nn.Module], bn_names: Sequence[str], plan: dict[str, Sequence[int]]) -> int:

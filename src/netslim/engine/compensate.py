@@ -90,11 +90,17 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
 
     `removed_roots`: the slot classes the plan removes (plan.removed_roots). The copy
     still has every channel; apply_plan / apply_mask on it give the compensated slim /
-    masked model. `skip`: modules that get nothing (a residual branch removed whole, whose
-    output must stay exactly 0).
+    masked model. `skip`: the modules of residual branches removed whole (blocks.py): they
+    get nothing, and their BNs are silenced (gamma = beta = 0) before the probes, so each
+    branch outputs exactly 0 there, as it does in the masked model.
     """
     new = copy.deepcopy(model)
     mods = dict(new.named_modules())
+    with torch.no_grad():
+        for name in skip:
+            if isinstance(mods[name], _BatchNorm) and mods[name].affine:
+                mods[name].weight.zero_()
+                mods[name].bias.zero_()
     removed = removed_bn_channels(analysis, removed_roots)
     report = Compensation(removed_channels=sum(len(v) for v in removed.values()))
     consumers = {n: c for n, c in _consumers(analysis, removed_roots).items() if n not in skip}

@@ -121,7 +121,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks),
                                 dict(model.named_modules()))
         source, compensation = compensate_removed(
-            blocks.silence(model, removed_blocks) if removed_blocks else model, analysis, removed, example_input,
+            model, analysis, removed, example_input,
             skip={m for b in removed_blocks for m in b.modules})
         if compensation.added_biases:
             meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
