@@ -66,3 +66,19 @@ def test_autopilot_flag_errors_are_one_line(data_dir, tmp_path, capsys, argv, sa
     err = capsys.readouterr().err.strip()
     assert code == 2 and says in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x" / "checkpoint.pt").exists()
+
+
+def test_forecast_counts_the_blocks_prune_will_remove():
+    from netslim.autopilot import SparsityForecast
+    from test_blocks import CASES, with_dead_branches
+
+    factory, dead = CASES["post-activation bottleneck"]
+    model = with_dead_branches(factory, dead)
+    x = torch.zeros(1, 3, 32, 32)
+    forecast = SparsityForecast(model, x, 0.5)(model)
+    _, report = prune(model, 0.5, example_input=x, compensate=False)
+    assert forecast["removed_blocks"] == [b["block"] for b in report["removed_blocks"]] == ["layers.1"]
+    assert forecast["flops_left"] == pytest.approx(report["after"]["flops"] / report["before"]["flops"])
+    assert forecast["params_left"] == pytest.approx(report["after"]["params"] / report["before"]["params"])
+    kept = SparsityForecast(model, x, 0.5, remove_blocks=False)(model)
+    assert kept["removed_blocks"] == [] and kept["flops_left"] > forecast["flops_left"]

@@ -27,15 +27,25 @@ _ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta",
 
 
 class SparsityForecast:
-    """What pruning `model` at `percent` would give now (the plan only: no model is kept)."""
+    """What pruning `model` at `percent` would give now (the plan only: no model is kept).
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, percent: float, min_channels: int = 1):
+    The plan is prune()'s, block removal included (remove_blocks, on by default as in
+    prune): a residual branch the penalty has silenced is counted as gone, as the prune
+    stage will remove it.
+    """
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, percent: float, min_channels: int = 1,
+                 remove_blocks: bool = True):
         from .engine.analysis import analyze
+        from .engine.blocks import BlockRemoval
         from .profile import count
 
         self.percent, self.min_channels, self.example = percent, min_channels, example_input
         self.analysis = analyze(model, example_input, strict=False)
         self.dense = count(model, example_input=example_input)
+        # reads the factors of the model it was given when called: the one being trained
+        self.removal = BlockRemoval(model, self.analysis, example_input, self.analysis.untraceable) \
+            if remove_blocks else None
 
     def __call__(self, model: nn.Module) -> dict:
         from .profile import count
@@ -43,11 +53,16 @@ class SparsityForecast:
         from .engine.slim import apply_plan
 
         plan, threshold, decisions = make_plan(model, self.analysis, self.percent, min_channels=self.min_channels)
+        gone = []
+        if self.removal is not None and self.removal.model is model:
+            plan, gone = self.removal(plan, threshold, decisions)
         with torch.no_grad():
-            after = count(apply_plan(model, plan, self.example, analysis=self.analysis), example_input=self.example)
+            after = count(apply_plan(model, plan, self.example, analysis=self.analysis, branches=gone),
+                          example_input=self.example)
         return {"percent": self.percent, "threshold": threshold,
                 "flops_left": after["flops"] / self.dense["flops"], "params_left": after["params"] / self.dense["params"],
-                "at_min_channels": [d.name for d in decisions if d.guard == "min_channels"]}
+                "at_min_channels": [d.name for d in decisions if d.guard == "min_channels"],
+                "removed_blocks": [b.block for b in gone]}
 
 
 class SparsityController:

@@ -83,7 +83,9 @@ def _forecast_text(f: Optional[dict]) -> str:
     return (f"; pruning {100 * f['percent']:g}% now: threshold {f['threshold']:.3g}, {100 * f['flops_left']:.0f}% "
             f"of FLOPs and {100 * f['params_left']:.0f}% of params left"
             + (f", {len(at_min)} layer(s) emptied but for min_channels ({', '.join(at_min[:3])}"
-               f"{' ...' if len(at_min) > 3 else ''})" if at_min else ""))
+               f"{' ...' if len(at_min) > 3 else ''})" if at_min else "")
+            + (f", {len(gone)} block(s) removed ({', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''})"
+               if (gone := f.get("removed_blocks")) else ""))
 
 
 def _s_value(text: str) -> "float | str":
