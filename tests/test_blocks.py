@@ -232,3 +232,23 @@ def test_cli_prints_the_removed_blocks(tmp_path, capsys):
     assert cli.main(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--no-eval", "--no-remove-blocks",
                      "--save", str(tmp_path / "q")]) == 0
     assert "removed block" not in capsys.readouterr().out
+
+
+def test_bench_blocks_smoke(tmp_path):
+    """benchmarks/bench_blocks.py runs, and block removal drops layers at about the same MACs."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_blocks.py"
+    out = tmp_path / "blocks.json"
+    done = subprocess.run([sys.executable, str(script), "--models", "resnet-cifar-56", "--batch", "1",
+                           "--runtimes", "eager", "--rounds", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    row, = json.loads(out.read_text())
+    dense, kept, removed = row["conv_layers"]
+    assert row["removed_blocks"] == row["silenced"] > 0
+    assert dense == kept > removed
+    assert row["macs"][2] <= row["macs"][1] < row["macs"][0] and all(ms > 0 for ms in row["ms"])
