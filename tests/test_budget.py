@@ -93,3 +93,13 @@ def test_cli_budget_and_shortfall_note(tmp_path, capsys):
         cli.main(["prune", "--checkpoint", str(ckpt), "--percent", "0.5", "--target-flops", "0.5"])
     assert e.value.code == 2
     assert "give --percent" in capsys.readouterr().err
+
+
+def test_shortfall_names_the_same_reason_whatever_the_hash_seed():
+    """Of reasons given equally often, the note names the first one seen (it took a set's
+    order, which changed with PYTHONHASHSEED: the same prune gave two different reports)."""
+    from netslim.engine.plan import explain_shortfall
+
+    reasons = {f"bn{k}": f"reason {k}" for k in range(20)}  # each reason once: a 20-way tie
+    report = {"percent": 0.5, "removed_share": 0.0, "unprunable": reasons, "group_score": "mean"}
+    assert "(0 channels, e.g. bn0: reason 0)" in explain_shortfall(report, [], {})

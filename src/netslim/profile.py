@@ -54,7 +54,8 @@ import math
 import statistics
 import time
 import weakref
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +77,18 @@ log = logging.getLogger(__name__)
 
 DeviceLike = Union[str, torch.device]
 aten = torch.ops.aten
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (back on after, if it was on)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +217,9 @@ class _OpCounter(_DecomposingMode):
         self.depth = 0  # > 0 while a counted (hooked) module's forward runs
 
     def _handles(self, func: Any) -> bool:
-        return func.overloadpacket in _ATEN_RULES
+        # Inside a counted module nothing is counted: no need to look inside composite ops
+        # (decomposing every batch_norm into prims took 0.3 s of a ResNet-50 count at 224).
+        return self.depth > 0 or func.overloadpacket in _ATEN_RULES
 
     def _leaf(self, func: Any, args: tuple, kwargs: dict) -> Any:
         out = func(*args, **kwargs)
@@ -571,17 +586,11 @@ def peak_memory(model: nn.Module, input_size: Sequence[int], batch_size: int = 6
             # The cyclic GC stays off while storages are tracked: a collection in mid-forward
             # (when it fires depends on the process's allocation history, even on
             # PYTHONHASHSEED) delayed one free and moved the peak by a tensor now and then.
-            gc_was_on = gc.isenabled()
-            gc.disable()
-            try:
-                with _LiveBytes() as tracker:
-                    for t in resident:
-                        tracker.track(t)
-                    out = net(x)
-                    del out
-            finally:
-                if gc_was_on:
-                    gc.enable()
+            with paused_gc(), _LiveBytes() as tracker:
+                for t in resident:
+                    tracker.track(t)
+                out = net(x)
+                del out
             return tracker.peak
     finally:
         net.train(was_training)

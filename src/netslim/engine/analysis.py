@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import PruneError
+from ..profile import paused_gc
 from ..wrappers import unwrap_model
 from .classes import Classes, classify_bns, resolve_gates
 from . import rules
@@ -52,6 +53,7 @@ class Analysis:
         return sorted({u.layer for u in self.units if len(u.layer) > 1})
 
 
+@paused_gc()  # its many small objects would trigger full collections (see prune.py)
 def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[str] = (),
             skip_coupled: bool = False, strict: bool = True) -> Analysis:
     """Trace `model` and find its prunable channel units (see the module docstring).

@@ -249,7 +249,8 @@ def explain_shortfall(report: dict, decisions: list[LayerDecision], mods: dict[s
     unprunable = report["unprunable"]
     if unprunable:
         held = sum(getattr(mods.get(n), "num_features", 0) for n in unprunable)
-        why = sorted({w for w in unprunable.values()}, key=list(unprunable.values()).count, reverse=True)
+        # the most frequent reason; ties in first-seen order (a set's order changed with the hash seed)
+        why = sorted(dict.fromkeys(unprunable.values()), key=list(unprunable.values()).count, reverse=True)
         reasons.append(f"{len(unprunable)} BN(s) cannot be pruned ({held} channels, e.g. "
                        f"{next(iter(unprunable))}: {why[0]})")
     guarded = [d for d in decisions if d.guard and d.kept > d.by_rule]

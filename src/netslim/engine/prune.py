@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..budget import budget_report, check_budget, search_percent
 from ..errors import ConfigError
+from ..profile import paused_gc
 from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import analyze
@@ -43,6 +44,11 @@ def _count(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
                  on_meta=example_input[0].numel() > _REAL_COUNT_MAX_INPUT)
 
 
+# The analysis makes hundreds of thousands of small lists and tuples; each one the cyclic GC
+# counts towards a collection that walks every object of the process (torch alone holds
+# ~300k): a third of a prune call's time went to it (measured, 1 thread, MobileNetV2 at
+# 32x32: 0.21 of 0.73 s). What the call leaves as garbage is collected after it.
+@paused_gc()
 def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim", min_channels: int = 1,
           max_layer_percent: float | None = None, round_to: int | str = 1,
           example_input: torch.Tensor | None = None, group_score: str = DEFAULT_GROUP_SCORE,
