@@ -48,14 +48,12 @@ seen. What it cannot see is scratch memory a kernel allocates and frees internal
 from __future__ import annotations
 
 import copy
-import gc
 import logging
 import math
 import statistics
 import time
 import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -67,6 +65,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError
+from .gc_pause import paused_gc
 
 __all__ = ["RUNTIMES", "count", "count_params", "forward_runner", "measure_latency", "peak_memory", "profile"]
 
@@ -77,18 +76,6 @@ log = logging.getLogger(__name__)
 
 DeviceLike = Union[str, torch.device]
 aten = torch.ops.aten
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the block (back on after, if it was on)."""
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_on:
-            gc.enable()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import PruneError
-from ..profile import paused_gc
+from ..gc_pause import paused_gc
 from ..wrappers import unwrap_model
 from .classes import Classes, classify_bns, resolve_gates
 from . import rules

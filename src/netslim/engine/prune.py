@@ -15,7 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..budget import budget_report, check_budget, search_percent
 from ..errors import ConfigError
-from ..profile import paused_gc
+from ..gc_pause import paused_gc
 from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import analyze
