@@ -46,6 +46,7 @@ def test_auto_s_logs_its_trajectory_and_a_forecast_that_prune_agrees_with(data_d
     assert "sparsity: s" in out and "pruning 50% now: threshold" in out
     history = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert history[1]["s"] == history[0]["s_next"]                      # the controller's s is the one used
+    assert all(isinstance(r["s_within_epoch"], list) for r in history)   # and its updates inside each epoch
     last = history[-1]["forecast"]
     model, meta = load_checkpoint(save / "checkpoint.pt")
     _, report = prune(model, 0.5, compensate=False)
@@ -82,3 +83,13 @@ def test_forecast_counts_the_blocks_prune_will_remove():
     assert forecast["params_left"] == pytest.approx(report["after"]["params"] / report["before"]["params"])
     kept = SparsityForecast(model, x, 0.5, remove_blocks=False)(model)
     assert kept["removed_blocks"] == [] and kept["flops_left"] > forecast["flops_left"]
+
+
+def test_controller_follows_its_plan_inside_an_epoch():
+    c = SparsityController(target=0.5, epoch_lrs=[0.1, 0.1, 0.01, 0.001], s=1e-4, updates_per_epoch=4)
+    assert c.update_points(100) == {25, 50, 75}
+    assert c.planned_at(1.5) == pytest.approx(0.5 * 0.15 / 0.211)
+    assert c.planned_at(2) == pytest.approx(c.planned[1])
+    s = [c.update(0.25 * k, 0.0) for k in range(1, 5)]   # no factor small yet: s rises at every update
+    assert s == sorted(s) and s[-1] > 4e-4
+    assert c.update(1.25, 0.5) < s[-1]                     # ahead of the plan: lowered at once

@@ -212,7 +212,7 @@ def test_pipeline_passes_the_s_settings_to_its_sparsity_stage(data_dir, tmp_path
         assert sparsity[1]["s"] == pytest.approx(sparsity[0]["s_next"])   # the controller set epoch 2's s
         md = (save / "results.md").read_text()
         assert "Sparsity (s auto)" in capsys.readouterr().out
-        assert "s auto, target 50% of |gamma| under 1e-2. s per epoch" in md
+        assert "s auto, target 50% of |gamma| under 1e-2. s at the start of each epoch" in md
     else:
         assert cfg["s_schedule"] == "linear-decay"
         assert [r["s"] for r in sparsity] == pytest.approx(want_s)

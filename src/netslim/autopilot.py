@@ -66,26 +66,43 @@ class SparsityForecast:
 
 
 class SparsityController:
-    """s for the next epoch, so that a share `target` of the factors is below 1e-2 at the end.
+    """s for the coming steps, so that a share `target` of the factors is below 1e-2 at the end.
 
     The share should grow with the L1 budget spent so far (the sum of the learning rate:
     each step moves a factor by lr x s), from 0 to `target` at the last epoch; with the
-    seed's step schedule almost all of it is spent before the first lr decay. After each
-    epoch s is multiplied by 2 ** clamp(4 * (planned - share) / target, -1, 1): doubled at
-    most when the share lags, halved at most when it runs ahead, unchanged on plan. s stays
-    under 1e-3 / lr of the coming epoch: a factor that jitters around 0 by more than a
-    tenth of 1e-2 would never count as small.
+    seed's step schedule almost all of it is spent before the first lr decay. At each of
+    `updates_per_epoch` points of an epoch (the last one at its end) s is multiplied by
+    2 ** clamp(4 * (planned - share) / target, -1, 1): doubled at most when the share lags,
+    halved at most when it runs ahead, unchanged on plan. Several updates per epoch, not
+    one: a short run spends its budget in two or three epochs, and one doubling per epoch
+    from a low start never catches up (measured: 29% for a target of 70% in 6 epochs,
+    BENCHMARKS.md). s stays under 1e-3 / lr: a factor that jitters around 0 by more than
+    a tenth of 1e-2 would never count as small.
     """
 
-    def __init__(self, target: float, epoch_lrs: Sequence[float], s: float):
+    def __init__(self, target: float, epoch_lrs: Sequence[float], s: float, updates_per_epoch: int = 8):
         self.target, self.epoch_lrs = target, list(epoch_lrs)
-        total = sum(self.epoch_lrs) or 1.0
-        self.planned = [target * sum(self.epoch_lrs[:e + 1]) / total for e in range(len(self.epoch_lrs))]
+        self.updates_per_epoch = max(int(updates_per_epoch), 1)
+        self.total = sum(self.epoch_lrs) or 1.0
+        self.planned = [self.planned_at(e + 1) for e in range(len(self.epoch_lrs))]
         self.s = min(s, self.max_s(0))
+
+    def planned_at(self, epochs_done: float) -> float:
+        """The share planned after `epochs_done` epochs (fractional: within an epoch)."""
+        whole = min(int(epochs_done), len(self.epoch_lrs))
+        spent = sum(self.epoch_lrs[:whole])
+        if whole < len(self.epoch_lrs):
+            spent += (epochs_done - whole) * self.epoch_lrs[whole]
+        return self.target * spent / self.total
 
     def max_s(self, epoch: int) -> float:
         lr = self.epoch_lrs[min(epoch, len(self.epoch_lrs) - 1)]
         return 0.1 * SMALL / lr if lr > 0 else float("inf")
+
+    def update_points(self, steps: int) -> set[int]:
+        """The steps (1-based) of an epoch of `steps` after which s is updated inside the epoch
+        (the update at its end is the epoch's own)."""
+        return {round(steps * k / self.updates_per_epoch) for k in range(1, self.updates_per_epoch)} - {0, steps}
 
     @staticmethod
     def initial_s(model: nn.Module, lr_sum: float) -> float:
@@ -93,17 +110,18 @@ class SparsityController:
         move the median |gamma| to 0. Start low because sparsity cannot be taken back: a factor
         the penalty has pinned near 0 stays there when s drops (measured: starting at the full
         value, 50% of the factors were under 1e-2 after one of six epochs and 68% at the end
-        for a target of 50%). The controller doubles s each epoch while the share lags."""
+        for a target of 50%). The controller doubles s while the share lags."""
         from .sparsity import abs_gammas
 
         g = abs_gammas(model)
         median = float(g.median()) if g is not None and g.numel() else 0.5
         return max(median, 1e-3) / max(lr_sum, 1e-12) / 16
 
-    def update(self, epochs_done: int, share: float) -> float:
-        planned = self.planned[min(epochs_done, len(self.planned)) - 1]
+    def update(self, epochs_done: float, share: float) -> float:
+        """s after `epochs_done` epochs (fractional within an epoch) with `share` of |gamma| < 1e-2."""
+        planned = self.planned_at(epochs_done)
         step = max(-1.0, min(1.0, 4 * (planned - share) / self.target))
-        self.s = min(self.s * 2.0 ** step, self.max_s(epochs_done))
+        self.s = min(self.s * 2.0 ** step, self.max_s(int(epochs_done)))  # for the epoch the coming steps are in
         return self.s
 
 

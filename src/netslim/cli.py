@@ -151,7 +151,10 @@ class Progress:
                   f"(best {ev['best_top1']:.2f}%) | sum|gamma| {ev['sum_abs_gamma']:.1f} "
                   f"| {ev['images_per_s']:.0f} img/s {ev['seconds']:.1f} s", file=self.out, flush=True)
             if ev.get("s") is not None:
-                print(f"  sparsity: s {ev['s']:.3g}" + (f" (next {ev['s_next']:.3g})" if "s_next" in ev else "")
+                inside = ev.get("s_within_epoch") or []
+                print(f"  sparsity: s {ev['s']:.3g}" + (f" to {ev['s_next']:.3g} over the epoch ({len(inside) + 1} updates)"
+                                                       if inside else "")
+                      + (f" (next {ev['s_next']:.3g})" if "s_next" in ev and not inside else "")
                       + f", {100 * ev['frac_gamma_below_1e-2']:.1f}% of |gamma| < 1e-2"
                       + _forecast_text(ev.get("forecast")), file=self.out, flush=True)
 

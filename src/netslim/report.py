@@ -297,7 +297,7 @@ def _autopilot_note(row: dict, target: Optional[float]) -> str:
     s = ", ".join(f"{r['s']:.2g}" for r in curve if "s" in r)
     share = [100 * r["frac_gamma_below_1e-2"] for r in curve if "frac_gamma_below_1e-2" in r]
     aim = f", target {100 * target:g}% of |gamma| under 1e-2" if target is not None else ""
-    return (f"- {row['key']}: s auto{aim}. s per epoch {s}; share of |gamma| under 1e-2 after each epoch "
+    return (f"- {row['key']}: s auto{aim}. s at the start of each epoch {s}; share of |gamma| under 1e-2 after each epoch "
             f"{', '.join(f'{v:.1f}' for v in share)}%" + (f"; reached {share[-1]:.1f}%." if share else "."))
 
 

@@ -853,6 +853,9 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
             if sparsity is not None:
                 sparsity.s = controller.s if controller is not None else s_for_epoch(
                     float(cfg.s), cfg.s_schedule, epoch, cfg.epochs, milestones, cfg.gamma)
+            epoch_s = sparsity.s if sparsity is not None else None
+            s_path: list[float] = []   # s after each update inside this epoch (--s auto)
+            control_points = controller.update_points(steps) if controller is not None else set()
             lr = opt.param_groups[0]["lr"]
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -882,6 +885,9 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                     sparsity.step()
                 scaler.step(opt)
                 scaler.update()
+                if controller is not None and step in control_points:  # s follows its plan inside the epoch too
+                    s_path.append(controller.update(epoch + step / steps, _gamma_stats(raw)[1]))
+                    sparsity.s = controller.s
 
                 n = y.shape[0]
                 seen += n
@@ -937,9 +943,10 @@ def _fit(model: nn.Module, data: Any, cfg: TrainConfig, save: Optional[Path], re
                 "frac_gamma_below_1e-2": frac_small,
             }
             if sparsity is not None:
-                record["s"] = sparsity.s
+                record["s"] = epoch_s
                 if controller is not None:
                     record["s_next"] = controller.update(epoch + 1, frac_small)
+                    record["s_within_epoch"] = s_path
             if forecast is not None:
                 record["forecast"] = forecast(raw)
             history.append(record)
