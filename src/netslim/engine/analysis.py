@@ -19,7 +19,7 @@ from ..gc_pause import paused_gc
 from ..wrappers import unwrap_model
 from .classes import Classes, classify_bns, resolve_gates
 from . import rules
-from .channels import AttrUse, ModuleUse, find_root
+from .channels import AttrUse, ModuleUse, compress
 from .slots import SlotWalk
 from .trace import trace, where
 
@@ -38,7 +38,7 @@ class Analysis:
     units: list[Unit]
     unprunable: dict[str, str]               # bn name -> why its channels stay
     bn_names: list[str]                      # every affine BN, in graph order
-    parent: list[int]                        # union-find over slots (resolved)
+    parent: list[int]                        # union-find over slots, compressed: parent[s] is s's root
     # (follower slot, leader slot): the follower's class goes when the leader's does (a gate
     # and its producer, whose values only ever reach a product with the leader's channels)
     follows: list[tuple[int, int]] = field(default_factory=list)
@@ -46,8 +46,12 @@ class Analysis:
     untraceable: dict[str, str] = field(default_factory=dict)  # module traced as one call -> why
     graph: fx.GraphModule | None = None      # the traced model the analysis walked
 
+    def __post_init__(self) -> None:
+        compress(self.parent)  # the classes are final: find is one lookup from here on
+
     def find(self, s: int) -> int:
-        return find_root(self.parent, s)
+        """The root of slot s's class (the analysis is read-only: no union after it)."""
+        return self.parent[s]
 
     def coupled_layers(self) -> list[tuple[str, ...]]:
         return sorted({u.layer for u in self.units if len(u.layer) > 1})
@@ -74,6 +78,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     cs = Classes(an)
     follows = resolve_gates(an, cs)
     classify_bns(an, cs)
+    compress(an.parent)  # the classes are final: each find from here on is one step
 
     candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
                   and an.uses[n].kind == "bn"}
@@ -88,8 +93,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     units: list[Unit] = []
     unprunable: dict[str, str] = {}
     blocked: dict[str, list[str]] = {}  # op it cannot slice -> the BNs whose channels reach it
+    position = {n: k for k, n in enumerate(an.bn_order)}
     for root, members in by_root.items():
-        layer = tuple(sorted({n for n, _ in members}, key=an.bn_order.index))
+        layer = tuple(sorted({n for n, _ in members}, key=position.__getitem__))
         why = None
         fatal = [r for f, r in cs.pins.get(root, []) if f]
         soft = [r for f, r in cs.pins.get(root, []) if not f]

@@ -16,6 +16,7 @@ then computes exactly what the masked model computes).
 """
 from __future__ import annotations
 
+from .channels import compress
 from .slots import SlotWalk
 
 
@@ -30,9 +31,11 @@ class Classes:
         self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
         # Only slots with entries; in slot order, so a class's first pin (its reported reason)
         # is the same as when every slot was visited. A class without entries has none here.
+        compress(a.parent)  # every slot now points at its root: a.parent[s] is find(s)
+        root = a.parent
         for per_slot, per_class in ((a.origin, self.origin), (a.readers, self.readers_), (a.pins, self.pins)):
             for s in sorted(per_slot):
-                per_class.setdefault(a.find(s), []).extend(per_slot[s])
+                per_class.setdefault(root[s], []).extend(per_slot[s])
         for r, origins in self.origin.items():
             self.free[r] = sum(1 for o in origins if o[0] != "bn")
 
@@ -61,12 +64,10 @@ class Classes:
             lst.remove(reader)
 
     def merge(self, s_a: int, s_b: int) -> None:
-        ra, rb = self.a.find(s_a), self.a.find(s_b)
-        if ra == rb:
+        r, other = self.a.find(s_a), self.a.find(s_b)
+        if r == other:
             return
-        self.a.union(ra, rb)
-        r = self.a.find(ra)
-        other = rb if r == ra else ra
+        self.a.parent[other] = r  # what a.union(r, other) does with two roots
         self.origin.setdefault(r, []).extend(self.origin.pop(other, []))
         self.readers_.setdefault(r, []).extend(self.readers_.pop(other, []))
         self.pins.setdefault(r, []).extend(self.pins.pop(other, []))

@@ -115,7 +115,7 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
             report.folded += folded
             report.skipped += skipped
             if folded and bool(shift.abs().max() > 0):
-                _fold(new, name, shift, feeds_bn.get(name), report)
+                _fold(mods, name, shift, feeds_bn.get(name), report)
     with torch.no_grad():
         for bn_name, channels in removed.items():
             bn = mods[bn_name]
@@ -219,8 +219,9 @@ def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str]) ->
     return out
 
 
-def _fold(model: nn.Module, name: str, shift: torch.Tensor, bn_name: str | None, report: Compensation) -> None:
-    mods = dict(model.named_modules())
+def _fold(mods: dict[str, nn.Module], name: str, shift: torch.Tensor, bn_name: str | None,
+          report: Compensation) -> None:
+    """Add `shift` to `name`'s output: into the BN reading it (`bn_name`) or its bias."""
     m = mods[name]
     with torch.no_grad():
         if bn_name is not None:

@@ -125,7 +125,7 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
     gone = {n: set(map(int, k)) for n, k in (masked_out or {}).items()}
 
     def score(u) -> float:
-        if all(j in gone.get(n, ()) for n, j in u.bn_channels):
+        if gone and all(j in gone.get(n, ()) for n, j in u.bn_channels):
             return -math.inf  # below any threshold; a guard may still bring it back
         return score_of[id(u)]
 
