@@ -118,6 +118,42 @@ def test_untraceable_submodule_is_kept_and_the_rest_is_pruned():
     assert slim.bn2.num_features < 16
 
 
+class NeedsData(nn.Module):
+    """Reads a value of its input (int() of a tensor): neither torch.fx nor the meta device
+    can run it."""
+
+    def forward(self, x):
+        return x * int(x.abs().amax() >= 0)
+
+
+class AroundNeedsData(AroundUntraceable):
+    def __init__(self):
+        super().__init__()
+        self.block = NeedsData()
+
+
+def test_shapes_come_from_meta_on_large_inputs_and_from_a_real_forward_where_meta_cannot_run():
+    """Above 3x96x96 the trace takes its shapes from a pass on the meta device; a model that
+    needs data there falls back to the real forward, with the same shapes and the same plan."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    from netslim.engine import trace as tracing
+
+    x = torch.randn(1, 3, 100, 100)
+    for model, on_meta in ((AroundUntraceable(), True), (AroundNeedsData(), False)):
+        model = randomize_bn(model).eval()
+        gm = tracing.trace(model, x)
+        shapes = [tracing.node_shape(n) for n in gm.graph.nodes]
+        assert tracing._propagate_on_meta(gm, x) is on_meta
+        with torch.no_grad():
+            ShapeProp(gm).propagate(x)
+        assert shapes == [tracing.node_shape(n) for n in gm.graph.nodes] and shapes[-1] == (1, 5, 100, 100)
+        slim, report = prune(model, 0.5, example_input=x)
+        masked, _ = prune(model, 0.5, mode="mask", example_input=x)
+        with torch.no_grad():
+            torch.testing.assert_close(slim(x), masked(x), rtol=1e-5, atol=1e-5)
+        assert "block" in report["untraceable"] and slim.bn2.num_features < 16
+
+
 class TwoBlockers(nn.Module):
     def __init__(self):
         super().__init__()

@@ -66,6 +66,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError
 from .gc_pause import paused_gc
+from .meta_shapes import fast_meta_op
 
 __all__ = ["RUNTIMES", "count", "count_params", "forward_runner", "measure_latency", "peak_memory", "profile"]
 
@@ -195,12 +196,6 @@ class _DecomposingMode(TorchDispatchMode):
         return self._leaf(func, args, kwargs)
 
 
-def _eval_batch_norm_on_meta(x: Tensor, weight: Any, bias: Any, running_mean: Tensor, running_var: Tensor) -> tuple:
-    """What aten.native_batch_norm (eval) returns on meta tensors, without its meta kernel: a
-    Python decomposition into prims that took 2 ms a call, most of a ResNet-50 count at 224."""
-    return torch.empty_like(x), torch.empty_like(running_mean), torch.empty_like(running_var)
-
-
 class _OpCounter(_DecomposingMode):
     """Counts MACs of conv/matmul/attention aten ops issued while no counted module runs."""
 
@@ -215,8 +210,9 @@ class _OpCounter(_DecomposingMode):
         return self.depth > 0 or func.overloadpacket in _ATEN_RULES
 
     def _leaf(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        if func is aten.native_batch_norm.default and args[0].is_meta and not args[5]:
-            return _eval_batch_norm_on_meta(*args[:5])
+        out = fast_meta_op(func, args)  # eval batch norm on meta: its shapes, without the slow kernel
+        if out is not None:
+            return out
         out = func(*args, **kwargs)
         rule = _ATEN_RULES.get(func.overloadpacket)
         if rule is not None and self.depth == 0:

@@ -148,9 +148,10 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
             for root, mine in own_readers.items())
         if owned:
             for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
-                classes.absorb(walk.find(s_in))
-                classes.drop_reader(walk.find(s_in), ("bn", name, j))
-                classes.merge(s_in, s_out)
+                root = walk.find(s_in)
+                classes.absorb(root)
+                classes.drop_reader(root, ("bn", name, j))
+                classes.merge(root, s_out)
             use.bn_mode = "owned"
             continue
         # Not the sole reader. Per channel: an input made only of other BN channels is
@@ -161,7 +162,7 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
             root = walk.find(s_in)
             if classes.removable(root) and classes.has_bn_origin(root):
                 classes.drop_reader(root, ("bn", name, j))
-                classes.merge(s_in, s_out)
+                classes.merge(root, s_out)
                 modes.add("tied")
             else:
                 modes.add("gather")

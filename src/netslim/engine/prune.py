@@ -16,6 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..budget import budget_report, check_budget, search_percent
 from ..errors import ConfigError
 from ..gc_pause import paused_gc
+from ..meta_shapes import prefer_meta
 from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import analyze
@@ -30,18 +31,10 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------
 
-# Above this many values per example, counting on the meta device (no arithmetic) beats a
-# real forward; below it the real forward costs milliseconds and the meta path's per-op
-# overhead dominates (measured, 1 thread: 0.09 s real vs 0.62 s meta for a 24-block CIFAR
-# ResNet at 3x32x32; 1.0 s real vs 0.6 s meta for ResNet-50 at 3x224x224).
-_REAL_COUNT_MAX_INPUT = 3 * 96 * 96
-
-
 def _count(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     from ..profile import count
 
-    return count(model, example_input=example_input,
-                 on_meta=example_input[0].numel() > _REAL_COUNT_MAX_INPUT)
+    return count(model, example_input=example_input, on_meta=prefer_meta(example_input))
 
 
 # The analysis makes hundreds of thousands of small lists and tuples; each one the cyclic GC
