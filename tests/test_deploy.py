@@ -281,3 +281,65 @@ def test_onnx_folds_the_gathers_of_preactivation_bottlenecks_and_keeps_the_outpu
         assert "Identity" not in ops and len({t.name for t in graph.initializer}) == len(graph.initializer)
         result = netslim.export_onnx(model, {}, str(tmp_path / "m.onnx"), atol=1e-5)
         assert result["checked"] and result["max_abs_diff"] <= 1e-5
+
+
+def _conv_widths(data: bytes) -> list[int]:
+    import onnx
+
+    graph = onnx.load_from_string(data).graph
+    weights = {t.name: t.dims for t in graph.initializer}
+    return [weights[n.input[1]][0] for n in graph.node if n.op_type == "Conv"]
+
+
+def _ort_outputs(data: bytes, x: torch.Tensor) -> torch.Tensor:
+    from netslim.export import onnxruntime_session
+
+    return torch.from_numpy(onnxruntime_session(data, 1).run(None, {"input": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("arch, kwargs", [("vgg", dict(depth=11, width=0.25)), ("resnet", dict(depth=20)),
+                                          ("densenet", dict(depth=10, growth_rate=4)),
+                                          ("mobilenetv2", dict(width_mult=0.25))])
+def test_padded_export_computes_the_slim_models_outputs(arch, kwargs):
+    # odd pruned widths padded with zero channels to a multiple of 16 (onnxruntime's NCHWc block
+    # on AVX-512): what onnxruntime computes must stay the slim model's outputs exactly
+    import onnx
+
+    from netslim.export import onnx_bytes
+    from netslim.padding import pad_channels
+
+    torch.manual_seed(0)
+    slim, _ = netslim.prune(_skewed(build_model(arch, num_classes=10, **kwargs)), 0.4)
+    x = torch.randn(3, 3, 32, 32)
+    plain = onnx_bytes(slim.eval(), x[:1], pad_channels="off")
+    padded, done = pad_channels(plain, 16)
+    assert any("padded" in d for d in done)
+    assert all(d["padded"] % 16 == 0 and d["padded"] - d["width"] < 16 for d in done if "padded" in d)
+    with torch.no_grad():
+        want = slim(x)
+    torch.testing.assert_close(_ort_outputs(padded, x), want, rtol=1e-4, atol=1e-5)
+    assert padded == onnx_bytes(slim, x[:1], pad_channels=16)
+    graph = onnx.load_from_string(padded).graph
+    weights = {t.name: t.dims for t in graph.initializer}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    widths = _conv_widths(padded)
+    if arch in ("vgg", "mobilenetv2"):  # every conv output padded: depthwise ones, residual streams too
+        assert all(w % 16 == 0 for w in widths) and any(w % 16 for w in _conv_widths(plain))
+    if arch == "densenet":  # the concatenated stream keeps its width; the gathered BN's conv input is padded
+        assert any(d.get("kept_because", "").endswith("read by a Concat") for d in done)
+        assert all(weights[n.input[1]][1] % 16 == 0 for n in convs[1:])
+
+
+def test_export_pad_channels_flag(tmp_path, capsys):
+    model, _ = netslim.prune(_skewed(build_model("vgg", num_classes=10, depth=11, width=0.25)), 0.4)
+    ckpt = tmp_path / "slim.pt"
+    netslim.save_checkpoint(ckpt, model, input_size=[3, 32, 32])
+    assert run(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "a.onnx"), "--pad-channels", "16"]) == 0
+    assert "odd widths padded to multiples of 16; onnxruntime max |difference|" in capsys.readouterr().out
+    assert run(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "b.onnx"), "--pad-channels", "off"]) == 0
+    assert "not padded" in capsys.readouterr().out
+    assert (tmp_path / "a.onnx").stat().st_size > (tmp_path / "b.onnx").stat().st_size
+    assert run(["export", "--checkpoint", str(ckpt), "--onnx", str(tmp_path / "c.onnx"), "--pad-channels", "1"]) == 2
+    assert "--pad-channels" in capsys.readouterr().err and not (tmp_path / "c.onnx").exists()
+    with pytest.raises(ConfigError, match="pad_channels 'wide' is not valid"):
+        netslim.export_onnx(model, {}, str(tmp_path / "d.onnx"), pad_channels="wide")

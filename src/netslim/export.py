@@ -17,6 +17,8 @@ from torch import nn
 from .engine.trace import example_input
 from .errors import ConfigError, NetslimError
 from .fileio import atomic_write_bytes
+from . import padding
+from .padding import PadSetting, resolve_block
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +62,17 @@ def export_torchscript(model: nn.Module, meta: dict, path: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 17, fold_gathers: bool = True) -> bytes:
+def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 17, fold_gathers: bool = True,
+               pad_channels: PadSetting = "auto") -> bytes:
     """`model` (eval mode) as an ONNX file in memory, batch dimension dynamic.
 
     The one exporter netslim uses: `export_onnx` writes its bytes and `profile`'s
     onnxruntime latency times them, so what is timed is what is deployed.
     `fold_gathers`: fold the channel gathers of pre-activation 1x1 convs into their
     weights (fold_preactivation_gathers), which onnxruntime runs faster.
+    `pad_channels`: "auto" (onnxruntime's NCHWc block on this CPU: 16 with AVX-512, 8 with
+    AVX2, none without), "off", or a channel multiple: odd widths padded with zero channels
+    (padding.pad_channels), so onnxruntime runs them in its blocked layout; same outputs.
     """
     check_onnx_dependencies()
     buf = io.BytesIO()
@@ -77,7 +83,9 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, *, opset: int = 17, fold
                               output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         except Exception as e:  # the exporter raises many types for unsupported ops
             raise NetslimError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    return fold_preactivation_gathers(buf.getvalue()) if fold_gathers else buf.getvalue()
+    data = fold_preactivation_gathers(buf.getvalue()) if fold_gathers else buf.getvalue()
+    block = resolve_block(pad_channels)
+    return padding.pad_channels(data, block)[0] if block else data
 
 
 def _single_consumer(node: Any, readers: dict[str, list], op_type: str) -> Any:
@@ -187,15 +195,18 @@ def onnxruntime_session(data: bytes, threads: Optional[int] = None, *, profile_p
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, atol: float = 1e-4) -> dict[str, Any]:
+def export_onnx(model: nn.Module, meta: dict, path: str, *, opset: int = 17, atol: float = 1e-4,
+                pad_channels: PadSetting = "auto") -> dict[str, Any]:
     """Write ONNX (batch dimension dynamic) and compare onnxruntime's outputs with PyTorch's.
 
-    Returns {"opset", "checked", "max_abs_diff"}. A mismatch above `atol` is an error and
-    nothing is written.
+    `pad_channels` as in onnx_bytes (default "auto": odd widths padded to onnxruntime's
+    channel block on this CPU). Returns {"opset", "pad_channels" (the block, or None),
+    "checked", "max_abs_diff"}. A mismatch above `atol` is an error and nothing is written.
     """
     model, x = deployable(model, meta)
-    data = onnx_bytes(model, x, opset=opset)
-    result: dict[str, Any] = {"opset": opset, "checked": False, "max_abs_diff": None}
+    block = resolve_block(pad_channels)
+    data = onnx_bytes(model, x, opset=opset, pad_channels=block)
+    result: dict[str, Any] = {"opset": opset, "pad_channels": block, "checked": False, "max_abs_diff": None}
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

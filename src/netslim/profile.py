@@ -399,7 +399,8 @@ def _median_ms(run: Callable[[], Any], warmup: int, repeats: Optional[int], targ
 
 
 def _onnxruntime_session(model: nn.Module, size: tuple[int, ...], threads: Optional[int]) -> Any:
-    """`model` exported in memory (export.onnx_bytes, as `netslim export` writes it) in an
+    """`model` exported in memory (export.onnx_bytes, as `netslim export` writes it: gathers
+    folded, odd widths padded to onnxruntime's channel block) in an
     onnxruntime CPU session with `threads` intra-op threads (None: torch's current count)."""
     from .export import onnx_bytes, onnxruntime_session
 

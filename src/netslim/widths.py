@@ -35,6 +35,7 @@ from torch import nn
 
 from .errors import NetslimError
 from .fileio import atomic_write_json
+from .padding import resolve_block
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,9 @@ def choose_widths(model: nn.Module, analysis: Any, plan: dict[str, list[int]], d
     chosen: dict[tuple[str, ...], int] = {}
     try:
         shapes = _conv_shapes(model, analysis, plan, example_input)
-        prefix = f"{_machine()}|{runtime}|t{torch.get_num_threads()}|b{batch_size}"
+        # onnxruntime runs the export as it is deployed: odd widths padded (padding.py), which changes the timings
+        padded = f"|pad{resolve_block('auto')}" if runtime == "onnxruntime" else ""
+        prefix = f"{_machine()}|{runtime}{padded}|t{torch.get_num_threads()}|b{batch_size}"
         for d in decisions:
             if d.bns not in shapes or d.kept >= d.total:
                 continue
