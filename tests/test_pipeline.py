@@ -13,6 +13,7 @@ import torch
 
 from netslim.checkpoint import load_checkpoint
 from netslim.errors import ConfigError, NetslimError
+from netslim.padding import nchwc_block
 from netslim.pipeline import (PRESET_NOTES, PRESETS, PipelineConfig, list_presets, plan_stages, preset_config,
                               run_pipeline)
 from netslim.profile import count
@@ -333,7 +334,7 @@ def test_round_to_auto_measures_widths_in_the_runtime_given(data_dir, tmp_path, 
     report = json.loads((tmp_path / "run" / "prune-50" / "prune.json").read_text())
     assert report["round_to"] == "auto"
     cache = json.loads((tmp_path / "cache" / "widths.json").read_text())
-    assert cache and all(f"|onnxruntime|t{torch.get_num_threads()}|b1|" in key for key in cache)
+    assert cache and all(f"|onnxruntime|pad{nchwc_block()}|t{torch.get_num_threads()}|b1|" in key for key in cache)
 
 
 def test_number_formats():
