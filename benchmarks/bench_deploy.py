@@ -13,7 +13,8 @@ runtime, per batch size and thread count:
 
   eager        the models as netslim builds them, torch.inference_mode, NCHW;
   optimized    netslim.fuse.optimize_for_inference (channels-last from batch 16);
-  onnxruntime  the model as `netslim export --onnx` writes it, in an onnxruntime CPU session
+  onnxruntime  the model as `netslim export --onnx` writes it (odd widths padded to onnxruntime's
+               channel block on this CPU, dense and slim alike), in an onnxruntime CPU session
                (intra-op threads = the thread count, sequential, all graph optimisations) -
                profile.forward_runner, the same session `netslim profile --runtime
                onnxruntime` and `prune --target-latency` time.
@@ -49,6 +50,7 @@ from bench_inference import emulate_sparsity, tune_malloc  # noqa: E402
 from netslim.fuse import optimize_for_inference  # noqa: E402
 from netslim.latency_target import TargetUnreachable  # noqa: E402
 from netslim.models import build_model  # noqa: E402
+from netslim.padding import resolve_block  # noqa: E402
 from netslim.profile import count, forward_runner  # noqa: E402
 from netslim.engine.prune import prune  # noqa: E402
 
@@ -169,7 +171,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     round_to: Any = "auto" if args.round_to == "auto" else int(args.round_to)
     header = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds, "round_to": round_to}
+              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds, "round_to": round_to,
+              "onnx_pad_channels": resolve_block("auto")}
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()), flush=True)
     if args.target_latency is not None:
         return latency_targets(models, names, args.target_latency, batches[0], args.seed, round_to, args.json)

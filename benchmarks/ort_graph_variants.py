@@ -36,7 +36,7 @@ from bench_inference import emulate_sparsity
 from netslim.export import onnx_bytes
 from netslim.models import build_model
 from netslim.profile import count
-from netslim.prune import prune
+from netslim.engine.prune import prune
 
 torch.set_num_threads(1)
 ARCH = {"vgg-13": ("vgg", dict(depth=13)), "resnet-164": ("resnet", dict(depth=164)),
