@@ -325,11 +325,14 @@ def test_padded_export_computes_the_slim_models_outputs(arch, kwargs):
     weights = {t.name: t.dims for t in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     widths = _conv_widths(padded)
-    if arch in ("vgg", "mobilenetv2"):  # every conv output padded: depthwise ones, residual streams too
-        assert all(w % 16 == 0 for w in widths) and any(w % 16 for w in _conv_widths(plain))
+    if arch in ("vgg", "mobilenetv2"):  # every conv output padded: depthwise ones, residual streams too,
+        # but not one under half a block (the zeros would cost more than the reorders they save)
+        assert all(w % 16 == 0 or 2 * w < 16 for w in widths) and any(w % 16 for w in _conv_widths(plain))
+    if arch == "mobilenetv2":
+        assert {"width": 5, "kept_because": "padding to 16 would more than double it"} in done
     if arch == "densenet":  # the concatenated stream keeps its width; the gathered BN's conv input is padded
         assert any(d.get("kept_because", "").endswith("read by a Concat") for d in done)
-        assert all(weights[n.input[1]][1] % 16 == 0 for n in convs[1:])
+        assert all(weights[n.input[1]][1] % 16 == 0 or 2 * weights[n.input[1]][1] < 16 for n in convs[1:])
 
 
 def test_export_pad_channels_flag(tmp_path, capsys):
