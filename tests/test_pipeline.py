@@ -273,6 +273,9 @@ def test_presets_are_valid_and_documented():
     assert (vgg13.depth, vgg13.s, vgg13.batch_size, vgg13.stage_epochs()["finetune"], vgg13.percents) == \
         (13, 1e-4, 512, 99, [0.4])
     assert preset_config("cifar100-vgg19").depth == 19
+    best = preset_config("quick-scratch-b")   # the quick model with the recovery that won, seed-exact one flag away
+    assert (best.s, best.train_overrides["target_sparsity"], best.retrain, best.percents) == \
+        ("auto", 0.7, "scratch-b", [0.7])
     q = preset_config("quick")
     assert (q.dataset, q.arch, q.depth, q.arch_options, q.percents) == (
         "fashion-mnist", "vgg", 13, {"width": 0.25}, [0.5, 0.7])
