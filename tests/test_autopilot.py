@@ -81,6 +81,8 @@ def test_forecast_counts_the_blocks_prune_will_remove():
     assert forecast["removed_blocks"] == [b["block"] for b in report["removed_blocks"]] == ["layers.1"]
     assert forecast["flops_left"] == pytest.approx(report["after"]["flops"] / report["before"]["flops"])
     assert forecast["params_left"] == pytest.approx(report["after"]["params"] / report["before"]["params"])
+    import copy
+    assert SparsityForecast(model, x, 0.5)(copy.deepcopy(model))["removed_blocks"] == ["layers.1"]  # any model given
     kept = SparsityForecast(model, x, 0.5, remove_blocks=False)(model)
     assert kept["removed_blocks"] == [] and kept["flops_left"] > forecast["flops_left"]
 

@@ -43,18 +43,20 @@ class SparsityForecast:
         self.percent, self.min_channels, self.example = percent, min_channels, example_input
         self.analysis = analyze(model, example_input, strict=False)
         self.dense = count(model, example_input=example_input)
-        # reads the factors of the model it was given when called: the one being trained
         self.removal = BlockRemoval(model, self.analysis, example_input, self.analysis.untraceable) \
             if remove_blocks else None
 
     def __call__(self, model: nn.Module) -> dict:
-        from .profile import count
+        from .engine.blocks import BlockRemoval
         from .engine.plan import make_plan
         from .engine.slim import apply_plan
+        from .profile import count
 
         plan, threshold, decisions = make_plan(model, self.analysis, self.percent, min_channels=self.min_channels)
         gone = []
-        if self.removal is not None and self.removal.model is model:
+        if self.removal is not None:
+            if self.removal.model is not model:  # BlockRemoval reads the factors of the model it was built on
+                self.removal = BlockRemoval(model, self.analysis, self.example, self.analysis.untraceable)
             plan, gone = self.removal(plan, threshold, decisions)
         with torch.no_grad():
             after = count(apply_plan(model, plan, self.example, analysis=self.analysis, branches=gone),
