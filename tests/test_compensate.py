@@ -143,5 +143,97 @@ def test_the_noise_probe_keeps_its_sample_count_on_larger_inputs():
     for shape in [(3, 32, 32), (1, 28, 28), (784,), (3, 40, 40), (3, 64, 64), (3, 224, 224), (2, 8, 16, 16)]:
         batch = noise_batch(torch.zeros(1, *shape))
         positions = math.prod(shape[1:])
-        assert 2 <= batch <= 16 and batch * positions >= min(16 * positions, 16 * 32 * 32)
-    assert noise_batch(torch.zeros(1, 3, 224, 224)) == 2
+        assert 1 <= batch <= 16 and batch * positions >= min(16 * positions, 16 * 32 * 32)
+    assert noise_batch(torch.zeros(1, 3, 224, 224)) == 1 and noise_batch(torch.zeros(1, 3, 64, 64)) == 4
+
+
+class SqueezeExcite(nn.Module):
+    """y * sigmoid(fc2(relu(fc1(pool(y))))): the gate comes from every channel, kept ones too."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return self.c2(y * gate)
+
+
+class BroadcastByKept(nn.Module):
+    """y * z[:, :1]: one channel of another BN's output, broadcast over y's channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c3, self.c4 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        z = torch.relu(self.b2(self.c2(x)))
+        return self.c3(y * z[:, :1]) + self.c4(z)
+
+
+class LayerScale(nn.Module):
+    """A per-channel parameter times the BN output: a constant stays a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 8).view(1, 8, 1, 1))
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.b1(self.c1(x))) * self.scale)
+
+
+class HandSiLU(nn.Module):
+    """y * y.sigmoid(): the gate is computed from the channel itself, a constant when it is removed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.b1(self.c1(x))
+        return self.c2(y * y.sigmoid())
+
+
+def test_the_analysis_finds_which_removed_channels_a_product_makes_vary():
+    """Without running the model: a gate from other channels or an input-dependent broadcast
+    factor marks the channels read after the product; a gate from the channel itself, a layer
+    scale, and a reader before the product (the squeeze) stay constants."""
+    from netslim.engine.analysis import analyze
+
+    x = torch.randn(1, 3, 8, 8)
+    every = frozenset(range(8))
+    assert analyze(SqueezeExcite(), x).varying_inputs == {"c2": every}   # not fc1: it reads y before
+    assert analyze(BroadcastByKept(), x).varying_inputs == {"c3": every}
+    assert analyze(Attention(), x).varying_inputs == {"c2": every}
+    assert analyze(LayerScale(), x).varying_inputs == {}
+    assert analyze(HandSiLU(), x).varying_inputs == {}
+
+
+def test_channels_gated_by_kept_channels_are_skipped_and_constants_are_folded_exactly():
+    x = torch.randn(3, 3, 8, 8)
+    # (model, removed channels left alone, folded)
+    cases = [(SqueezeExcite(), 4, 4), (BroadcastByKept(), 4, 0), (LayerScale(), 0, 4), (HandSiLU(), 0, 4)]
+    for net, skipped, folded in cases:
+        model = _zero_half_the_factors(net)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.bias.abs_().add_(0.1)            # relu(beta) > 0: every removed channel is non-zero
+        slim, report = prune(model, 0.4, example_input=x[:1])
+        masked, _ = prune(model, 0.4, mode="mask", example_input=x[:1])
+        comp = report["compensation"]
+        assert (comp["skipped"], comp["folded"]) == (skipped, folded), type(net).__name__
+        dense, ys = _outputs(model, slim, x)
+        _, ym = _outputs(model, masked, x)
+        torch.testing.assert_close(ys, ym, rtol=0, atol=1e-6)
+        if not skipped:   # constants through 1x1 convs: the pruned model computes what the dense one does
+            torch.testing.assert_close(ys, dense, rtol=0, atol=1e-5)

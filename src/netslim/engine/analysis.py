@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..errors import PruneError
 from ..gc_pause import paused_gc
 from ..wrappers import unwrap_model
-from .classes import Classes, classify_bns, resolve_gates
+from .classes import Classes, classify_bns, resolve_gates, varying_inputs
 from . import rules
 from .channels import AttrUse, ModuleUse, compress
 from .slots import SlotWalk
@@ -44,6 +44,9 @@ class Analysis:
     follows: list[tuple[int, int]] = field(default_factory=list)
     attrs: dict[str, AttrUse] = field(default_factory=dict)  # per-channel tensors to slice
     untraceable: dict[str, str] = field(default_factory=dict)  # module traced as one call -> why
+    # conv/linear -> input positions that vary with the input although made of removed BN
+    # channels (gated by other channels): compensation leaves them alone (classes.varying_inputs)
+    varying_inputs: dict[str, frozenset[int]] = field(default_factory=dict)
     graph: fx.GraphModule | None = None      # the traced model the analysis walked
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     gm = trace(model, example_input, opaque)
     an = SlotWalk(model, gm, exclude)
     an.run()
+    varying = varying_inputs(an)  # before gates and BNs tie more slots
     cs = Classes(an)
     follows = resolve_gates(an, cs)
     classify_bns(an, cs)
@@ -131,7 +135,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
         if owner and isinstance(m, _BatchNorm):
             unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
     return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
-                    untraceable, gm)
+                    untraceable, varying, gm)
 
 
 def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module]) -> str:

@@ -119,6 +119,53 @@ def resolve_gates(walk: SlotWalk, cs: Classes) -> list[tuple[int, int]]:
     return [(r, lead) for r, lead in leader.items()]
 
 
+def varying_inputs(walk: SlotWalk) -> dict[str, frozenset[int]]:
+    """{conv/linear name: its input positions whose value may vary with the model input even
+    when every BN channel behind them is removed}. Call right after the walk (`walk.parent`
+    then holds the walk's own classes: slots tied by adds and products, not yet by gates or BNs).
+
+    A removed BN channel outputs a constant (beta), and every op the walk follows keeps a
+    constant constant, except a product whose other factor is not: a gate computed from other
+    channels (squeeze-excitation, `x * conv(k).sigmoid()`) or a tensor broadcast over the channels
+    that depends on the input (`y * x[:, :1]`). Such a product marks its class, and only a
+    reader after it (in the graph) sees values that vary: the squeeze of squeeze-excitation
+    reads the same channels before the product, still constants. Compensation skips the marked positions (a constant
+    folded there would be wrong) instead of probing the model to find them. A gate computed
+    from the channel's own class (`x * x.sigmoid()`), a number and a tensor attribute (layer
+    scale) keep it constant.
+    """
+    if not walk.product_bit:
+        return {}
+    compress(walk.parent)
+    root = walk.parent
+    source = {o: s for out, src, _ in walk.derived for o, s in zip(out, src)}  # sigmoid-like -> input
+
+    def from_itself(gate: int | None, carrier_root: int) -> bool:
+        """Is the gate a function of the carrier's own class (through sigmoid-like ops)?"""
+        while gate is not None:
+            if root[gate] == carrier_root:
+                return True
+            gate = source.get(gate)
+        return False
+
+    made_vary: dict[int, int] = {}  # class -> bits of the products that make its values vary
+    for slots, node in walk.varying:
+        for s in slots:
+            made_vary[root[s]] = made_vary.get(root[s], 0) | 1 << walk.product_bit[node]
+    for gates, carriers, node in walk.gates:
+        for g, x in zip(gates, carriers):
+            if not from_itself(g, root[x]):
+                made_vary[root[x]] = made_vary.get(root[x], 0) | 1 << walk.product_bit[node]
+    out = {}
+    for node, after in walk.after_products.items():
+        use = walk.uses.get(node.target) if node.op == "call_module" else None
+        if use is not None and use.kind in ("conv", "gconv", "linear"):
+            positions = frozenset(j for j, s in enumerate(use.in_slots) if made_vary.get(root[s], 0) & after)
+            if positions:
+                out[use.name] = positions
+    return out
+
+
 def sliceable_origin(walk: SlotWalk, o: tuple) -> bool:
     kind, name, j = o
     if kind == "derived":

@@ -13,15 +13,15 @@ The second term goes into the consumer's bias, or, when the consumer feeds one p
 BatchNorm and nothing else, into that BN's running mean (BN(y + k) with mean m equals
 BN(y) with mean m - k), so no parameter is added.
 
-How the constant is found: the model is run (eval mode, on random inputs) with every
+How the constant is found: the model is run once (eval mode, on random inputs) with every
 removed BN channel replaced by beta + gamma * N(0, 1), what it outputs when its normalised
-input is standard normal, and each consumer's input is averaged over the batch: the
-expected constant E[act(gamma z + beta)] through the model's own ops (exactly act(beta) when
-gamma = 0). The class analysis (classes.py) guarantees those channels carry only what removed
-BN channels produced; a second run with the factors at 0 checks it: a channel whose value
-still varies with the input (e.g. multiplied by an attention map computed from kept
-channels) is not a constant, so it is skipped (left as plain pruning, still correct) and
-counted.
+input is standard normal, and each consumer's input is averaged over the batch and space:
+the expected constant E[act(gamma z + beta)] through the model's own ops (exactly act(beta)
+when gamma = 0). The class analysis (classes.py) guarantees those channels carry only what
+removed BN channels produced, and it records where such a channel is multiplied by something
+that varies with the input (a gate computed from kept channels, an attention map: not a
+constant, classes.varying_inputs): those positions are skipped (left as plain pruning, still
+correct) and counted.
 
 Exact for gamma = 0 with 1x1 convs and linears. For a k x k conv with zero padding the
 contribution differs at the borders; the bias takes its spatial mean (the best constant).
@@ -52,10 +52,11 @@ _NOISE_POSITIONS = 32 * 32  # ... at this input size; a larger input has as many
 
 def noise_batch(example_input: torch.Tensor) -> int:
     """Examples in the noise probe: 16 at 32x32 or smaller, fewer on larger inputs, whose every
-    position draws its own noise (so the spatial mean has at least as many samples), at least 2.
-    At 224x224 that is 2 forwards instead of 16 (the probe was half of ResNet-50's prune time)."""
+    position draws its own noise (so the spatial mean has at least as many samples): one from
+    128x128 on. At 224x224 that is 1 forward instead of 16 (the probe was half of ResNet-50's
+    prune time)."""
     positions = math.prod(example_input.shape[2:])
-    return min(_NOISE_BATCH, max(2, math.ceil(_NOISE_BATCH * _NOISE_POSITIONS / positions)))
+    return min(_NOISE_BATCH, max(1, math.ceil(_NOISE_BATCH * _NOISE_POSITIONS / positions)))
 
 
 @dataclass
@@ -105,17 +106,17 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     report = Compensation(removed_channels=sum(len(v) for v in removed.values()))
     consumers = {n: c for n, c in _consumers(analysis, removed_roots).items() if n not in skip}
     if consumers:
-        exact = _consumer_inputs(new, removed, consumers, example_input, noise=False, batch=2)
-        expected = _consumer_inputs(new, removed, consumers, example_input, noise=True,
-                                     batch=noise_batch(example_input))
+        expected = _consumer_inputs(new, removed, consumers, example_input, batch=noise_batch(example_input))
         feeds_bn = _single_bn_reader(new, analysis.graph or trace(model, example_input), list(consumers))
         for name, channels in consumers.items():
-            shift, folded, skipped = _contribution(mods[name], analysis.modules[name].in_block,
-                                                   exact[name], expected[name], channels)
-            report.folded += folded
-            report.skipped += skipped
-            if folded and bool(shift.abs().max() > 0):
-                _fold(mods, name, shift, feeds_bn.get(name), report)
+            varying = analysis.varying_inputs.get(name, frozenset())
+            constant = [c for c in channels if c not in varying]
+            report.folded += len(constant)
+            report.skipped += len(channels) - len(constant)
+            if constant:
+                shift = _contribution(mods[name], analysis.modules[name].in_block, expected[name], constant)
+                if bool(shift.abs().max() > 0):
+                    _fold(mods, name, shift, feeds_bn.get(name), report)
     with torch.no_grad():
         for bn_name, channels in removed.items():
             bn = mods[bn_name]
@@ -137,32 +138,33 @@ def _consumers(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[in
 
 
 def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers: dict[str, list[int]],
-                     example_input: torch.Tensor, *, noise: bool, batch: int) -> dict[str, torch.Tensor]:
-    """Each consumer's input on `batch` random inputs, with every removed BN channel replaced.
-
-    noise=False: the channel outputs exactly beta (its factor set to 0). noise=True: it
-    outputs beta + gamma * N(0, 1), what a BN channel gives when its normalised input is
-    standard normal, so averaging over the batch estimates E[act(gamma z + beta)] through
+                     example_input: torch.Tensor, *, batch: int) -> dict[str, torch.Tensor]:
+    """Each consumer's input averaged over `batch` random inputs, with every removed BN
+    channel's output replaced by beta + gamma * N(0, 1), what a BN channel gives when its
+    normalised input is standard normal; so the mean estimates E[act(gamma z + beta)] through
     the model's own ops (equal to act(beta) when gamma = 0).
     """
     mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(0)
 
     def replace(bn: nn.Module, channels: list[int]):
+        index = torch.tensor(channels, dtype=torch.long)
+
         def hook(m, args, out):
-            out = out.clone()
-            beta = bn.bias.detach()[channels].view(1, -1, *([1] * (out.dim() - 2)))
-            gamma = bn.weight.detach()[channels].view_as(beta)
-            shape = (out.shape[0], len(channels), *out.shape[2:])
-            z = torch.randn(shape, generator=gen).to(out) if noise else 0.0
-            out[:, channels] = beta + gamma * z
+            if out._base is not None or out.data_ptr() == args[0].data_ptr():
+                out = out.clone()  # written in place below: never into a view of another tensor
+            beta = bn.bias.detach()[index].view(1, -1, *([1] * (out.dim() - 2)))
+            gamma = bn.weight.detach()[index].view_as(beta)
+            z = torch.randn((out.shape[0], len(channels), *out.shape[2:]), generator=gen).to(out)
+            out[:, index.to(out.device)] = beta + gamma * z
             return out
         return hook
 
     seen: dict[str, torch.Tensor] = {}
     hooks = [mods[n].register_forward_hook(replace(mods[n], ch)) for n, ch in removed.items()]
-    hooks += [mods[n].register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0].detach().float()))
-              for n in consumers]
+    hooks += [mods[n].register_forward_pre_hook(
+        lambda m, args, n=n: seen.__setitem__(n, args[0].detach().float().mean(dim=0, keepdim=True)))
+        for n in consumers]
     x = torch.randn((batch, *example_input.shape[1:]), generator=gen).to(example_input.device, example_input.dtype)
     modes = {m: m.training for m in mods.values()}
     try:  # on `model` itself (a copy of the user's), not on another deepcopy: hooks and modes are restored
@@ -176,31 +178,27 @@ def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers:
     return seen
 
 
-def _contribution(m: nn.Module, in_block: int, x: torch.Tensor, expected: torch.Tensor,
-                  channels: Sequence[int]) -> tuple[torch.Tensor, int, int]:
-    """(per-output-channel constant the removed `channels` add to m's output, folded, skipped).
+def _contribution(m: nn.Module, in_block: int, mean: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
+    """The per-output-channel constant the removed input `channels` add to m's output.
 
-    `x`: m's input on two inputs with the removed factors at 0 (a channel whose values
-    differ between them is not a constant: skipped). `expected`: m's input averaged over
-    the noise probe (the value folded).
+    `mean`: m's input averaged over the noise probe's batch ([1, C, ...] or [1, C * in_block]).
+    A conv's output is averaged over space (with zero padding the border differs: its mean is
+    the best constant); only the removed channels' slice of the weight is applied.
     """
-    def per_channel(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(t.shape[0], -1, in_block) if isinstance(m, nn.Linear) else t.flatten(2)
-
-    values = per_channel(x)[:, channels]                               # [2, removed, positions]
-    spread = (values[0] - values[1]).abs().amax(dim=-1)
-    scale = 1.0 + values.abs().amax(dim=(0, 2))
-    constant = spread <= 1e-5 * scale                                  # the same for both inputs
-    keep = [c for c, ok in zip(channels, constant.tolist()) if ok]
-    mean = per_channel(expected.mean(dim=0, keepdim=True))
-    z = torch.zeros_like(mean)
-    z[:, keep] = mean[:, keep]
-    z = z.reshape(expected[:1].shape)
+    index = torch.tensor(channels, dtype=torch.long, device=mean.device)
+    weight = m.weight.detach().float()
     with torch.no_grad():
-        weight = m.weight.detach().float()
-        out = F.linear(z, weight) if isinstance(m, nn.Linear) else m._conv_forward(z, weight, None)
-    shift = out[0].reshape(out.shape[1], -1).mean(dim=1)               # spatial mean per output channel
-    return shift, len(keep), len(channels) - len(keep)
+        if isinstance(m, nn.Linear):
+            z = mean.reshape(1, -1, in_block)[:, index].flatten(1)
+            w = weight.reshape(weight.shape[0], -1, in_block)[:, index].flatten(1)
+            return F.linear(z, w)[0]
+        if m.groups == 1:
+            out = m._conv_forward(mean[:, index], weight[:, index], None)
+        else:  # a grouped conv keeps its full input: the other channels are zero
+            z = torch.zeros_like(mean)
+            z[:, index] = mean[:, index]
+            out = m._conv_forward(z, weight, None)
+    return out[0].reshape(out.shape[1], -1).mean(dim=1)
 
 
 def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str]) -> dict[str, str]:

@@ -66,10 +66,17 @@ class SlotWalk(LayoutSteps):
         self.uses: dict[str, ModuleUse] = {}
         self.bn_order: list[str] = []
         self.calls: dict[str, int] = {}
-        # x * g where only x holds BN channels: (g's slots, x's slots, node), resolved later
-        self.gates: list[tuple[list[int], list[int], str]] = []
+        # x * g where only x holds BN channels: (g's slots, x's slots, the product), resolved later
+        self.gates: list[tuple[list[int], list[int], fx.Node]] = []
         # sigmoid-like outputs: (their slots, their input's slots, why they are not zero)
         self.derived: list[tuple[list[int], list[int], str]] = []
+        # Where a removed channel may stop being a constant (classes.varying_inputs): products by
+        # a gate or by a tensor broadcast over the channels that varies with the input
+        # (`y * x[:, :1]`: those slots are listed), one bit each, and per node the products before it.
+        self.varying: list[tuple[list[int], fx.Node]] = []
+        self.product_bit: dict[fx.Node, int] = {}
+        self.after_products: dict[fx.Node, int] = {}  # node -> OR of the bits of the products before it
+        self.dynamic: set[fx.Node] = set()  # nodes whose value depends on the model input
         self.attr_refs: dict[fx.Node, AttrRef] = {}
         self.attr_uses: dict[str, AttrUse] = {}
 
@@ -110,7 +117,16 @@ class SlotWalk(LayoutSteps):
     # ------------------------------------------------------------------------------------
     def run(self) -> None:
         for node in self.gm.graph.nodes:
+            if node.op == "placeholder" or any(a in self.dynamic for a in node.all_input_nodes):
+                self.dynamic.add(node)
             self.chans[node] = self.visit(node)
+            after = 0
+            for a in node.all_input_nodes:
+                after |= self.after_products.get(a, 0)
+            if node in self.product_bit:
+                after |= 1 << self.product_bit[node]
+            if after:
+                self.after_products[node] = after
             self.track_attr(node)
 
     def track_attr(self, node: fx.Node) -> None:
@@ -434,6 +450,7 @@ class SlotWalk(LayoutSteps):
         width = int(out_shape[1])
         infos: list[ChannelInfo] = []
         attrs: list[AttrRef] = []
+        varies = False  # a factor broadcast over the channels depends on the input
         for a in operands:
             shape = _shape(a) if isinstance(a, fx.Node) else None
             if shape is None:
@@ -447,7 +464,8 @@ class SlotWalk(LayoutSteps):
                 infos.append(c)
             elif per_channel:
                 return self.unknown(node, f"{node.name} multiplies by a per-channel tensor netslim cannot slice")
-            # else: broadcast over the channels; a zero channel stays zero
+            else:  # broadcast over the channels: a zero channel stays zero, a constant one may vary
+                varies = varies or a in self.dynamic
         if not infos:
             return self.fresh(node, f"{node.name}: a product of per-channel tensors netslim does not follow"
                               if attrs else None)
@@ -459,7 +477,8 @@ class SlotWalk(LayoutSteps):
             out = carriers[0]
             for c in infos:
                 if c is not out:
-                    self.gates.append((list(c.slots), list(out.slots), str(node.name)))
+                    self.gates.append((list(c.slots), list(out.slots), node))
+            self.product_bit.setdefault(node, len(self.product_bit))
         else:
             out = first
             for c in infos[1:]:
@@ -467,6 +486,9 @@ class SlotWalk(LayoutSteps):
                     self.union(a, b)
         for ref in attrs:
             self.attr_use(ref, out.slots)
+        if varies:
+            self.varying.append((list(out.slots), node))
+            self.product_bit.setdefault(node, len(self.product_bit))
         return out
 
     def from_bn(self, c: ChannelInfo) -> bool:
