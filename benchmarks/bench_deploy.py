@@ -2,14 +2,18 @@
 
     python benchmarks/bench_deploy.py [--models vgg-13,resnet-164,densenet-40,mobilenetv2]
                                       [--batch 1,64] [--threads 1,all] [--runtimes eager,optimized,onnxruntime]
-                                      [--rounds N] [--round-to K|auto] [--json OUT] [--quick]
+                                      [--rounds N] [--per-turn N] [--round-to K|auto] [--json OUT] [--quick]
     python benchmarks/bench_deploy.py --target-latency 0.5 --batch 1 [--models ...]
 
 For each (model, percent) it builds the dense model (3x32x32 input, 10 classes), sets its BN
 factors like a sparsity-trained model's (bench_inference.emulate_sparsity: skewed, with a
 per-layer spread), prunes it with `netslim.prune(model, percent)` and times dense and slim
-interleaved (dense, slim, dense, ...: load from other processes hits both alike) in each
-runtime, per batch size and thread count:
+interleaved (turns of dense, slim, dense, ...: load from other processes hits both alike) in
+each runtime, per batch size and thread count. At batch <= 8 a turn is one untimed forward
+and 4 timed ones (--per-turn): a model's weights are then in the caches as when it runs
+alone (what `netslim profile` times); timed one call per turn, each forward would first
+reload what the other model evicted (dense VGG-13's 38 MB of weights overflow this CPU's
+32 MiB L3, the slim model's 15 MB fit), a cold-cache latency (BENCHMARKS.md, Deployment).
 
   eager        the models as netslim builds them, torch.inference_mode, NCHW;
   optimized    netslim.fuse.optimize_for_inference (channels-last from batch 16);
@@ -23,7 +27,7 @@ runtime, per batch size and thread count:
 
 On one thread the latency is the process's CPU time per forward (on a shared machine it
 leaves out the time spent waiting for a core; on an idle one it equals the wall time);
-with several threads it is the wall time. The figure is the median of the rounds.
+with several threads it is the wall time. The figure is the median of the timed calls.
 --quick: a tiny model, batch 1 and 4, one thread, 3 rounds (a smoke test, seconds).
 """
 from __future__ import annotations
@@ -83,8 +87,12 @@ def runner(model: nn.Module, runtime: str, batch: int) -> Callable[[], Any]:
     return forward_runner(model, INPUT, batch, runtime="torch")
 
 
-def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, warmup: int = 2) -> list[float]:
-    """Median ms per call of each fn over `rounds` round-robin rounds."""
+def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, warmup: int = 2,
+                   per_turn: int = 1) -> list[float]:
+    """Median ms per call of each fn over `rounds` round-robin rounds. `per_turn` > 1: each
+    turn runs its fn once untimed, then times `per_turn` calls in a row, so every timed call
+    finds that model's own weights in the caches (steady state, as `netslim profile` times a
+    model alone); `per_turn` 1 times each call right after the other model's (cold caches)."""
     clock = time.process_time if cpu_clock else time.perf_counter
     times: list[list[float]] = [[] for _ in fns]
     for f in fns:
@@ -92,9 +100,12 @@ def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, w
             f()
     for _ in range(rounds):
         for i, f in enumerate(fns):
-            t0 = clock()
-            f()
-            times[i].append(clock() - t0)
+            if per_turn > 1:
+                f()
+            for _ in range(per_turn):
+                t0 = clock()
+                f()
+                times[i].append(clock() - t0)
     return [statistics.median(t) * 1e3 for t in times]
 
 
@@ -139,7 +150,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--batch", default="1,64", help="comma list of batch sizes (default 1,64)")
     ap.add_argument("--threads", default="1,all", help="comma list of thread counts; all = os.cpu_count()")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma list of {', '.join(RUNTIMES)}")
-    ap.add_argument("--rounds", type=int, default=7, help="timed rounds at batch > 8 (x4 at batch <= 8)")
+    ap.add_argument("--rounds", type=int, default=7, help="round-robin rounds (default 7)")
+    ap.add_argument("--per-turn", type=int, default=None, metavar="N",
+                    help="calls timed per model per turn, after one untimed call (default 4 at batch <= 8, "
+                         "else 1); 1: each call right after the other model's, no untimed call (cold caches)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the emulated BN factors")
     ap.add_argument("--json", default=None, help="write every figure to this file")
     ap.add_argument("--round-to", default="1", metavar="K|auto",
@@ -171,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     round_to: Any = "auto" if args.round_to == "auto" else int(args.round_to)
     header = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
               "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds, "round_to": round_to,
+              "load_1min_at_start": load, "gamma_seed": args.seed, "rounds": rounds, "per_turn": args.per_turn or "4 at batch <= 8, else 1", "round_to": round_to,
               "onnx_pad_channels": resolve_block("auto")}
     print("# " + ", ".join(f"{k}={v}" for k, v in header.items()), flush=True)
     if args.target_latency is not None:
@@ -195,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     fns = []
                     for rt in runtimes:
                         fns += [runner(dense, rt, bs), runner(slim, rt, bs)]
-                    ms = interleaved_ms(fns, rounds * 4 if bs <= 8 else rounds, cpu_clock=t == 1)
+                    per_turn = args.per_turn or (4 if bs <= 8 else 1)
+                    ms = interleaved_ms(fns, rounds, cpu_clock=t == 1, per_turn=per_turn)
                     for i, rt in enumerate(runtimes):
                         d, s = ms[2 * i], ms[2 * i + 1]
                         row = {"model": name, "percent": pct, "runtime": rt, "threads": t, "batch": bs,

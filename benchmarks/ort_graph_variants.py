@@ -1,13 +1,17 @@
 """What the exported graph costs in onnxruntime: graph variants of a slim model, timed side by side.
 
-    python benchmarks/ort_graph_variants.py MODEL PERCENT BATCH [VARIANTS] [--round-to K] [--rounds N] [--profile]
+    python benchmarks/ort_graph_variants.py MODEL PERCENT BATCH [VARIANTS] [--round-to K] [--rounds N] [--per-turn N] [--profile]
 
 MODEL: vgg-13, resnet-164, densenet-40, mobilenetv2 (bench_deploy's models, BN factors from
 bench_inference.emulate_sparsity, seed 0), pruned by netslim.prune(model, PERCENT,
 round_to=K). One onnxruntime thread, every graph optimisation; dense and each variant
-timed interleaved (median process CPU time per forward). "slim" is the graph as netslim
-exports it (export.onnx_bytes: the gathers of pre-activation bottlenecks folded),
-"unfolded" the same with fold_gathers=False. VARIANTS (comma list) rewrite "unfolded":
+timed interleaved (median process CPU time per forward; at batch <= 8 turns of one untimed
+and 4 timed forwards, as bench_deploy.interleaved_ms). "slim" is the graph as netslim
+exports it (export.onnx_bytes: the gathers of pre-activation bottlenecks folded, odd widths
+padded), "unfolded" the same with fold_gathers=False. VARIANTS (comma list):
+  padmaxR   "slim" with only the channel classes padded whose padded width is at most R
+            times their own (padmax1: none padded; padmax2: every one, as the export)
+and, rewriting "unfolded":
   foldall   every Gather -> BN -> ReLU -> Conv folded into the conv (3x3 and wide 1x1 too)
   bnfirst   BN + ReLU at the stream's width, the Gather after them
   selconv   the Gather as a 1x1 conv with a 0/1 weight (onnxruntime folds the BN into it)
@@ -20,10 +24,8 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
@@ -32,8 +34,10 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
+from bench_deploy import interleaved_ms
 from bench_inference import emulate_sparsity
 from netslim.export import onnx_bytes
+from netslim.padding import pad_channels, paddable_classes, resolve_block
 from netslim.models import build_model
 from netslim.profile import count
 from netslim.engine.prune import prune
@@ -176,18 +180,6 @@ def op_profile(data, x, n=5, disabled=()):
     return dict(per.most_common()), sum(per.values())
 
 
-def interleaved(fns, rounds):
-    times = [[] for _ in fns]
-    for f in fns:
-        f(); f()
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t0 = time.process_time()
-            f()
-            times[i].append(time.process_time() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
-
-
 def check_equal(a, b, x):
     ya = session(a).run(None, {"input": x})[0]
     yb = session(b).run(None, {"input": x})[0]
@@ -201,7 +193,9 @@ def main():
     ap.add_argument("batch", type=int)
     ap.add_argument("variants", nargs="?", default="foldall,bnfirst,selconv,nonchwc")
     ap.add_argument("--round-to", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 21 at batch <= 8, else 5)")
+    ap.add_argument("--rounds", type=int, default=None, help="round-robin rounds (default 6 at batch <= 8, else 5)")
+    ap.add_argument("--per-turn", type=int, default=None,
+                    help="forwards timed per turn after an untimed one (default 4 at batch <= 8, else 1)")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     arch, kw = ARCH[args.model]
@@ -214,7 +208,12 @@ def main():
     x = np.random.RandomState(0).randn(args.batch, 3, 32, 32).astype(np.float32)
     vs = {"dense": (dd, ()), "slim": (onnx_bytes(slim, ex), ()), "unfolded": (unfolded, ())}
     for k in [v for v in args.variants.split(",") if v]:
-        if k == "nonchwc":
+        if k.startswith("padmax"):
+            block, plain = resolve_block("auto"), onnx_bytes(slim, ex, pad_channels="off")
+            limit = float(k[len("padmax"):])
+            chosen = {i for i, c in enumerate(paddable_classes(plain, block)) if c["padded"] <= limit * c["width"]}
+            vs[k] = (pad_channels(plain, block, only=chosen)[0], ())
+        elif k == "nonchwc":
             vs["slim nonchwc"] = (vs["slim"][0], ("NchwcTransformer",))
             vs["dense nonchwc"] = (dd, ("NchwcTransformer",))
         else:
@@ -226,8 +225,8 @@ def main():
         s = session(data, dis)
         feed = {"input": x}
         fns.append(lambda s=s, feed=feed: s.run(None, feed))
-    rounds = args.rounds or (21 if args.batch <= 8 else 5)
-    ms = interleaved(fns, rounds)
+    rounds = args.rounds or (6 if args.batch <= 8 else 5)
+    ms = interleaved_ms(fns, rounds, cpu_clock=True, per_turn=args.per_turn or (4 if args.batch <= 8 else 1))
     print(f"== {args.model} {args.percent:.0%} b{args.batch} round_to {args.round_to}: MAC ratio {macs:.2f}x, "
           f"load {os.getloadavg()[0]:.1f}")
     for (label, _), t in zip(vs.items(), ms):

@@ -251,6 +251,30 @@ def test_round_to_auto_measures_once_and_keeps_the_fastest_widths(tmp_path, monk
         assert slim.eval()(x).shape == masked.eval()(x).shape
 
 
+def test_round_to_auto_fills_what_the_export_pads_of_a_gathered_layer(tmp_path, monkeypatch):
+    # DenseNet's BNs gather channels of the concatenated stream: no conv of their own to time.
+    # In onnxruntime the export pads a gathered width to the channel block with zeros, so auto
+    # keeps real channels there instead: the same graph shapes, more channels kept.
+    from netslim.export import onnx_bytes
+
+    monkeypatch.setenv("NETSLIM_CACHE", str(tmp_path / "cache"))
+    model = _skewed(build_model("densenet", num_classes=10, depth=10, growth_rate=12))
+    x = torch.randn(1, 3, 32, 32)
+    default, plain = netslim.prune(model, 0.4)
+    auto, chosen = netslim.prune(model, 0.4, round_to="auto", runtime="onnxruntime", batch_size=1, threads=1)
+    block = nchwc_block()
+    gathered = [(a, b) for a, b in zip(plain["layers"], chosen["layers"]) if a["kept"] < a["total"]]
+    assert gathered   # every BN of this DenseNet gathers
+    for before, after in gathered:
+        kept, padded = before["kept"], block * -(-before["kept"] // block) if block else before["kept"]
+        # to the block, as the export pads it; a few channels of a block stay as they are
+        assert after["kept"] == (min(padded, before["total"]) if padded <= 2 * kept else kept), (before, after)
+    assert any(after["kept"] > before["kept"] for before, after in gathered) == bool(block)
+    assert _conv_shapes_of(onnx_bytes(auto.eval(), x)) == _conv_shapes_of(onnx_bytes(default.eval(), x))
+    _, in_torch = netslim.prune(model, 0.4, round_to="auto", runtime="torch", batch_size=1, threads=1)
+    assert [d["kept"] for d in in_torch["layers"]] == [d["kept"] for d in plain["layers"]]
+
+
 def test_round_to_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("NETSLIM_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "dense.pt"
@@ -324,6 +348,14 @@ def _conv_widths(data: bytes) -> list[int]:
     return [weights[n.input[1]][0] for n in graph.node if n.op_type == "Conv"]
 
 
+def _conv_shapes_of(data: bytes) -> list[tuple[int, ...]]:
+    import onnx
+
+    graph = onnx.load_from_string(data).graph
+    weights = {t.name: tuple(t.dims) for t in graph.initializer}
+    return [weights[n.input[1]] for n in graph.node if n.op_type == "Conv"]
+
+
 def _ort_outputs(data: bytes, x: torch.Tensor) -> torch.Tensor:
     from netslim.export import onnxruntime_session
 
@@ -339,7 +371,7 @@ def test_padded_export_computes_the_slim_models_outputs(arch, kwargs):
     import onnx
 
     from netslim.export import onnx_bytes
-    from netslim.padding import pad_channels
+    from netslim.padding import pad_channels, paddable_classes
 
     torch.manual_seed(0)
     slim, _ = netslim.prune(_skewed(build_model(arch, num_classes=10, **kwargs)), 0.4)
@@ -352,6 +384,11 @@ def test_padded_export_computes_the_slim_models_outputs(arch, kwargs):
         want = slim(x)
     torch.testing.assert_close(_ort_outputs(padded, x), want, rtol=1e-4, atol=1e-5)
     assert padded == onnx_bytes(slim, x[:1], pad_channels=16)
+    # some classes padded, their neighbours not (blocked and plain layouts meet): the same outputs
+    classes = paddable_classes(plain, 16)
+    mixed, mixed_done = pad_channels(plain, 16, only=set(range(0, len(classes), 2)))
+    assert sum("padded" in d for d in mixed_done) == (len(classes) + 1) // 2
+    torch.testing.assert_close(_ort_outputs(mixed, x), want, rtol=1e-4, atol=1e-5)
     graph = onnx.load_from_string(padded).graph
     weights = {t.name: t.dims for t in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv"]

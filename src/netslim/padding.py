@@ -283,22 +283,50 @@ def _pad_class(g: _Graph, c: _Class, width: int, padded: int) -> None:
                 g.set_array(gemm, 1, _pad_axis(g.array(gemm, 1), axis, padded * spatial))
 
 
-def pad_channels(data: bytes, block: int) -> tuple[bytes, list[dict]]:
-    """`data` (an ONNX model) with every paddable channel class widened to a multiple of
-    `block`, and what was done: [{"width", "padded"} or {"width", "kept_because"}] per odd class."""
-    g = _Graph(data)
-    done: list[dict] = []
+def padded_width(width: int, block: int) -> int:
+    """The width padding to `block` gives `width` channels: the next multiple of `block`, or
+    `width` itself where that would more than double it (a few channels of a block: the zeros
+    would cost more than the reorders they save)."""
+    padded = block * math.ceil(width / block)
+    return width if padded > 2 * width else padded
+
+
+def _paddable(g: _Graph, block: int) -> tuple[list[tuple[_Class, int, int]], list[dict]]:
+    """The classes of `g` padding to `block` would widen, in graph order: [(class, width, padded)],
+    and the odd classes that stay as they are, with why."""
+    paddable, kept = [], []
     for c in _classes(g).values():
         widths = {g.width(t) for t in c.tensors}
         width = widths.pop()
         if widths or width % block == 0:
             continue
         if c.blocked or not c.makers:
-            done.append({"width": width, "kept_because": c.blocked or "nothing makes it"})
+            kept.append({"width": width, "kept_because": c.blocked or "nothing makes it"})
             continue
-        padded = block * math.ceil(width / block)
-        if padded > 2 * width:  # a few channels of a block: the zeros cost more than the reorders they save
-            done.append({"width": width, "kept_because": f"padding to {padded} would more than double it"})
+        padded = padded_width(width, block)
+        if padded == width:
+            kept.append({"width": width, "kept_because": f"padding to {block * math.ceil(width / block)} "
+                                                         "would more than double it"})
+            continue
+        paddable.append((c, width, padded))
+    return paddable, kept
+
+
+def paddable_classes(data: bytes, block: int) -> list[dict]:
+    """What pad_channels(data, block) would pad, one {"width", "padded", "tensors"} per class, in
+    the order its `only` indices refer to."""
+    return [{"width": w, "padded": p, "tensors": sorted(c.tensors)} for c, w, p in _paddable(_Graph(data), block)[0]]
+
+
+def pad_channels(data: bytes, block: int, only: Optional[set[int]] = None) -> tuple[bytes, list[dict]]:
+    """`data` (an ONNX model) with every paddable channel class widened to a multiple of
+    `block` (with `only`: the classes of paddable_classes(data, block) at those indices), and
+    what was done: [{"width", "padded"} or {"width", "kept_because"}] per odd class."""
+    g = _Graph(data)
+    paddable, done = _paddable(g, block)
+    for i, (c, width, padded) in enumerate(paddable):
+        if only is not None and i not in only:
+            done.append({"width": width, "kept_because": "measured faster unpadded"})
             continue
         _pad_class(g, c, width, padded)
         done.append({"width": width, "padded": padded})

@@ -14,9 +14,17 @@ time: accuracy suffers less).
 
 Measurements are cached per machine in ~/.cache/netslim/widths.json (or
 $NETSLIM_CACHE/widths.json), keyed by CPU, runtime versions, runtime, threads, batch and
-the conv's shape, so a second prune of the same architecture measures nothing. Layers
-without a single producing conv (a BN that gathers channels of a wider stream, a group
-of coupled BNs) keep their count.
+the conv's shape, so a second prune of the same architecture measures nothing.
+
+A BN that gathers channels of a wider stream (DenseNet's layers, a pre-activation
+bottleneck's first BN) has no conv of its own to probe. In onnxruntime its width costs
+what the export makes of it: the gather's output is padded with zero channels to the
+channel block (padding.py), or folded into a conv that reads the whole stream
+(export.fold_preactivation_gathers); either way the graph runs the same shapes whether
+the block's last channels are zeros or kept channels, so auto keeps them: the count is
+rounded up to the block as padding.padded_width pads it (where the export cannot pad the
+gather's output, e.g. an op padding.py does not handle reads it, those channels cost their
+share). In torch (no padding) such a layer, and a group of coupled BNs, keep their count.
 """
 from __future__ import annotations
 
@@ -35,7 +43,7 @@ from torch import nn
 
 from .errors import NetslimError
 from .fileio import atomic_write_json
-from .padding import resolve_block
+from .padding import padded_width, resolve_block
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +175,11 @@ def _probe_ms(shape: tuple, width: int, runtime: str, batch: int) -> float:
     return statistics.median(times) * 1e3
 
 
+def _gathered(analysis: Any, bns: tuple[str, ...]) -> bool:
+    """Whether the layer is one BN gathering channels of a wider stream."""
+    return len(bns) == 1 and getattr(analysis.modules.get(bns[0]), "bn_mode", "") == "gather"
+
+
 def choose_widths(model: nn.Module, analysis: Any, plan: dict[str, list[int]], decisions: list,
                   example_input: torch.Tensor, *, runtime: str = "torch", batch_size: int = 1,
                   threads: Optional[int] = None) -> dict[tuple[str, ...], int]:
@@ -186,8 +199,17 @@ def choose_widths(model: nn.Module, analysis: Any, plan: dict[str, list[int]], d
         # onnxruntime runs the export as it is deployed: odd widths padded (padding.py), which changes the timings
         padded = f"|pad{resolve_block('auto')}" if runtime == "onnxruntime" else ""
         prefix = f"{_machine()}|{runtime}{padded}|t{torch.get_num_threads()}|b{batch_size}"
+        block = resolve_block("auto") if runtime == "onnxruntime" else None
         for d in decisions:
-            if d.bns not in shapes or d.kept >= d.total:
+            if d.kept >= d.total:
+                continue
+            if d.bns not in shapes:
+                if block and d.kept and _gathered(analysis, d.bns):
+                    width = min(padded_width(d.kept, block), d.total)
+                    if width > d.kept:
+                        chosen[d.bns] = width
+                        log.info("%s: %d -> %d channels (gathered: the export runs it %d wide)", d.name, d.kept,
+                                 width, width)
                 continue
             times = {}
             for width in candidates(d.kept, d.total):
