@@ -29,13 +29,16 @@ class Classes:
         self.readers_: dict[int, list[tuple]] = {}
         self.pins: dict[int, list[tuple[bool, str]]] = {}
         self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
-        # Only slots with entries; in slot order, so a class's first pin (its reported reason)
-        # is the same as when every slot was visited. A class without entries has none here.
+        # Only slots with entries. Pins in slot order, so a class's first pin (its reported
+        # reason) is the same as when every slot was visited; the order of origins and readers
+        # means nothing (they are counted and searched). A class without entries has none here.
         compress(a.parent)  # every slot now points at its root: a.parent[s] is find(s)
         root = a.parent
-        for per_slot, per_class in ((a.origin, self.origin), (a.readers, self.readers_), (a.pins, self.pins)):
-            for s in sorted(per_slot):
-                per_class.setdefault(root[s], []).extend(per_slot[s])
+        for per_slot, per_class in ((a.origin, self.origin), (a.readers, self.readers_)):
+            for s, entries in per_slot.items():
+                per_class.setdefault(root[s], []).extend(entries)
+        for s in sorted(a.pins):
+            self.pins.setdefault(root[s], []).extend(a.pins[s])
         for r, origins in self.origin.items():
             self.free[r] = sum(1 for o in origins if o[0] != "bn")
 
@@ -62,6 +65,27 @@ class Classes:
         lst = self.readers_.get(r, [])
         if reader in lst:
             lst.remove(reader)
+
+    def own(self, name: str, in_slots: list[int], out_slots: list[int]) -> None:
+        """BN `name` is the sole reader of its input classes (classify_bns): each input class
+        joins its output channel's, and what produced it (a conv's outputs) is absorbed: it goes
+        with the BN channel. The same as, per channel j: absorb, drop_reader(("bn", name, j)),
+        merge, with each input class's readers (all of them this BN's) dropped at once."""
+        find, parent = self.a.find, self.a.parent
+        origin, readers, pins, free = self.origin, self.readers_, self.pins, self.free
+        for s in in_slots:
+            readers.pop(find(s), None)
+        for s_in, s_out in zip(in_slots, out_slots):
+            r, other = find(s_in), find(s_out)
+            free[r] = 0
+            if r == other:
+                continue
+            parent[other] = r
+            for per_class in (origin, readers, pins):
+                moved = per_class.pop(other, None)
+                if moved:
+                    per_class.setdefault(r, []).extend(moved)
+            free[r] = free.pop(other, 0)
 
     def merge(self, s_a: int, s_b: int) -> None:
         r, other = self.a.find(s_a), self.a.find(s_b)
@@ -184,21 +208,8 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
         if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
             continue
         in_roots = [walk.find(s) for s in use.in_slots]
-        # Owned: this BN alone reads its input classes. A class may cover several of its
-        # channels (a grouped conv ties position j of every group): then all of them.
-        own_readers: dict[int, set] = {}
-        for j, root in enumerate(in_roots):
-            own_readers.setdefault(root, set()).add(("bn", name, j))
-        owned = all(
-            classes.readers(root) and set(classes.readers(root)) == mine
-            and len(classes.readers(root)) == len(mine) and not classes.pinned(root)
-            for root, mine in own_readers.items())
-        if owned:
-            for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
-                root = walk.find(s_in)
-                classes.absorb(root)
-                classes.drop_reader(root, ("bn", name, j))
-                classes.merge(root, s_out)
+        if _sole_reader(classes, name, in_roots):
+            classes.own(name, use.in_slots, use.out_slots)
             use.bn_mode = "owned"
             continue
         # Not the sole reader. Per channel: an input made only of other BN channels is
@@ -216,3 +227,21 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
         use.bn_mode = modes.pop() if len(modes) == 1 else "mixed"
     return classes
 
+
+def _sole_reader(classes: Classes, name: str, in_roots: list[int]) -> bool:
+    """Owned: BN `name` alone reads its input classes, none pinned. A class may cover several
+    of its channels (a grouped conv ties position j of every group): then all of them read it.
+    (Each class's readers are exactly ("bn", name, j) for the channels j in it, each once.)"""
+    channels: dict[int, int] = {}
+    for root in in_roots:
+        channels[root] = channels.get(root, 0) + 1
+    for root, count in channels.items():
+        readers = classes.readers_.get(root)
+        if not readers or len(readers) != count or classes.pins.get(root):
+            return False
+        seen = set()
+        for kind, who, j in readers:
+            if kind != "bn" or who != name or j in seen or in_roots[j] != root:
+                return False
+            seen.add(j)
+    return True

@@ -156,8 +156,7 @@ def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers:
             beta = bn.bias.detach()[index].view(1, -1, *([1] * (out.dim() - 2)))
             gamma = bn.weight.detach()[index].view_as(beta)
             z = torch.randn((out.shape[0], len(channels), *out.shape[2:]), generator=gen).to(out)
-            out[:, index.to(out.device)] = beta + gamma * z
-            return out
+            return out.index_copy_(1, index.to(out.device), z.mul_(gamma).add_(beta))  # beta + gamma * z
         return hook
 
     seen: dict[str, torch.Tensor] = {}
