@@ -17,8 +17,9 @@ and, rewriting "unfolded":
   selconv   the Gather as a 1x1 conv with a 0/1 weight (onnxruntime folds the BN into it)
   nonchwc   dense and slim with onnxruntime's NchwcTransformer disabled (a diagnostic:
             the blocked layout's share; a deployment would have to set it)
---profile adds onnxruntime's per-op kernel time (SessionOptions.enable_profiling), as
-shares of the total (the profiler's own overhead inflates the ms).
+Each line gives the multiply-adds per image the graph's convs really run (padded zeros and
+folded full-width reads included). --profile adds onnxruntime's per-op kernel time
+(SessionOptions.enable_profiling), as shares of the total (the profiler's own overhead inflates the ms).
 """
 import argparse
 import collections
@@ -180,6 +181,22 @@ def op_profile(data, x, n=5, disabled=()):
     return dict(per.most_common()), sum(per.values())
 
 
+def graph_macs(data):
+    """Multiply-adds per image of the graph's Conv and Gemm nodes (padded zeros included)."""
+    m = onnx.shape_inference.infer_shapes(onnx.load_from_string(data))
+    shape = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*m.graph.value_info, *m.graph.output]}
+    weights = {t.name: t.dims for t in m.graph.initializer}
+    for n in m.graph.node:  # the exporter shares equal tensors through Identity nodes
+        if n.op_type == "Identity" and n.input[0] in weights:
+            weights[n.output[0]] = weights[n.input[0]]
+    total = 0
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm"):
+            spatial = np.prod(shape[n.output[0]][2:]) if n.op_type == "Conv" else 1
+            total += int(np.prod(weights[n.input[1]])) * int(spatial)
+    return total
+
+
 def check_equal(a, b, x):
     ya = session(a).run(None, {"input": x})[0]
     yb = session(b).run(None, {"input": x})[0]
@@ -213,6 +230,8 @@ def main():
             limit = float(k[len("padmax"):])
             chosen = {i for i, c in enumerate(paddable_classes(plain, block)) if c["padded"] <= limit * c["width"]}
             vs[k] = (pad_channels(plain, block, only=chosen)[0], ())
+        elif k == "nopad":
+            vs[k] = (onnx_bytes(slim, ex, pad_channels="off", fold_gathers=False), ())
         elif k == "nonchwc":
             vs["slim nonchwc"] = (vs["slim"][0], ("NchwcTransformer",))
             vs["dense nonchwc"] = (dd, ("NchwcTransformer",))
@@ -230,7 +249,8 @@ def main():
     print(f"== {args.model} {args.percent:.0%} b{args.batch} round_to {args.round_to}: MAC ratio {macs:.2f}x, "
           f"load {os.getloadavg()[0]:.1f}")
     for (label, _), t in zip(vs.items(), ms):
-        print(f"{label:14s} {t:9.2f} ms  speedup {ms[0] / t:5.2f}x  ratio {ms[0] / t / macs:.2f}", flush=True)
+        print(f"{label:14s} {t:9.2f} ms  speedup {ms[0] / t:5.2f}x  ratio {ms[0] / t / macs:.2f}  "
+              f"graph MACs {graph_macs(vs[label][0]) / 1e6:.1f}M", flush=True)
     if args.profile:
         for label, (data, dis) in vs.items():
             per, tot = op_profile(data, x, disabled=dis)
