@@ -120,6 +120,17 @@ def test_prune_to_a_latency_target_bisects_on_measured_latency():
     assert [p.shape for p in slim.parameters()] == [p.shape for p in again.parameters()]
 
 
+def test_latency_ratio_times_each_model_in_turns_of_several_calls():
+    """At small batches a model is timed over several calls in a row after an untimed one, so its
+    weights are in the caches as when it runs deployed, not evicted by the other model's call."""
+    from netslim.latency_target import latency_ratio
+    order = []
+    ratio, dense_ms, slim_ms = latency_ratio(lambda: order.append("d"), lambda: order.append("s"),
+                                             one_thread=True, target_seconds=0, warmup=1, per_turn=4)
+    assert "".join(order) == "ds" + ("d" * 5 + "s" * 5) * 5   # warmup, then 5 turns of 1 untimed + 4 timed
+    assert ratio > 0 and dense_ms >= 0 and slim_ms >= 0
+
+
 def test_a_lucky_measurement_is_not_what_the_latency_search_returns(monkeypatch):
     """A bisection ends on the percent whose one timing was luckiest; when timing it again puts
     it over the target, the search goes on above it and returns a model that held when re-timed."""
