@@ -237,3 +237,20 @@ def test_channels_gated_by_kept_channels_are_skipped_and_constants_are_folded_ex
         torch.testing.assert_close(ys, ym, rtol=0, atol=1e-6)
         if not skipped:   # constants through 1x1 convs: the pruned model computes what the dense one does
             torch.testing.assert_close(ys, dense, rtol=0, atol=1e-5)
+
+
+def test_the_constant_a_conv_gets_is_the_spatial_mean_of_its_output():
+    """A 1x1 stride-1 conv takes the mean of its input (the mean commutes with it); a strided
+    or padded 1x1, a k x k and a grouped conv are run on the input: the same numbers either way."""
+    from netslim.engine.compensate import _contribution
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(1, 8, 7, 7, generator=g)
+    channels = [1, 2, 5]
+    for conv in (nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1, stride=2), nn.Conv2d(8, 4, 1, padding=1),
+                 nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 3, padding="same"), nn.Conv2d(8, 4, 1, groups=2)):
+        z = torch.zeros_like(mean)
+        z[:, channels] = mean[:, channels]
+        with torch.no_grad():
+            expected = conv._conv_forward(z, conv.weight, None).mean(dim=(0, 2, 3))
+        torch.testing.assert_close(_contribution(conv, 1, mean, channels), expected, rtol=0, atol=1e-6)

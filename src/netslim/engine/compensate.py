@@ -182,7 +182,8 @@ def _contribution(m: nn.Module, in_block: int, mean: torch.Tensor, channels: Seq
 
     `mean`: m's input averaged over the noise probe's batch ([1, C, ...] or [1, C * in_block]).
     A conv's output is averaged over space (with zero padding the border differs: its mean is
-    the best constant); only the removed channels' slice of the weight is applied.
+    the best constant); only the removed channels' slice of the weight is applied, and a 1x1
+    stride-1 conv is applied to the spatial mean of its input (the same, without the conv).
     """
     index = torch.tensor(channels, dtype=torch.long, device=mean.device)
     weight = m.weight.detach().float()
@@ -191,6 +192,9 @@ def _contribution(m: nn.Module, in_block: int, mean: torch.Tensor, channels: Seq
             z = mean.reshape(1, -1, in_block)[:, index].flatten(1)
             w = weight.reshape(weight.shape[0], -1, in_block)[:, index].flatten(1)
             return F.linear(z, w)[0]
+        if m.groups == 1 and _pointwise(m):  # the spatial mean commutes with a 1x1, stride-1 conv
+            z = mean[0, index].reshape(len(channels), -1).mean(dim=1)
+            return weight[:, index].reshape(weight.shape[0], -1) @ z
         if m.groups == 1:
             out = m._conv_forward(mean[:, index], weight[:, index], None)
         else:  # a grouped conv keeps its full input: the other channels are zero
@@ -198,6 +202,12 @@ def _contribution(m: nn.Module, in_block: int, mean: torch.Tensor, channels: Seq
             z[:, index] = mean[:, index]
             out = m._conv_forward(z, weight, None)
     return out[0].reshape(out.shape[1], -1).mean(dim=1)
+
+
+def _pointwise(m: nn.Module) -> bool:
+    """A 1x1 conv with stride 1 and no padding: every input position maps to one output position."""
+    padding = m.padding if isinstance(m.padding, str) else ("valid" if not any(m.padding) else "")
+    return all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and padding in ("valid", "same")
 
 
 def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str]) -> dict[str, str]:
