@@ -95,17 +95,25 @@ def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, w
     model alone); `per_turn` 1 times each call right after the other model's (cold caches)."""
     clock = time.process_time if cpu_clock else time.perf_counter
     times: list[list[float]] = [[] for _ in fns]
+    # an onnxruntime runner on several threads (profile.forward_runner) runs only in its turn:
+    # its idle threads spin and would take the cores from the other model's turn
     for f in fns:
+        getattr(f, "release", lambda: None)()
+    for f in fns:
+        getattr(f, "prepare", lambda: None)()
         for _ in range(warmup):
             f()
+        getattr(f, "release", lambda: None)()
     for _ in range(rounds):
         for i, f in enumerate(fns):
+            getattr(f, "prepare", lambda: None)()
             if per_turn > 1:
                 f()
             for _ in range(per_turn):
                 t0 = clock()
                 f()
                 times[i].append(clock() - t0)
+            getattr(f, "release", lambda: None)()
     return [statistics.median(t) * 1e3 for t in times]
 
 

@@ -127,8 +127,40 @@ def test_latency_ratio_times_each_model_in_turns_of_several_calls():
     order = []
     ratio, dense_ms, slim_ms = latency_ratio(lambda: order.append("d"), lambda: order.append("s"),
                                              one_thread=True, target_seconds=0, warmup=1, per_turn=4)
-    assert "".join(order) == "ds" + ("d" * 5 + "s" * 5) * 5   # warmup, then 5 turns of 1 untimed + 4 timed
+    assert "".join(order) == ("d" * 5 + "s" * 5) * 6   # a warmup turn, then 5 of 1 untimed + 4 timed
     assert ratio > 0 and dense_ms >= 0 and slim_ms >= 0
+
+
+class _Runner:
+    """A runner that, like an onnxruntime session on several threads, holds threads between calls."""
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def prepare(self):
+        self.log.append(f"+{self.name}")
+
+    def release(self):
+        self.log.append(f"-{self.name}")
+
+    def __call__(self):
+        self.log.append(self.name)
+
+
+def test_runners_holding_threads_run_only_in_their_turn():
+    """An onnxruntime session on several threads spins its idle threads into whatever runs next
+    (two sessions timed in turns both ran at half speed): each is started and stopped around
+    its turn, in the search and in the runner profile gives."""
+    from netslim.latency_target import latency_ratio
+    log = []
+    latency_ratio(_Runner("d", log), _Runner("s", log), one_thread=False, target_seconds=0, warmup=1, per_turn=1)
+    turn = ["+d", "d", "-d", "+s", "s", "-s"]
+    assert log == ["-d", "-s"] + turn * 6        # both stopped first; then 1 warmup and 5 timed turns each
+    from netslim.profile import forward_runner
+    run = forward_runner(sparse_vgg(), (1, 32, 32), 1, runtime="onnxruntime", threads=2)
+    run.release()
+    run()                      # made again on the next call
+    run.release()
+    assert callable(forward_runner(sparse_vgg(), (1, 32, 32), 1, runtime="onnxruntime", threads=1))
 
 
 def test_a_lucky_measurement_is_not_what_the_latency_search_returns(monkeypatch):
@@ -158,7 +190,7 @@ def test_a_lucky_measurement_is_not_what_the_latency_search_returns(monkeypatch)
 def test_a_masked_model_is_timed_as_the_slim_model_it_stands_for():
     torch.set_num_threads(1)
     masked, report = prune_to_latency(sparse_vgg(), 0.6, mode="mask", target_seconds=0.1)
-    assert report["mode"] == "mask" and report["latency_target"]["ratio"] <= 0.6 * (1 - MARGIN)
+    assert report["mode"] == "mask" and report["latency_target"]["ratio"] <= 0.6   # the confirmed figure: within the target
     assert [p.shape for p in masked.parameters()] == [p.shape for p in sparse_vgg().parameters()]
 
 

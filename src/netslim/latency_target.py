@@ -72,16 +72,22 @@ def latency_ratio(dense_run: Callable[[], Any], slim_run: Callable[[], Any], *, 
     clock = time.process_time if one_thread else time.perf_counter
 
     def turn(run: Callable[[], Any], into: list[float]) -> None:
+        # a runner holding threads that would spin into the other's turn (profile.forward_runner,
+        # onnxruntime on several threads) is started and stopped around its turn
+        getattr(run, "prepare", lambda: None)()
         if per_turn > 1:
             run()
         for _ in range(per_turn):
             t0 = clock()
             run()
             into.append(clock() - t0)
+        getattr(run, "release", lambda: None)()
 
+    for run in (dense_run, slim_run):
+        getattr(run, "release", lambda: None)()
     for _ in range(warmup):
-        dense_run()
-        slim_run()
+        turn(dense_run, [])
+        turn(slim_run, [])
     dense: list[float] = []
     slim: list[float] = []
     turn(dense_run, dense)

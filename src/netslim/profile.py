@@ -402,16 +402,25 @@ def _onnxruntime_session(model: nn.Module, size: tuple[int, ...], threads: Optio
     """`model` exported in memory (export.onnx_bytes, as `netslim export` writes it: gathers
     folded, odd widths padded to onnxruntime's channel block) in an
     onnxruntime CPU session with `threads` intra-op threads (None: torch's current count)."""
-    from .export import onnx_bytes, onnxruntime_session
+    from .export import onnxruntime_session
+
+    return onnxruntime_session(_onnx_data(model, size), _ort_threads(threads))
+
+
+def _ort_threads(threads: Optional[int]) -> int:
+    return threads if threads is not None else torch.get_num_threads()
+
+
+def _onnx_data(model: nn.Module, size: tuple[int, ...]) -> bytes:
+    from .export import onnx_bytes
 
     net = _prepare(model, torch.device("cpu"), None, False)
     was_training = net.training
     net.eval()
     try:
-        data = onnx_bytes(net, _random_input((1, *size), torch.device("cpu"), torch.float32))
+        return onnx_bytes(net, _random_input((1, *size), torch.device("cpu"), torch.float32))
     finally:
         net.train(was_training)
-    return onnxruntime_session(data, threads if threads is not None else torch.get_num_threads())
 
 
 def forward_runner(model: nn.Module, input_size: Sequence[int], batch_size: int, *,
@@ -424,7 +433,10 @@ def forward_runner(model: nn.Module, input_size: Sequence[int], batch_size: int,
         raise ConfigError(f"runtime {runtime!r} is not known: use one of {', '.join(RUNTIMES)}")
     x = _random_input((batch_size, *size), torch.device("cpu"), torch.float32)
     if runtime == "onnxruntime":
-        session, feed = _onnxruntime_session(model, size, threads), {"input": x.numpy()}
+        feed = {"input": x.numpy()}
+        if _ort_threads(threads) > 1:
+            return _TurnTakingSession(_onnx_data(model, size), _ort_threads(threads), feed)
+        session = _onnxruntime_session(model, size, threads)
         return lambda: session.run(None, feed)
     net = copy.deepcopy(model).eval() if model.training else model
 
@@ -432,6 +444,38 @@ def forward_runner(model: nn.Module, input_size: Sequence[int], batch_size: int,
         with torch.inference_mode():
             net(x)
     return run
+
+
+class _TurnTakingSession:
+    """One forward in an onnxruntime session with several intra-op threads, for timing it in
+    turns with another model. Such a session's idle threads spin (onnxruntime's default, and
+    what makes it fast at batch 1), taking the cores from whatever runs next: two sessions
+    timed one call each in turn both ran at half speed (vgg-13 batch 1, 2 threads: 3.8 -> 7.6
+    ms), and 20 untimed calls did not stop it. So a caller ends each turn with release(),
+    which drops the session and its threads, and starts the next with prepare(), which makes
+    it again and runs it untimed until its threads are up."""
+
+    WARMUP = 3
+
+    def __init__(self, data: bytes, threads: int, feed: dict) -> None:
+        self._data, self._threads, self._feed = data, threads, feed
+        self._session: Any = None
+        self.prepare()   # fails here, where the runner is made, if the model does not run
+
+    def prepare(self) -> None:
+        from .export import onnxruntime_session
+
+        if self._session is None:
+            self._session = onnxruntime_session(self._data, self._threads)
+            for _ in range(self.WARMUP):
+                self._session.run(None, self._feed)
+
+    def release(self) -> None:
+        self._session = None
+
+    def __call__(self) -> None:
+        self.prepare()
+        self._session.run(None, self._feed)
 
 
 def _onnxruntime_latency(model: nn.Module, size: tuple[int, ...], batches: list[int], *, warmup: int,
