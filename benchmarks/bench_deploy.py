@@ -214,13 +214,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             for t in threads:
                 torch.set_num_threads(t)
                 for bs in batches:
-                    fns = []
-                    for rt in runtimes:
-                        fns += [runner(dense, rt, bs), runner(slim, rt, bs)]
                     per_turn = args.per_turn or (4 if bs <= 8 else 1)
-                    ms = interleaved_ms(fns, rounds, cpu_clock=t == 1, per_turn=per_turn)
-                    for i, rt in enumerate(runtimes):
-                        d, s = ms[2 * i], ms[2 * i + 1]
+                    for rt in runtimes:
+                        # dense and slim in turns, one runtime at a time: torch's OpenMP threads
+                        # spin after a forward too, into an onnxruntime turn that followed them
+                        # (2 threads, batch 1: slim resnet-164 0.50x dense in onnxruntime, 1.10x alone)
+                        d, s = interleaved_ms([runner(dense, rt, bs), runner(slim, rt, bs)], rounds,
+                                              cpu_clock=t == 1, per_turn=per_turn)
                         row = {"model": name, "percent": pct, "runtime": rt, "threads": t, "batch": bs,
                                "mac_ratio": mac_ratio, "dense_ms": d, "slim_ms": s, "speedup": d / s,
                                "ratio": d / s / mac_ratio}
