@@ -55,7 +55,7 @@ from netslim.fuse import optimize_for_inference  # noqa: E402
 from netslim.latency_target import TargetUnreachable  # noqa: E402
 from netslim.models import build_model  # noqa: E402
 from netslim.padding import resolve_block  # noqa: E402
-from netslim.profile import count, forward_runner  # noqa: E402
+from netslim.profile import count, forward_runner, release, timed_turn  # noqa: E402
 from netslim.engine.prune import prune  # noqa: E402
 
 # label -> (build_model arguments, percents): the issue's table
@@ -95,25 +95,14 @@ def interleaved_ms(fns: list[Callable[[], Any]], rounds: int, cpu_clock: bool, w
     model alone); `per_turn` 1 times each call right after the other model's (cold caches)."""
     clock = time.process_time if cpu_clock else time.perf_counter
     times: list[list[float]] = [[] for _ in fns]
-    # an onnxruntime runner on several threads (profile.forward_runner) runs only in its turn:
-    # its idle threads spin and would take the cores from the other model's turn
     for f in fns:
-        getattr(f, "release", lambda: None)()
+        release(f)   # a runner holding threads runs only in its turn (profile.timed_turn)
     for f in fns:
-        getattr(f, "prepare", lambda: None)()
         for _ in range(warmup):
-            f()
-        getattr(f, "release", lambda: None)()
+            timed_turn(f, clock)
     for _ in range(rounds):
         for i, f in enumerate(fns):
-            getattr(f, "prepare", lambda: None)()
-            if per_turn > 1:
-                f()
-            for _ in range(per_turn):
-                t0 = clock()
-                f()
-                times[i].append(clock() - t0)
-            getattr(f, "release", lambda: None)()
+            times[i] += timed_turn(f, clock, per_turn)
     return [statistics.median(t) * 1e3 for t in times]
 
 

@@ -69,33 +69,19 @@ def latency_ratio(dense_run: Callable[[], Any], slim_run: Callable[[], Any], *, 
     running forward after forward does (the slim vgg-13's 14 MiB fit this CPU's L3, the dense
     one's 36 MiB do not: one call per turn evicts them and cost the slim side ~5% at batch 1).
     """
+    from .profile import release, timed_turn
+
     clock = time.process_time if one_thread else time.perf_counter
-
-    def turn(run: Callable[[], Any], into: list[float]) -> None:
-        # a runner holding threads that would spin into the other's turn (profile.forward_runner,
-        # onnxruntime on several threads) is started and stopped around its turn
-        getattr(run, "prepare", lambda: None)()
-        if per_turn > 1:
-            run()
-        for _ in range(per_turn):
-            t0 = clock()
-            run()
-            into.append(clock() - t0)
-        getattr(run, "release", lambda: None)()
-
     for run in (dense_run, slim_run):
-        getattr(run, "release", lambda: None)()
+        release(run)
     for _ in range(warmup):
-        turn(dense_run, [])
-        turn(slim_run, [])
-    dense: list[float] = []
-    slim: list[float] = []
-    turn(dense_run, dense)
-    turn(slim_run, slim)
+        timed_turn(dense_run, clock, per_turn)
+        timed_turn(slim_run, clock, per_turn)
+    dense, slim = timed_turn(dense_run, clock, per_turn), timed_turn(slim_run, clock, per_turn)
     rounds = max(5, int(target_seconds / max((dense[0] + slim[0]) * (per_turn + (per_turn > 1)), 1e-6)))
     for _ in range(rounds - 1):
-        turn(dense_run, dense)
-        turn(slim_run, slim)
+        dense += timed_turn(dense_run, clock, per_turn)
+        slim += timed_turn(slim_run, clock, per_turn)
     d, s = statistics.median(dense), statistics.median(slim)
     return s / d, d * 1e3, s * 1e3
 

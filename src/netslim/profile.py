@@ -68,7 +68,8 @@ from .errors import ConfigError
 from .gc_pause import paused_gc
 from .meta_shapes import fast_meta_op
 
-__all__ = ["RUNTIMES", "count", "count_params", "forward_runner", "measure_latency", "peak_memory", "profile"]
+__all__ = ["RUNTIMES", "count", "count_params", "forward_runner", "measure_latency", "peak_memory", "profile",
+           "release", "timed_turn"]
 
 # Where latency is measured: PyTorch eager, or the exported ONNX graph in onnxruntime.
 RUNTIMES = ("torch", "onnxruntime")
@@ -444,6 +445,28 @@ def forward_runner(model: nn.Module, input_size: Sequence[int], batch_size: int,
         with torch.inference_mode():
             net(x)
     return run
+
+
+def timed_turn(run: Callable[[], Any], clock: Callable[[], float], per_turn: int = 1) -> list[float]:
+    """Seconds of `per_turn` calls of `run` in a row (after one untimed call when per_turn > 1,
+    so the timed ones find its weights in the caches), for timing two models in turns. A runner
+    holding threads that would spin into the other model's turn (forward_runner's onnxruntime
+    session on several threads) is started before its turn and stopped after."""
+    getattr(run, "prepare", lambda: None)()
+    if per_turn > 1:
+        run()
+    times = []
+    for _ in range(per_turn):
+        t0 = clock()
+        run()
+        times.append(clock() - t0)
+    getattr(run, "release", lambda: None)()
+    return times
+
+
+def release(run: Callable[[], Any]) -> None:
+    """Stop a runner's threads until its next turn (a no-op for runners without any)."""
+    getattr(run, "release", lambda: None)()
 
 
 class _TurnTakingSession:
