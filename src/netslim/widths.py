@@ -197,9 +197,9 @@ def choose_widths(model: nn.Module, analysis: Any, plan: dict[str, list[int]], d
     try:
         shapes = _conv_shapes(model, analysis, plan, example_input)
         # onnxruntime runs the export as it is deployed: odd widths padded (padding.py), which changes the timings
-        padded = f"|pad{resolve_block('auto')}" if runtime == "onnxruntime" else ""
-        prefix = f"{_machine()}|{runtime}{padded}|t{torch.get_num_threads()}|b{batch_size}"
         block = resolve_block("auto") if runtime == "onnxruntime" else None
+        padded = f"|pad{block}" if runtime == "onnxruntime" else ""
+        prefix = f"{_machine()}|{runtime}{padded}|t{torch.get_num_threads()}|b{batch_size}"
         for d in decisions:
             if d.kept >= d.total:
                 continue
