@@ -21,7 +21,7 @@ from .classes import Classes, classify_bns, resolve_gates, varying_inputs
 from . import rules
 from .channels import AttrUse, ModuleUse, compress
 from .slots import SlotWalk
-from .trace import trace, where
+from .trace import source_lines, trace, where
 
 
 @dataclass
@@ -122,7 +122,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
             continue
         units.append(Unit(root, members, layer))
     if blocked:
-        raise PruneError(_blocked_message(blocked, an.blockers, mods))
+        raise PruneError(_blocked_message(blocked, an.blockers, mods, source_lines(model, gm)))
     # A BN is reported unprunable only if none of its channels ended in a unit.
     in_units = {n for u in units for n, _ in u.bn_channels}
     unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
@@ -138,7 +138,8 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
                     untraceable, varying, gm)
 
 
-def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module]) -> str:
+def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module],
+                     sources: dict[str, str]) -> str:
     """One line naming every op that blocks pruning, where it is, which BNs reach it, and the
     ways out: exclude those BNs, or tell netslim what the module around the op does."""
     places = []
@@ -146,7 +147,9 @@ def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node]
     for k, (reason, bns) in enumerate(blocked.items(), 1):
         bns = list(dict.fromkeys(bns))
         every_bn.extend(b for b in bns if b not in every_bn)
-        places.append(f"[{k}] {reason}{where(blockers.get(reason))}, reached by BatchNorm {', '.join(bns)}")
+        node = blockers.get(reason)
+        places.append(f"[{k}] {reason}{where(node, sources.get(node.name) if node else None)}, "
+                      f"reached by BatchNorm {', '.join(bns)}")
     names = ", ".join(f"'{n}'" for n in every_bn)
     owners = list(dict.fromkeys(c for c in (_user_module_class(blockers.get(r), mods) for r in blocked) if c))
     return (f"cannot prune: BatchNorm channels reach {len(places)} op(s) whose channel handling netslim "

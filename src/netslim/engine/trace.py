@@ -42,10 +42,12 @@ class Tracer(fx.Tracer):
     """Treats every BatchNorm (ours included), every excluded module and every module type
     registered with netslim.register_module as a leaf (one call in the graph)."""
 
-    def __init__(self, opaque: set[str]):
+    def __init__(self, opaque: set[str], stack_traces: bool = False):
         super().__init__()
         self.opaque = opaque
-        self.record_stack_traces = True  # source lines for the errors (node.meta["stack_trace"])
+        # Source lines (node.meta["stack_trace"]) cost a Python traceback per node, a third of
+        # the trace; only error messages read them, and `source_lines` traces again for those.
+        self.record_stack_traces = stack_traces
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, _BatchNorm) or qualname in self.opaque or rules.is_registered_leaf(m)
@@ -130,6 +132,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
             opaque.add(name)
     gm = fx.GraphModule(model, graph)
     gm.netslim_untraceable = untraceable
+    gm.netslim_opaque = frozenset(opaque)  # what was traced as one call (source_lines traces the same)
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -182,15 +185,23 @@ def node_shape(node: Any):
 
 
 
-def where(node: fx.Node | None) -> str:
-    """' in module a.b at file.py:12 `code`' from what fx recorded about `node`, or ''."""
+def source_lines(model: nn.Module, gm: fx.GraphModule) -> dict[str, str]:
+    """{node name: the Python stack that made it} for `gm`, the trace of `model`: traced again,
+    recording them (the trace skips them for speed; an error message needs them)."""
+    graph = Tracer(set(gm.netslim_opaque), stack_traces=True).trace(model)
+    return {node.name: node.meta.get("stack_trace") or "" for node in graph.nodes}
+
+
+def where(node: fx.Node | None, stack_trace: str | None = None) -> str:
+    """' in module a.b at file.py:12 `code`' from what fx recorded about `node` (and its
+    `stack_trace`, see source_lines), or ''."""
     if node is None:
         return ""
     out = ""
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         out += f" in module {list(stack)[-1]}"
-    lines = (node.meta.get("stack_trace") or "").splitlines()
+    lines = (stack_trace or node.meta.get("stack_trace") or "").splitlines()
     for k in range(len(lines) - 1, -1, -1):  # the innermost frame outside torch
         line = lines[k].strip()
         if line.startswith("File ") and _TORCH_DIR not in line:
