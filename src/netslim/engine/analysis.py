@@ -7,6 +7,7 @@ the way out, never a wrong model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Sequence
 
 import torch
@@ -33,6 +34,27 @@ class Unit:
 
 
 @dataclass
+class UnitTable:
+    """The units as flat tensors, for the plan's steps to index instead of looping per channel.
+
+    Positions are *flat*: every BN of `Analysis.bn_names` in turn, one position per channel
+    (`bn_offset[b] + j` is channel j of BN b). Members are listed unit after unit, each in
+    its `bn_channels` order."""
+    bn_offset: torch.Tensor       # [len(bn_names) + 1]: where each BN's channels start (and the end)
+    member_flat: torch.Tensor     # flat position of each member channel
+    member_unit: torch.Tensor     # the unit (index into Analysis.units) of each member
+    unit_size: torch.Tensor       # members per unit
+    unit_root: list[int]          # each unit's class root
+    layers: list[tuple[str, ...]]         # every unit's `layer`, in order of first appearance
+    layer_units: list[torch.Tensor]       # the units of each layer, in unit order
+
+    @property
+    def channels(self) -> int:
+        """Flat positions in all: every channel of every BN in bn_names."""
+        return int(self.bn_offset[-1])
+
+
+@dataclass
 class Analysis:
     modules: dict[str, ModuleUse]
     units: list[Unit]
@@ -55,6 +77,24 @@ class Analysis:
     def find(self, s: int) -> int:
         """The root of slot s's class (the analysis is read-only: no union after it)."""
         return self.parent[s]
+
+    @cached_property
+    def table(self) -> UnitTable:
+        """The units as flat tensors (UnitTable), built once per analysis."""
+        sizes = [len(self.modules[n].out_slots) for n in self.bn_names]
+        offset = [0]
+        for size in sizes:
+            offset.append(offset[-1] + size)
+        start = dict(zip(self.bn_names, offset))
+        flat = [start[n] + j for u in self.units for n, j in u.bn_channels]
+        unit_size = torch.tensor([len(u.bn_channels) for u in self.units], dtype=torch.long)
+        by_layer: dict[tuple[str, ...], list[int]] = {}
+        for k, u in enumerate(self.units):
+            by_layer.setdefault(u.layer, []).append(k)
+        return UnitTable(torch.tensor(offset, dtype=torch.long), torch.tensor(flat, dtype=torch.long),
+                         torch.repeat_interleave(torch.arange(len(self.units)), unit_size), unit_size,
+                         [u.root for u in self.units], list(by_layer),
+                         [torch.tensor(k, dtype=torch.long) for k in by_layer.values()])
 
     def coupled_layers(self) -> list[tuple[str, ...]]:
         return sorted({u.layer for u in self.units if len(u.layer) > 1})

@@ -81,23 +81,28 @@ def unit_scores(model: nn.Module, analysis: Analysis, group_score: str = DEFAULT
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(score of every unit, the values the global threshold is taken over), see GROUP_SCORES."""
     mods = dict(model.named_modules())
-    offset, flat = {}, []
-    for n in analysis.bn_names:  # every BN's |gamma| in one vector, so scoring is one scatter
-        w = getattr(mods[n], "weight", None)
-        if w is not None:
-            offset[n] = sum(len(f) for f in flat)
-            flat.append(w.detach().abs().float().cpu())
-    _check_finite_factors(dict(zip(offset, flat)))
-    gamma = torch.cat(flat)
-    index = torch.tensor([offset[n] + j for u in analysis.units for n, j in u.bn_channels])
-    sizes = torch.tensor([len(u.bn_channels) for u in analysis.units])
-    members = gamma[index]                                   # each unit's factors, unit after unit
-    owner = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    # every BN's |gamma| in one vector, in the order of the flat positions (analysis.table)
+    gamma = {n: mods[n].weight.detach().abs().float().cpu() for n in analysis.bn_names}
+    _check_finite_factors(gamma)
+    table = analysis.table
+    members = torch.cat([*gamma.values(), torch.zeros(0)])[table.member_flat]   # each unit's factors, unit after unit
     how = {"mean": "mean", "max": "amax", "sum": "sum", "strict": "amax"}[group_score]
-    scores = torch.zeros(len(sizes)).scatter_reduce(0, owner, members, how, include_self=False)
+    scores = torch.zeros(len(table.unit_size)).scatter_reduce(0, table.member_unit, members, how,
+                                                              include_self=False)
     if group_score == "strict":
         return scores, members
-    return scores, torch.repeat_interleave(scores, sizes)
+    return scores, torch.repeat_interleave(scores, table.unit_size)
+
+
+def _flat_mask(analysis: Analysis, channels: dict[str, Sequence[int]]) -> torch.Tensor:
+    """A boolean per flat position (analysis.table), True at `channels` {bn: [j, ...]} of the
+    BNs in analysis.bn_names (others are ignored)."""
+    table = analysis.table
+    mask = torch.zeros(table.channels, dtype=torch.bool)
+    for k, n in enumerate(analysis.bn_names):
+        if channels.get(n) is not None and len(channels[n]):
+            mask[table.bn_offset[k] + torch.as_tensor(list(map(int, channels[n])), dtype=torch.long)] = True
+    return mask
 
 
 def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_channels: int = 1,
@@ -115,30 +120,24 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
     masked_out: {bn: [channel, ...]} already pruned by a mask; a unit whose channels all
     are goes whatever its factors say, and the guards (min_channels...) still hold after.
     """
-    mods = dict(model.named_modules())
-    units = analysis.units
-    if not units:
+    if not analysis.units:
         return {}, 0.0, []
-    unit_score, values = unit_scores(model, analysis, group_score)
+    table = analysis.table
+    scores, values = unit_scores(model, analysis, group_score)
     threshold = global_threshold(values, percent) if percent > 0 else -math.inf
-    score_of = {id(u): float(sc) for u, sc in zip(units, unit_score)}
-    gone = {n: set(map(int, k)) for n, k in (masked_out or {}).items()}
+    if masked_out:  # a unit whose channels a mask removed all scores below any threshold
+        gone = _flat_mask(analysis, masked_out)[table.member_flat]
+        all_gone = torch.zeros(len(table.unit_size), dtype=torch.long).index_add_(
+            0, table.member_unit, gone.long()) == table.unit_size
+        scores = scores.masked_fill(all_gone, -math.inf)
 
-    def score(u) -> float:
-        if gone and all(j in gone.get(n, ()) for n, j in u.bn_channels):
-            return -math.inf  # below any threshold; a guard may still bring it back
-        return score_of[id(u)]
-
-    by_layer: dict[tuple[str, ...], list] = {}
-    for u in units:
-        by_layer.setdefault(u.layer, []).append(u)
-    kept_units = []
+    kept_unit = torch.zeros(len(table.unit_size), dtype=torch.bool)
     decisions = []
-    for layer, lunits in by_layer.items():
-        scores = torch.tensor([score(u) for u in lunits])
-        order = torch.argsort(scores, descending=True, stable=True).tolist()  # best first
+    for layer, lunits in zip(table.layers, table.layer_units):
+        layer_scores = scores[lunits]
+        order = torch.argsort(layer_scores, descending=True, stable=True)  # best first
         n = len(lunits)
-        keep = int((scores > threshold).sum())
+        keep = int((layer_scores > threshold).sum())
         by_rule = keep
         guard = None
         if max_layer_percent is not None:
@@ -154,61 +153,63 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
         if widths and widths.get(layer, 0) > keep:
             keep, guard = min(n, widths[layer]), guard or "round_to auto"
         # Guards add back the best-scoring units; the rule keeps exactly those above threshold.
-        chosen = order[:keep]
-        kept_units.extend(lunits[i] for i in chosen)
+        chosen = lunits[order[:keep]]
+        kept_unit[chosen] = True
         name = layer[0] if len(layer) == 1 else "+".join(layer)
         decisions.append(LayerDecision(name, layer, n, keep, by_rule, guard,
-                                       channels=sum(len(u.bn_channels) for u in lunits),
-                                       channels_kept=sum(len(lunits[i].bn_channels) for i in chosen)))
+                                       channels=int(table.unit_size[lunits].sum()),
+                                       channels_kept=int(table.unit_size[chosen].sum())))
 
-    plan: dict[str, set[int]] = {}
-    touched = {n for u in units for n, _ in u.bn_channels}
-    for n in touched:
-        plan[n] = set()
-    for u in kept_units:
-        for n, j in u.bn_channels:
-            plan[n].add(j)
-    full = {n: mods[n].num_features for n in touched}
-    out = {n: sorted(k) for n, k in plan.items()}
-    # Channels of a BN outside every unit (unprunable ones) stay.
-    in_unit = {}
-    for u in units:
-        for n, j in u.bn_channels:
-            in_unit.setdefault(n, set()).add(j)
-    for n in out:
-        extra = set(range(full[n])) - in_unit[n]
-        if extra:
-            out[n] = sorted(set(out[n]) | extra)
-    return {n: k for n, k in out.items() if len(k) < full[n]}, threshold, decisions
+    # A BN channel goes when its unit goes; channels outside every unit (unprunable) stay.
+    removed = torch.zeros(table.channels, dtype=torch.bool)
+    removed[table.member_flat[~kept_unit[table.member_unit]]] = True
+    plan = {}
+    for k, n in enumerate(analysis.bn_names):
+        lo, hi = int(table.bn_offset[k]), int(table.bn_offset[k + 1])
+        if removed[lo:hi].any():
+            plan[n] = torch.nonzero(~removed[lo:hi]).flatten().tolist()
+    return plan, threshold, decisions
 
 
 
 def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict) -> set[int]:
-    kept = {n: set(int(i) for i in k) for n, k in plan.items()}
+    kept = {n: sorted(set(int(i) for i in k)) for n, k in plan.items()}
     for n, k in kept.items():
         if n not in mods or not isinstance(mods[n], _BatchNorm):
             raise PruneError(f"the plan names {n!r}, which is not a BatchNorm of this model")
-        if k and (max(k) >= mods[n].num_features or min(k) < 0):
-            raise PruneError(f"the plan keeps channel {max(k)} of {n}, which has {mods[n].num_features}")
-    in_unit: dict[str, set[int]] = {}
-    removed = set()
-    for u in analysis.units:
-        states = {j in kept[n] if n in kept else True for n, j in u.bn_channels}
-        for n, j in u.bn_channels:
-            in_unit.setdefault(n, set()).add(j)
-        if states == {False}:
-            removed.add(u.root)
-        elif len(states) > 1:
-            raise PruneError(f"the plan keeps some but not all of the coupled channels {u.bn_channels[:4]}...; "
-                             "coupled channels must be pruned together")
+        if k and (k[-1] >= mods[n].num_features or k[0] < 0):
+            raise PruneError(f"the plan keeps channel {k[-1]} of {n}, which has {mods[n].num_features}")
+    table = analysis.table
+    # per flat position: kept? (a BN the plan does not name keeps every channel)
+    named = torch.zeros(table.channels, dtype=torch.bool)
+    for k, n in enumerate(analysis.bn_names):
+        if n in kept:
+            named[table.bn_offset[k]:table.bn_offset[k + 1]] = True
+    kept_flat = ~named | _flat_mask(analysis, kept)
+    member_kept = kept_flat[table.member_flat]
+    n_kept = torch.zeros(len(table.unit_size), dtype=torch.long).index_add_(0, table.member_unit, member_kept.long())
+    mixed = torch.nonzero((n_kept > 0) & (n_kept < table.unit_size)).flatten()
+    if len(mixed):
+        u = analysis.units[int(mixed[0])]
+        raise PruneError(f"the plan keeps some but not all of the coupled channels {u.bn_channels[:4]}...; "
+                         "coupled channels must be pruned together")
+    removed = {table.unit_root[k] for k in torch.nonzero(n_kept == 0).flatten().tolist()}
     for follower, leader in analysis.follows:  # gates go with the channels they multiply
         if analysis.find(leader) in removed:
             removed.add(analysis.find(follower))
+    in_unit = torch.zeros(table.channels, dtype=torch.bool)
+    in_unit[table.member_flat] = True
+    position = {n: i for i, n in enumerate(analysis.bn_names)}
     for n, k in kept.items():
-        gone = set(range(mods[n].num_features)) - k - in_unit.get(n, set())
-        if gone:
+        if n in position:
+            lo, hi = int(table.bn_offset[position[n]]), int(table.bn_offset[position[n] + 1])
+            gone = torch.nonzero(~kept_flat[lo:hi] & ~in_unit[lo:hi]).flatten()
+            first = int(gone[0]) if len(gone) else None
+        else:  # a BN outside the analysis (inside an untraced module): none of its channels may go
+            first = min(set(range(mods[n].num_features)) - set(k), default=None)
+        if first is not None:
             why = analysis.unprunable.get(n, "its channels are tied to something that cannot shrink")
-            raise PruneError(f"the plan removes channel {min(gone)} of {n}, which cannot be pruned ({why})")
+            raise PruneError(f"the plan removes channel {first} of {n}, which cannot be pruned ({why})")
     return removed
 
 
