@@ -286,3 +286,19 @@ def test_the_constant_a_conv_gets_is_the_spatial_mean_of_its_output():
             out = conv._conv_forward(z, conv.weight, None)
         subset = _contribution(conv, 1, recorded, channels, [1, 5])
         torch.testing.assert_close(subset, out.transpose(0, 1).reshape(out.shape[1], -1).mean(1), rtol=0, atol=1e-5)
+
+
+def test_pruning_leaves_the_model_untouched_and_shares_no_tensor_with_it():
+    """The compensated copy shares the conv and linear weights with the model until slicing;
+    whatever slicing leaves whole (c3, fc) is copied before the slim model is returned."""
+    model = _zero_half_the_factors(OneByOne())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mode in ("slim", "mask"):
+        pruned, _ = prune(model, 0.4, mode=mode, example_input=torch.zeros(1, 3, 8, 8))
+        with torch.no_grad():
+            for t in (*pruned.parameters(), *pruned.buffers()):
+                t.add_(1) if t.is_floating_point() else None   # training the pruned model...
+        for key, value in model.state_dict().items():            # ... leaves the user's model alone
+            assert torch.equal(value, before[key]), (mode, key)
+        storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        assert not any(t.untyped_storage().data_ptr() in storages for t in (*pruned.parameters(), *pruned.buffers()))

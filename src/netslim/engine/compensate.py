@@ -93,7 +93,8 @@ def removed_bn_channels(analysis: Analysis, removed_roots: set[int]) -> dict[str
 
 
 def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
-               example_input: torch.Tensor, skip: Collection[str] = ()) -> tuple[nn.Module, Compensation]:
+               example_input: torch.Tensor, skip: Collection[str] = (), *,
+               share_weights: bool = False) -> tuple[nn.Module, Compensation]:
     """A copy of `model` whose removed channels are zeroed and whose consumers carry their constant.
 
     `removed_roots`: the slot classes the plan removes (plan.removed_roots). The copy
@@ -101,8 +102,11 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     masked model. `skip`: the modules of residual branches removed whole (blocks.py): they
     get nothing, and their BNs are silenced (gamma = beta = 0) before the probes, so each
     branch outputs exactly 0 there, as it does in the masked model.
+    share_weights: the copy's conv and linear weights are `model`'s own tensors (nothing
+    here writes them; copying them was a tenth of a prune call), for a caller that slices
+    the copy and then owns what is still shared (slim.own_tensors).
     """
-    new = copy.deepcopy(model)
+    new = copy.deepcopy(model, _weights_memo(model) if share_weights else None)
     mods = dict(new.named_modules())
     with torch.no_grad():
         for name in skip:
@@ -133,6 +137,12 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
             bn.weight.index_fill_(0, idx, 0.0)
             bn.bias.index_fill_(0, idx, 0.0)
     return new, report
+
+
+def _weights_memo(model: nn.Module) -> dict[int, nn.Parameter]:
+    """A deepcopy memo that maps every conv and linear weight to itself: the copy shares them."""
+    return {id(m.weight): m.weight for m in model.modules()
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, nn.Parameter)}
 
 
 def _consumers(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[int]]:

@@ -24,7 +24,7 @@ from .compensate import compensate as compensate_removed
 from .mask import apply_mask, strip_masks
 from .plan import (DEFAULT_GROUP_SCORE, check_options, compose_plans, explain_shortfall, make_plan,
                    masked_out, removed_roots, unit_scores)
-from .slim import apply_plan, slice_in_place
+from .slim import apply_plan, own_tensors, slice_in_place
 from .trace import example_input as make_example
 
 log = logging.getLogger(__name__)
@@ -116,17 +116,17 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         plan, removed_blocks = removal(plan, threshold, decisions)
     input_size = list(example_input.shape[1:])
     source, compensation = model, None
+    removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks),
+                            dict(model.named_modules()))
     if compensate:
-        removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks),
-                                dict(model.named_modules()))
         source, compensation = compensate_removed(
             model, analysis, removed, example_input,
-            skip={m for b in removed_blocks for m in b.modules})
+            skip={m for b in removed_blocks for m in b.modules}, share_weights=mode == "slim")
         if compensation.added_biases:
             meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
     if mode == "slim":  # the compensated copy is ours to slice; the user's model is copied first
-        pruned = slice_in_place(source, plan, analysis, branches=removed_blocks) if source is not model else \
-            apply_plan(source, plan, example_input, analysis=analysis, branches=removed_blocks)
+        pruned = own_tensors(slice_in_place(copy.deepcopy(model) if source is model else source, plan, analysis,
+                                            branches=removed_blocks, removed=removed), model)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = _count(pruned, example_input)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,8 +25,14 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t.detach().clone(), requires_grad=True)
+def _sliced(t: torch.Tensor, *index: Sequence[int] | None) -> nn.Parameter:
+    """A new parameter of t's entries at index[d] along each dim d (None or every position:
+    all of them): one copy, however many dims are sliced."""
+    out = t.detach()
+    for dim, positions in enumerate(index):
+        if positions is not None and len(positions) < out.shape[dim]:  # keep() lists ascending positions
+            out = out.index_select(dim, torch.tensor(positions, dtype=torch.long, device=out.device))
+    return nn.Parameter(out if out.data_ptr() != t.data_ptr() else out.clone(), requires_grad=True)
 
 
 def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: torch.Tensor | None = None,
@@ -50,9 +57,11 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
 
 
 def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: Analysis, *,
-                   exclude: Sequence[str] = (), branches: Sequence[blocks.Branch] | None = None) -> nn.Module:
+                   exclude: Sequence[str] = (), branches: Sequence[blocks.Branch] | None = None,
+                   removed: set[int] | None = None) -> nn.Module:
     """apply_plan on `model` itself, no copy: for a private copy the caller owns (`analysis`
-    is of the model it was copied from, or of itself)."""
+    is of the model it was copied from, or of itself). `removed`: the caller's
+    removed_roots of the plan with `branches` removed (computed here if not given)."""
     new = model
     meta = dict(getattr(new, "netslim_meta", {}) or {})
     strip_masks(new)
@@ -62,10 +71,13 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
     removed_branches = [b for b in branches if set(b.bns) <= blocks.emptied_bns(plan)] if branches is not None \
         else blocks.branches_for_plan(new, plan, analysis, untouchable)
     plan = blocks.plan_for_slicing(plan, analysis, removed_branches)
-    removed = removed_roots(analysis, plan, mods)
+    if removed is None or branches is None or len(removed_branches) < len(branches):
+        removed = removed_roots(analysis, plan, mods)
+    # One lookup table for every slot instead of a class lookup per channel per module.
+    kept_slot = ~np.isin(np.asarray(analysis.parent, dtype=np.intp), np.fromiter(removed, np.intp, len(removed)))
 
     def keep(slots: Sequence[int]) -> list[int]:
-        return [j for j, s in enumerate(slots) if analysis.find(s) not in removed]
+        return np.flatnonzero(kept_slot[np.asarray(slots, dtype=np.intp)]).tolist()
 
     with torch.no_grad():
         for name, use in analysis.modules.items():
@@ -79,6 +91,24 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
     return new
 
 
+def own_tensors(model: nn.Module, original: nn.Module) -> nn.Module:
+    """Give `model` its own copy of every parameter and buffer it still shares with
+    `original` (a copy made sharing weights, then sliced: the sliced ones are new already);
+    tied parameters stay tied."""
+    foreign = {id(t) for t in (*original.parameters(), *original.buffers())}
+    copies: dict[int, torch.Tensor] = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for key, t in store.items():
+                if t is not None and id(t) in foreign:
+                    if id(t) not in copies:
+                        data = t.detach().clone()
+                        copies[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad) \
+                            if isinstance(t, nn.Parameter) else data
+                    store[key] = copies[id(t)]
+    return model
+
+
 # One slicer per ModuleUse kind (channels.USE_KINDS): (model, name, module, use, keep, analysis),
 # where keep(slots) lists the positions of the kept channels among `slots`.
 
@@ -86,9 +116,9 @@ def _slice_conv(model, name, m, use, keep, analysis) -> None:
     ki, ko = keep(use.in_slots), keep(use.out_slots)
     if len(ki) == m.in_channels and len(ko) == m.out_channels:
         return
-    m.weight = _param(m.weight[ko][:, ki])
+    m.weight = _sliced(m.weight, ko, ki)
     if m.bias is not None:
-        m.bias = _param(m.bias[ko])
+        m.bias = _sliced(m.bias, ko)
     m.in_channels, m.out_channels = len(ki), len(ko)
 
 
@@ -100,9 +130,9 @@ def _slice_grouped_conv(model, name, m, use, keep, analysis) -> None:
     # positions: slice the weight's per-group input dim by group 0's.
     per_in = m.in_channels // m.groups
     kj = [j for j in ki if j < per_in]
-    m.weight = _param(m.weight[ko][:, kj])
+    m.weight = _sliced(m.weight, ko, kj)
     if m.bias is not None:
-        m.bias = _param(m.bias[ko])
+        m.bias = _sliced(m.bias, ko)
     m.in_channels, m.out_channels = len(ki), len(ko)
 
 
@@ -110,9 +140,9 @@ def _slice_depthwise_conv(model, name, m, use, keep, analysis) -> None:
     k = keep(use.in_slots)
     if len(k) == m.in_channels:
         return
-    m.weight = _param(m.weight[k])
+    m.weight = _sliced(m.weight, k)
     if m.bias is not None:
-        m.bias = _param(m.bias[k])
+        m.bias = _sliced(m.bias, k)
     m.in_channels = m.out_channels = m.groups = len(k)
 
 
@@ -122,9 +152,9 @@ def _slice_linear(model, name, m, use, keep, analysis) -> None:
         return
     b = use.in_block
     cols = [j * b + t for j in ki for t in range(b)]
-    m.weight = _param(m.weight[ko][:, cols])
+    m.weight = _sliced(m.weight, ko, cols)
     if m.bias is not None:
-        m.bias = _param(m.bias[ko])
+        m.bias = _sliced(m.bias, ko)
     m.in_features, m.out_features = len(cols), len(ko)
 
 
@@ -173,7 +203,7 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
     for key in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(m, key, None)
         if t is not None:
-            sliced[key] = t.detach()[ko].clone()
+            sliced[key] = _sliced(t, ko).data
     if use.kind == "bn" and not identity:
         if is_indexed_bn(m):
             cls = type(m)
@@ -197,8 +227,8 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
         target = m
     target.num_features = len(ko)
     if sliced.get("weight") is not None:
-        target.weight = _param(sliced["weight"])
-        target.bias = _param(sliced["bias"])
+        target.weight = nn.Parameter(sliced["weight"], requires_grad=True)
+        target.bias = nn.Parameter(sliced["bias"], requires_grad=True)
     if sliced.get("running_mean") is not None:
         target.running_mean = sliced["running_mean"]
         target.running_var = sliced["running_var"]
