@@ -256,29 +256,33 @@ class _StratifiedNormal:
         return ring.as_strided((batch, channels, *spatial), (positions, step, *inner))
 
 
-def _contribution(m: nn.Module, in_block: int, mean: torch.Tensor, channels: Sequence[int],
+def _contribution(m: nn.Module, in_block: int, summary: torch.Tensor, channels: Sequence[int],
                   constant: Sequence[int]) -> torch.Tensor:
     """The per-output-channel constant the removed input `constant` channels add to m's output.
 
-    `mean`: what _consumer_inputs recorded of m's removed input `channels` (the probe's
-    average), of which `constant` are folded. A conv's output is averaged over space (with
+    `summary`: what _consumer_inputs recorded of m's removed input `channels` (_summary),
+    of which `constant` are folded. A conv's output is averaged over space (with
     zero padding the border differs: its mean is the best constant); only the removed
     channels' slice of the weight is applied.
     """
     position = {c: r for r, c in enumerate(channels)}
-    rows = torch.tensor([position[c] for c in constant], dtype=torch.long, device=mean.device)
-    index = torch.tensor(constant, dtype=torch.long, device=mean.device)
+    rows = torch.tensor([position[c] for c in constant], dtype=torch.long, device=summary.device)
+    index = torch.tensor(constant, dtype=torch.long, device=summary.device)
     weight = m.weight.detach().float()
     with torch.no_grad():
+        # The weight times a zero-filled input: reads the weight once instead of copying its columns.
         if isinstance(m, nn.Linear):
-            z = mean.reshape(-1, in_block)[rows].flatten()
-            w = weight.reshape(weight.shape[0], -1, in_block)[:, index].flatten(1)
-            return w @ z
+            z = summary.new_zeros(weight.shape[1])
+            z[_input_positions(m, constant, in_block).to(z.device)] = \
+                summary.reshape(-1, in_block)[rows].flatten()
+            return weight @ z
         if m.groups == 1 and _pointwise(m):  # the spatial mean commutes with a 1x1, stride-1 conv
-            return weight[:, index].reshape(weight.shape[0], -1) @ mean[rows]
-        reads = _mean_reads(m, mean[rows])
+            z = summary.new_zeros(m.in_channels)
+            z[index] = summary[rows]
+            return weight.reshape(weight.shape[0], -1) @ z
+        reads = _mean_reads(m, summary[rows])
         if reads is None:  # padding other than zeros: run the conv itself on the maps
-            return _conv_output_mean(m, mean[rows], index)
+            return _conv_output_mean(m, summary[rows], index)
         full = reads.new_zeros((m.in_channels, *reads.shape[1:]))
         full[index] = reads  # the other input channels read 0; each group's outputs read their own
         w = weight.reshape(m.groups, weight.shape[0] // m.groups, -1)  # [group, its outputs, its inputs x kernel]
