@@ -147,7 +147,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
             why = "excluded" if any(n in exclude for n, _ in members) else "not a candidate"
         elif soft:
             why = soft[0]
-        elif cs.free.get(root, 0):
+        elif cs.free[root]:
             why = "its channels are also produced outside BatchNorm (a shared stream)"
         elif fatal and not strict:
             why = fatal[0]

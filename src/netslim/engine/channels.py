@@ -52,6 +52,18 @@ class Grid:
 
 
 @dataclass
+class Origins:
+    """Where the values of some slots come from, recorded once per op (not per slot):
+    entry k of `slots` is channel `channel` of op `name` (channel k when `channel` is None).
+    kind: "bn" (a BN's scaling factors), "free" (anything else: a conv's outputs, the model
+    input...), or "derived" (a sigmoid-like function of other channels, see slots.nonzero)."""
+    kind: str
+    name: str
+    slots: list[int]
+    channel: int | None = None
+
+
+@dataclass
 class ModuleUse:
     """How one parametrised module touches slots; what the surgery needs to slice it."""
     name: str

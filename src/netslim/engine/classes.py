@@ -16,86 +16,106 @@ then computes exactly what the masked model computes).
 """
 from __future__ import annotations
 
-from .channels import compress
+from itertools import chain
+
+import torch
+
+from .channels import Origins, compress
 from .slots import SlotWalk
 
 
 class Classes:
-    """Per-class aggregates (origins, readers, pins) kept up to date through BN merges."""
+    """Per-class aggregates, kept up to date through BN merges: counts of the values entering
+    a class (from BN channels, from elsewhere, from elsewhere that a gate could not follow)
+    and of its readers, and its pins. Lists indexed by a class's root slot."""
 
     def __init__(self, a: SlotWalk):
         self.a = a
-        self.origin: dict[int, list[tuple]] = {}
-        self.readers_: dict[int, list[tuple]] = {}
-        self.pins: dict[int, list[tuple[bool, str]]] = {}
-        self.free: dict[int, int] = {}        # root -> count of free (non-BN, unabsorbed) origins
-        # Only slots with entries. Pins in slot order, so a class's first pin (its reported
-        # reason) is the same as when every slot was visited; the order of origins and readers
-        # means nothing (they are counted and searched). A class without entries has none here.
+        # Pins in slot order, so a class's first pin (its reported reason) is the same as when
+        # every slot was visited. A class without pins has no entry.
         compress(a.parent)  # every slot now points at its root: a.parent[s] is find(s)
-        root = a.parent
-        for per_slot, per_class in ((a.origin, self.origin), (a.readers, self.readers_)):
-            for s, entries in per_slot.items():
-                per_class.setdefault(root[s], []).extend(entries)
+        root = torch.tensor(a.parent, dtype=torch.long)
+        self.pins: dict[int, list[tuple[bool, str]]] = {}
         for s in sorted(a.pins):
-            self.pins.setdefault(root[s], []).extend(a.pins[s])
-        for r, origins in self.origin.items():
-            self.free[r] = sum(1 for o in origins if o[0] != "bn")
+            self.pins.setdefault(a.parent[s], []).extend(a.pins[s])
 
-    def readers(self, r: int) -> list[tuple]:
-        return self.readers_.get(r, [])
+        def count(slot_lists: list[list[int]]) -> list[int]:
+            """Per root: how many entries of `slot_lists` fall into its class."""
+            slots = torch.tensor(list(chain.from_iterable(slot_lists)), dtype=torch.long)
+            return torch.bincount(root[slots], minlength=len(root)).tolist()
+
+        self.readers_ = count(a.reads)                    # channels conv / linear / BN read
+        self.bn = count([o.slots for o in a.origins if o.kind == "bn"])
+        # values from outside BatchNorm not yet absorbed (a conv output goes with the BN it feeds)
+        self.free = count([o.slots for o in a.origins if o.kind != "bn"])
+        # ... of which a gate's class could not follow the channels it multiplies (resolve_gates)
+        self.unsliceable = count([unsliceable_slots(a, o) for o in a.origins if o.kind == "free"])
+
+    def readers(self, r: int) -> int:
+        """How many channel reads of conv / linear / BN modules reach class r."""
+        return self.readers_[r]
 
     def pinned(self, r: int) -> bool:
         return bool(self.pins.get(r))
 
     def has_bn_origin(self, r: int) -> bool:
-        return any(o[0] == "bn" for o in self.origin.get(r, []))
+        return self.bn[r] > 0
 
     def removable(self, r: int) -> bool:
-        return not self.pinned(r) and self.free.get(r, 0) == 0
+        return not self.pinned(r) and self.free[r] == 0
 
     def pin(self, r: int | None, reason: str) -> None:
         if r is not None:
             self.pins.setdefault(r, []).append((False, reason))
 
-    def absorb(self, r: int) -> None:
-        self.free[r] = 0
-
-    def drop_reader(self, r: int, reader: tuple) -> None:
-        lst = self.readers_.get(r, [])
-        if reader in lst:
-            lst.remove(reader)
+    def drop_reader(self, r: int) -> None:
+        """One read of class r (a tied BN's channel) is no longer a reader of it."""
+        self.readers_[r] -= 1
 
     def own(self, name: str, in_slots: list[int], out_slots: list[int]) -> None:
         """BN `name` is the sole reader of its input classes (classify_bns): each input class
         joins its output channel's, and what produced it (a conv's outputs) is absorbed: it goes
-        with the BN channel. The same as, per channel j: absorb, drop_reader(("bn", name, j)),
-        merge, with each input class's readers (all of them this BN's) dropped at once."""
+        with the BN channel. The same as, per channel j: absorb, drop_reader, merge, with each
+        input class's reads (all of them this BN's) dropped at once."""
         find, parent = self.a.find, self.a.parent
-        origin, readers, pins, free = self.origin, self.readers_, self.pins, self.free
+        readers, bn, free, unsliceable, pins = self.readers_, self.bn, self.free, self.unsliceable, self.pins
         for s in in_slots:
-            readers.pop(find(s), None)
+            readers[find(s)] = 0
         for s_in, s_out in zip(in_slots, out_slots):
             r, other = find(s_in), find(s_out)
             free[r] = 0
             if r == other:
                 continue
             parent[other] = r
-            for per_class in (origin, readers, pins):
-                moved = per_class.pop(other, None)
-                if moved:
-                    per_class.setdefault(r, []).extend(moved)
-            free[r] = free.pop(other, 0)
+            readers[r] += readers[other]
+            bn[r] += bn[other]
+            unsliceable[r] += unsliceable[other]
+            free[r] = free[other]
+            moved = pins.pop(other, None)
+            if moved:
+                pins.setdefault(r, []).extend(moved)
 
     def merge(self, s_a: int, s_b: int) -> None:
         r, other = self.a.find(s_a), self.a.find(s_b)
         if r == other:
             return
         self.a.parent[other] = r  # what a.union(r, other) does with two roots
-        self.origin.setdefault(r, []).extend(self.origin.pop(other, []))
-        self.readers_.setdefault(r, []).extend(self.readers_.pop(other, []))
-        self.pins.setdefault(r, []).extend(self.pins.pop(other, []))
-        self.free[r] = self.free.get(r, 0) + self.free.pop(other, 0)
+        for per_class in (self.readers_, self.bn, self.free, self.unsliceable):
+            per_class[r] += per_class[other]
+        moved = self.pins.pop(other, None)
+        if moved:
+            self.pins.setdefault(r, []).extend(moved)
+
+
+def unsliceable_slots(walk: SlotWalk, o: Origins) -> list[int]:
+    """The slots of `o` (kind "free") a gate's class could not follow: only a conv / linear
+    output channel is sliced with the channels its gate multiplies (resolve_gates)."""
+    use = walk.uses.get(o.name)
+    if use is None or use.kind not in ("conv", "gconv", "linear"):
+        return o.slots
+    if o.channel is None:  # entry k is channel k
+        return o.slots[len(use.out_slots):]
+    return [] if o.channel < len(use.out_slots) else o.slots
 
 
 def resolve_gates(walk: SlotWalk, cs: Classes) -> list[tuple[int, int]]:
@@ -109,9 +129,9 @@ def resolve_gates(walk: SlotWalk, cs: Classes) -> list[tuple[int, int]]:
     """
     gated = {walk.find(g) for gs, _, _ in walk.gates for g in gs}
 
-    def dont_care(r: int) -> bool:
+    def dont_care(r: int) -> bool:  # no BN channel in it, and every value from a conv / linear
         return (r in gated and not cs.readers(r) and not cs.pinned(r)
-                and all(sliceable_origin(walk, o) for o in cs.origin.get(r, [])))
+                and not cs.has_bn_origin(r) and not cs.unsliceable[r])
 
     leader: dict[int, int] = {}
 
@@ -190,15 +210,6 @@ def varying_inputs(walk: SlotWalk) -> dict[str, frozenset[int]]:
     return out
 
 
-def sliceable_origin(walk: SlotWalk, o: tuple) -> bool:
-    kind, name, j = o
-    if kind == "derived":
-        return True
-    use = walk.uses.get(name)
-    return kind == "free" and use is not None and use.kind in ("conv", "gconv", "linear") \
-        and j < len(use.out_slots)
-
-
 def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
     """Decide owned / tied / gather for every BN; returns the final per-class aggregates."""
     for name in walk.bn_order:
@@ -219,7 +230,7 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
         for j, (s_in, s_out) in enumerate(zip(use.in_slots, use.out_slots)):
             root = walk.find(s_in)
             if classes.removable(root) and classes.has_bn_origin(root):
-                classes.drop_reader(root, ("bn", name, j))
+                classes.drop_reader(root)
                 classes.merge(root, s_out)
                 modes.add("tied")
             else:
@@ -231,17 +242,10 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
 def _sole_reader(classes: Classes, name: str, in_roots: list[int]) -> bool:
     """Owned: BN `name` alone reads its input classes, none pinned. A class may cover several
     of its channels (a grouped conv ties position j of every group): then all of them read it.
-    (Each class's readers are exactly ("bn", name, j) for the channels j in it, each once.)"""
+    (Each channel j of the BN is one read of class in_roots[j]: a class read exactly as many
+    times as it holds channels of the BN has no other reader.)"""
     channels: dict[int, int] = {}
     for root in in_roots:
         channels[root] = channels.get(root, 0) + 1
-    for root, count in channels.items():
-        readers = classes.readers_.get(root)
-        if not readers or len(readers) != count or classes.pins.get(root):
-            return False
-        seen = set()
-        for kind, who, j in readers:
-            if kind != "bn" or who != name or j in seen or in_roots[j] != root:
-                return False
-            seen.add(j)
-    return True
+    readers, pins = classes.readers_, classes.pins
+    return all(readers[root] == count and not pins.get(root) for root, count in channels.items())

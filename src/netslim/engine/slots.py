@@ -28,7 +28,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import is_indexed_bn
 from . import rules
-from .channels import AttrRef, AttrUse, ChannelInfo, Grid, ModuleUse, find_root
+from .channels import AttrRef, AttrUse, ChannelInfo, Grid, ModuleUse, Origins, find_root
 from .layout import LayoutSteps
 from .rules import Rule
 from .trace import node_shape as _shape
@@ -59,8 +59,12 @@ class SlotWalk(LayoutSteps):
         self.blockers: dict[str, fx.Node] = {}  # fatal pin reason -> the node that raised it
         self.mods = dict(model.named_modules())
         self.parent: list[int] = []
-        self.origin: dict[int, list[tuple]] = {}   # slot -> [(kind, name, j)], kind: bn | free
-        self.readers: dict[int, list[tuple]] = {}  # slot -> [(kind, name, j)]
+        # Per op, not per slot (a ResNet-50 has ~100k slots): where slot values come from, which
+        # slots a conv / linear / BN reads (one entry per channel it reads), and per slot whether
+        # it holds BN channels (for products).
+        self.origins: list[Origins] = []
+        self.reads: list[list[int]] = []
+        self.is_bn = bytearray()
         self.pins: dict[int, list[tuple[bool, str]]] = {}  # slot -> [(fatal, reason)]
         self.chans: dict[fx.Node, Any] = {}
         self.uses: dict[str, ModuleUse] = {}
@@ -84,6 +88,7 @@ class SlotWalk(LayoutSteps):
     def new(self, n: int) -> list[int]:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
+        self.is_bn.extend(bytes(n))
         return list(range(start, start + n))
 
     def find(self, s: int) -> int:
@@ -106,8 +111,7 @@ class SlotWalk(LayoutSteps):
             slots = self.new(int(shape[1]))
             if reason:
                 self.pin(slots, reason, fatal)
-            for s in slots:  # values from outside any BatchNorm
-                self.origin.setdefault(s, []).append(("free", str(node.name), 0))
+            self.origins.append(Origins("free", str(node.name), slots, channel=0))  # from outside any BN
             return ChannelInfo(slots)
         meta = node.meta.get("tensor_meta")
         if isinstance(meta, (tuple, list)) and not hasattr(meta, "shape"):  # several outputs
@@ -232,9 +236,8 @@ class SlotWalk(LayoutSteps):
             return self.reads_and_creates(name, "conv", x, m.out_channels)
         if m.groups == m.in_channels == m.out_channels:
             # Depthwise: output channel j is input channel j scaled; they live and die together.
-            if m.bias is not None:
-                for j, s in enumerate(x.slots):  # a bias makes a zeroed input channel non-zero
-                    self.origin.setdefault(s, []).append(("free", name, j))
+            if m.bias is not None:  # a bias makes a zeroed input channel non-zero
+                self.origins.append(Origins("free", name, list(x.slots)))
             self.uses[name] = ModuleUse(name, "dwconv", list(x.slots), list(x.slots))
             return ChannelInfo(list(x.slots))
         # Grouped: every group must keep as many input (and output) channels as the others,
@@ -260,11 +263,8 @@ class SlotWalk(LayoutSteps):
     def reads_and_creates(self, name: str, kind: str, x: ChannelInfo, out: int | list[int]) -> ChannelInfo:
         """A conv / linear `name` reads x's slots and creates `out` fresh ones (or those slots)."""
         out = self.new(out) if isinstance(out, int) else out
-        reader = "linear" if kind == "linear" else "conv"
-        for j, s in enumerate(x.slots):
-            self.readers.setdefault(s, []).append((reader, name, j))
-        for j, s in enumerate(out):
-            self.origin.setdefault(s, []).append(("free", name, j))
+        self.reads.append(list(x.slots))
+        self.origins.append(Origins("free", name, out))
         self.uses[name] = ModuleUse(name, kind, list(x.slots), out, in_block=x.block)
         return ChannelInfo(out)
 
@@ -282,11 +282,11 @@ class SlotWalk(LayoutSteps):
         if len(index) != m.num_features or (not is_indexed_bn(m) and len(x.slots) != m.num_features):
             return self.unknown(node, f"batchnorm {name} input")
         out = self.new(m.num_features)
-        for j, s in enumerate(out):
-            self.origin.setdefault(s, []).append(("bn", name, j))
-        for j, i in enumerate(index):
-            self.readers.setdefault(x.slots[i], []).append(("bn", name, j))
-        self.uses[name] = ModuleUse(name, "bn", [x.slots[i] for i in index], out,
+        self.origins.append(Origins("bn", name, out))
+        self.is_bn[len(self.is_bn) - len(out):] = b"\x01" * len(out)  # the slots new() just made
+        read = [x.slots[i] for i in index]
+        self.reads.append(read)
+        self.uses[name] = ModuleUse(name, "bn", read, out,
                                     bn_mode="gather" if is_indexed_bn(m) else "", gather_index=index,
                                     input_slots=list(x.slots))
         self.bn_order.append(name)
@@ -434,8 +434,7 @@ class SlotWalk(LayoutSteps):
         if x is None or out is not x:
             return out
         slots = self.new(len(x.slots))
-        for j, s in enumerate(slots):
-            self.origin[s] = [("derived", str(node.name), j)]
+        self.origins.append(Origins("derived", str(node.name), slots))
         self.derived.append((slots, list(x.slots), f"{reason} ({node.name})"))
         return ChannelInfo(slots, x.block)
 
@@ -492,7 +491,7 @@ class SlotWalk(LayoutSteps):
         return out
 
     def from_bn(self, c: ChannelInfo) -> bool:
-        return any(o[0] == "bn" for s in c.slots for o in self.origin.get(s, ()))
+        return any(self.is_bn[s] for s in c.slots)
 
     def attr_use(self, ref: AttrRef, slots: list[int]) -> None:
         prev = self.attr_uses.get(ref.target)
