@@ -7,7 +7,7 @@ the way out, never a wrong model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
+from itertools import chain
 from typing import Sequence
 
 import torch
@@ -53,6 +53,26 @@ class UnitTable:
         """Flat positions in all: every channel of every BN in bn_names."""
         return int(self.bn_offset[-1])
 
+    @staticmethod
+    def of(units: list[Unit], bn_names: list[str], sizes: list[int]) -> UnitTable:
+        """The table of `units`; sizes: the channel count of each BN of bn_names."""
+        offset = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
+        start = dict(zip(bn_names, offset.tolist()))
+        flat = torch.tensor([start[n] + j for u in units for n, j in u.bn_channels], dtype=torch.long)
+        unit_size = torch.tensor([len(u.bn_channels) for u in units], dtype=torch.long)
+        return UnitTable.grouped(offset, flat, unit_size, [u.root for u in units], [u.layer for u in units])
+
+    @staticmethod
+    def grouped(bn_offset: torch.Tensor, member_flat: torch.Tensor, unit_size: torch.Tensor, unit_root: list[int],
+                unit_layer: list[tuple[str, ...]]) -> UnitTable:
+        """The table, with the units grouped by layer (in order of first appearance)."""
+        by_layer: dict[tuple[str, ...], list[int]] = {}
+        for k, layer in enumerate(unit_layer):
+            by_layer.setdefault(layer, []).append(k)
+        return UnitTable(bn_offset, member_flat, torch.repeat_interleave(torch.arange(len(unit_size)), unit_size),
+                         unit_size, unit_root, list(by_layer),
+                         [torch.tensor(k, dtype=torch.long) for k in by_layer.values()])
+
 
 @dataclass
 class Analysis:
@@ -70,31 +90,17 @@ class Analysis:
     # channels (gated by other channels): compensation leaves them alone (classes.varying_inputs)
     varying_inputs: dict[str, frozenset[int]] = field(default_factory=dict)
     graph: fx.GraphModule | None = None      # the traced model the analysis walked
+    table: UnitTable | None = None           # the units as flat tensors (from them if not given)
 
     def __post_init__(self) -> None:
         compress(self.parent)  # the classes are final: find is one lookup from here on
+        if self.table is None:
+            sizes = [len(self.modules[n].out_slots) if n in self.modules else 0 for n in self.bn_names]
+            self.table = UnitTable.of(self.units, self.bn_names, sizes)
 
     def find(self, s: int) -> int:
         """The root of slot s's class (the analysis is read-only: no union after it)."""
         return self.parent[s]
-
-    @cached_property
-    def table(self) -> UnitTable:
-        """The units as flat tensors (UnitTable), built once per analysis."""
-        sizes = [len(self.modules[n].out_slots) for n in self.bn_names]
-        offset = [0]
-        for size in sizes:
-            offset.append(offset[-1] + size)
-        start = dict(zip(self.bn_names, offset))
-        flat = [start[n] + j for u in self.units for n, j in u.bn_channels]
-        unit_size = torch.tensor([len(u.bn_channels) for u in self.units], dtype=torch.long)
-        by_layer: dict[tuple[str, ...], list[int]] = {}
-        for k, u in enumerate(self.units):
-            by_layer.setdefault(u.layer, []).append(k)
-        return UnitTable(torch.tensor(offset, dtype=torch.long), torch.tensor(flat, dtype=torch.long),
-                         torch.repeat_interleave(torch.arange(len(self.units)), unit_size), unit_size,
-                         [u.root for u in self.units], list(by_layer),
-                         [torch.tensor(k, dtype=torch.long) for k in by_layer.values()])
 
     def coupled_layers(self) -> list[tuple[str, ...]]:
         return sorted({u.layer for u in self.units if len(u.layer) > 1})
@@ -124,27 +130,84 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     classify_bns(an, cs)
     compress(an.parent)  # the classes are final: each find from here on is one step
 
-    candidates = {n for n in an.bn_order if n not in exclude and an.uses.get(n) is not None
-                  and an.uses[n].kind == "bn"}
-    by_root: dict[int, list[tuple[str, int]]] = {}
-    for name in an.bn_order:
-        use = an.uses.get(name)
-        if use is None or use.kind != "bn":
-            continue
-        for j, s in enumerate(use.out_slots):
-            by_root.setdefault(an.find(s), []).append((name, j))
+    units, table, unprunable, blocked = _units(an, cs, mods, exclude, skip_coupled, strict)
+    if blocked:
+        raise PruneError(_blocked_message(blocked, an.blockers, mods, source_lines(model, gm)))
+    # A BN is reported unprunable only if none of its channels ended in a unit.
+    in_units = {n for u in units for n in u.layer}
+    unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
+    untraceable = dict(getattr(gm, "netslim_untraceable", {}))
+    one_call = {u: "which torch.fx cannot trace" for u in untraceable}
+    one_call.update({n: f"a {type(m).__name__} registered with netslim.register_module"
+                     for n, m in mods.items() if rules.is_registered_leaf(m)})
+    for inner, m in mods.items():  # BNs inside a module traced as one call keep their channels
+        owner = next((u for u in one_call if inner.startswith(u + ".")), None)
+        if owner and isinstance(m, _BatchNorm):
+            unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
+    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
+                    untraceable, varying, gm, table)
 
-    units: list[Unit] = []
+
+def _units(an: SlotWalk, cs: Classes, mods: dict[str, nn.Module], exclude: set[str], skip_coupled: bool,
+           strict: bool) -> tuple[list[Unit], UnitTable, dict[str, str], dict[str, list[str]]]:
+    """Every class holding BN channels, in order of first appearance (BNs in graph order, then
+    channels): a unit if it is prunable, else why not. Returns (units, their UnitTable,
+    {bn: why its channels stay}, {op it cannot slice: the BNs whose channels reach it}).
+
+    Grouped with tensors (a DenseNet-121 has ~40k units); only the classes that are not
+    plainly prunable (excluded, pinned, fed from outside BN, coupled with skip_coupled) go
+    through the per-class checks in Python."""
+    sizes = [mods[n].num_features for n in an.bn_order]
+    bn_offset = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
+    bns = [k for k, n in enumerate(an.bn_order) if an.uses.get(n) is not None and an.uses[n].kind == "bn"]
+    slots = torch.tensor(list(chain.from_iterable(an.uses[an.bn_order[k]].out_slots for k in bns)), dtype=torch.long)
+    counts = torch.tensor([sizes[k] for k in bns], dtype=torch.long)
+    member_bn = torch.repeat_interleave(torch.tensor(bns, dtype=torch.long), counts)
+    member_flat = bn_offset[member_bn] + torch.arange(len(slots)) - \
+        torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    # group the members by class root: classes in order of first appearance, members in order
+    roots, inverse = torch.unique(torch.tensor(an.parent, dtype=torch.long)[slots], return_inverse=True)
+    first = torch.full((len(roots),), len(slots), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(slots)), "amin")
+    appearance = torch.argsort(first)
+    rank = torch.empty_like(appearance)
+    rank[appearance] = torch.arange(len(appearance))
+    member_class = rank[inverse]
+    order = torch.argsort(member_class, stable=True)
+    member_class, member_bn, member_flat = member_class[order], member_bn[order], member_flat[order]
+    class_root = roots[appearance]
+    class_size = torch.bincount(member_class, minlength=len(roots))
+    # per class: members of more than one BN (coupled), of an excluded BN, pinned, fed from outside BN
+    new_bn = torch.ones(len(member_bn), dtype=torch.bool)
+    new_bn[1:] = (member_bn[1:] != member_bn[:-1]) | (member_class[1:] != member_class[:-1])
+    class_bns = torch.zeros(len(roots), dtype=torch.long).index_add_(0, member_class, new_bn.long())
+    excluded = torch.tensor([n in exclude for n in an.bn_order] or [False], dtype=torch.bool)[member_bn]
+    plain = torch.zeros(len(roots), dtype=torch.long).index_add_(0, member_class, excluded.long()) == 0
+    plain &= ~torch.isin(class_root, torch.tensor([r for r, p in cs.pins.items() if p], dtype=torch.long))
+    plain &= torch.tensor(cs.free or [0], dtype=torch.long)[class_root] == 0
+    if skip_coupled:
+        plain &= class_bns == 1
+
+    names = [an.bn_order[k] for k in member_bn.tolist()]
+    members = list(zip(names, (member_flat - bn_offset[member_bn]).tolist()))
+    ends = class_size.cumsum(0).tolist()
+    starts = [0, *ends[:-1]]
+    single = {n: (n,) for n in an.bn_order}
+    layers = [single[names[a]] if c == 1 else tuple(dict.fromkeys(n for n, _ in members[a:b]))
+              for a, b, c in zip(starts, ends, class_bns.tolist())]
+    plain_list, root_list = plain.tolist(), class_root.tolist()
+    units = [Unit(r, members[a:b], layer)
+             for r, a, b, layer, ok in zip(root_list, starts, ends, layers, plain_list) if ok]
+
     unprunable: dict[str, str] = {}
-    blocked: dict[str, list[str]] = {}  # op it cannot slice -> the BNs whose channels reach it
-    position = {n: k for k, n in enumerate(an.bn_order)}
-    for root, members in by_root.items():
-        layer = tuple(sorted({n for n, _ in members}, key=position.__getitem__))
+    blocked: dict[str, list[str]] = {}
+    for k in torch.nonzero(~plain).flatten().tolist():
+        root, layer = root_list[k], layers[k]
         why = None
         fatal = [r for f, r in cs.pins.get(root, []) if f]
         soft = [r for f, r in cs.pins.get(root, []) if not f]
-        if any(n not in candidates for n, _ in members):
-            why = "excluded" if any(n in exclude for n, _ in members) else "not a candidate"
+        if any(n in exclude for n in layer):
+            why = "excluded"
         elif soft:
             why = soft[0]
         elif cs.free[root]:
@@ -156,26 +219,12 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
             continue
         elif skip_coupled and len(layer) > 1:
             why = "coupled with " + ", ".join(layer) + " (skip_coupled)"
-        if why:
-            for n in layer:
-                unprunable.setdefault(n, why)
-            continue
-        units.append(Unit(root, members, layer))
-    if blocked:
-        raise PruneError(_blocked_message(blocked, an.blockers, mods, source_lines(model, gm)))
-    # A BN is reported unprunable only if none of its channels ended in a unit.
-    in_units = {n for u in units for n, _ in u.bn_channels}
-    unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
-    untraceable = dict(getattr(gm, "netslim_untraceable", {}))
-    one_call = {u: "which torch.fx cannot trace" for u in untraceable}
-    one_call.update({n: f"a {type(m).__name__} registered with netslim.register_module"
-                     for n, m in mods.items() if rules.is_registered_leaf(m)})
-    for inner, m in mods.items():  # BNs inside a module traced as one call keep their channels
-        owner = next((u for u in one_call if inner.startswith(u + ".")), None)
-        if owner and isinstance(m, _BatchNorm):
-            unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
-    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
-                    untraceable, varying, gm)
+        for n in layer:
+            unprunable.setdefault(n, why)
+    in_unit = plain[member_class]
+    table = UnitTable.grouped(bn_offset, member_flat[in_unit], class_size[plain], [r for r, ok in zip(root_list, plain_list) if ok],
+                              [layer for layer, ok in zip(layers, plain_list) if ok])
+    return units, table, unprunable, blocked
 
 
 def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module],
