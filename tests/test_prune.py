@@ -406,6 +406,33 @@ def test_post_activation_residual_is_one_coupled_group():
     assert "b1.bn2" in report["unprunable"]
 
 
+class SharedBNNet(nn.Module):
+    """One BatchNorm called at two places (weights shared), then a BN of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(3))
+        self.bn, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.bn(self.c1(x)).relu()
+        x = self.bn(self.c2(x)).relu()
+        x = self.bn2(self.c3(x)).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_batchnorm_called_twice_keeps_its_width_and_the_rest_prunes():
+    # bn is in the analysis' BN list with no unit: the flat per-channel tables count it anyway
+    model = randomize_bn(SharedBNNet(), seed=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    slim, report = prune(model, 0.4, example_input=x[:1])
+    masked, _ = prune(model, 0.4, mode="mask", example_input=x[:1])
+    assert slim.bn.num_features == 8 and slim.bn2.num_features < 8
+    assert report["channels_total"] == 16 and report["channels_kept"] == 8 + slim.bn2.num_features
+    assert torch.allclose(slim(x), masked(x), atol=1e-5)
+
+
 def test_channel_splits():
     model = randomize_bn(ChunkNet(), seed=3).eval()
     x = torch.randn(2, 3, 8, 8)
