@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import is_indexed_bn
 from .analysis import Analysis
+from .slim import removed_slots
 from .trace import trace
 
 _CONSUMER_KINDS = ("conv", "gconv", "linear")
@@ -148,9 +150,10 @@ def _weights_memo(model: nn.Module) -> dict[int, nn.Parameter]:
 def _consumers(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[int]]:
     """{conv/linear name: [its input channels that lie in a removed class]}."""
     out = {}
+    gone = removed_slots(analysis, removed_roots)
     for name, use in analysis.modules.items():
         if use.kind in _CONSUMER_KINDS:
-            chans = [j for j, s in enumerate(use.in_slots) if analysis.find(s) in removed_roots]
+            chans = np.flatnonzero(gone[np.asarray(use.in_slots, dtype=np.intp)]).tolist()
             if chans:
                 out[name] = chans
     return out

@@ -31,7 +31,7 @@ def _sliced(t: torch.Tensor, *index: Sequence[int] | None) -> nn.Parameter:
     out = t.detach()
     for dim, positions in enumerate(index):
         if positions is not None and len(positions) < out.shape[dim]:  # keep() lists ascending positions
-            out = out.index_select(dim, torch.tensor(positions, dtype=torch.long, device=out.device))
+            out = out.index_select(dim, torch.as_tensor(positions, dtype=torch.long, device=out.device))
     return nn.Parameter(out if out.data_ptr() != t.data_ptr() else out.clone(), requires_grad=True)
 
 
@@ -73,11 +73,10 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
     plan = blocks.plan_for_slicing(plan, analysis, removed_branches)
     if removed is None or branches is None or len(removed_branches) < len(branches):
         removed = removed_roots(analysis, plan, mods)
-    # One lookup table for every slot instead of a class lookup per channel per module.
-    kept_slot = ~np.isin(np.asarray(analysis.parent, dtype=np.intp), np.fromiter(removed, np.intp, len(removed)))
+    kept_slot = ~removed_slots(analysis, removed)
 
-    def keep(slots: Sequence[int]) -> list[int]:
-        return np.flatnonzero(kept_slot[np.asarray(slots, dtype=np.intp)]).tolist()
+    def keep(slots: Sequence[int]) -> np.ndarray:
+        return np.flatnonzero(kept_slot[np.asarray(slots, dtype=np.intp)])
 
     with torch.no_grad():
         for name, use in analysis.modules.items():
@@ -89,6 +88,12 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
     new = blocks.remove_branches(new, removed_branches, untouchable)
     new.netslim_meta = meta
     return new
+
+
+def removed_slots(analysis: Analysis, removed: set[int]) -> np.ndarray:
+    """Per slot: is its class in `removed` (removed_roots)? One table for every lookup
+    instead of a class lookup per channel per module."""
+    return np.isin(np.asarray(analysis.parent, dtype=np.intp), np.fromiter(removed, np.intp, len(removed)))
 
 
 def own_tensors(model: nn.Module, original: nn.Module) -> nn.Module:
@@ -110,7 +115,7 @@ def own_tensors(model: nn.Module, original: nn.Module) -> nn.Module:
 
 
 # One slicer per ModuleUse kind (channels.USE_KINDS): (model, name, module, use, keep, analysis),
-# where keep(slots) lists the positions of the kept channels among `slots`.
+# where keep(slots) is the ascending positions of the kept channels among `slots` (a NumPy array).
 
 def _slice_conv(model, name, m, use, keep, analysis) -> None:
     ki, ko = keep(use.in_slots), keep(use.out_slots)
@@ -129,7 +134,7 @@ def _slice_grouped_conv(model, name, m, use, keep, analysis) -> None:
     # slots.py ties position j of every group, so each group keeps the same
     # positions: slice the weight's per-group input dim by group 0's.
     per_in = m.in_channels // m.groups
-    kj = [j for j in ki if j < per_in]
+    kj = ki[ki < per_in]
     m.weight = _sliced(m.weight, ko, kj)
     if m.bias is not None:
         m.bias = _sliced(m.bias, ko)
@@ -151,7 +156,7 @@ def _slice_linear(model, name, m, use, keep, analysis) -> None:
     if len(ki) == len(use.in_slots) and len(ko) == m.out_features:
         return
     b = use.in_block
-    cols = [j * b + t for j in ki for t in range(b)]
+    cols = (ki[:, None] * b + np.arange(b)).ravel()
     m.weight = _sliced(m.weight, ko, cols)
     if m.bias is not None:
         m.bias = _sliced(m.bias, ko)
@@ -174,7 +179,7 @@ def _slice_attr(model: nn.Module, target: str, dim: int, index: list[int]) -> No
     owner_name, _, attr = target.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     t = getattr(owner, attr)
-    sliced = t.detach().index_select(dim, torch.tensor(index, dtype=torch.long, device=t.device)).clone()
+    sliced = t.detach().index_select(dim, torch.as_tensor(index, dtype=torch.long, device=t.device))
     if attr in owner._parameters:
         owner._parameters[attr] = nn.Parameter(sliced, requires_grad=t.requires_grad)
     else:  # slots.py tracks only parameters and buffers
@@ -193,10 +198,9 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
         # A removed input slot is never read by a kept channel (classes.py ties such channels).
         in_slots_full = use.input_slots
         kept_in = keep(in_slots_full)
-        rank = {p: r for r, p in enumerate(kept_in)}
-        src = [rank[in_all[j]] for j in ko]
+        src = np.searchsorted(kept_in, np.asarray(in_all, dtype=np.intp)[ko])  # rank among the kept inputs
         in_width_after = len(kept_in)
-    identity = src == list(range(in_width_after)) and len(src) == in_width_after
+    identity = len(src) == in_width_after and bool((src == np.arange(in_width_after)).all())
     if len(ko) == m.num_features and identity and not is_indexed_bn(m):
         return
     sliced = {}
@@ -214,7 +218,7 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
                   track_running_stats=m.track_running_stats,
                   device=m.weight.device if m.weight is not None else None,
                   dtype=m.weight.dtype if m.weight is not None else None)
-        new.register_buffer("keep_index", torch.tensor(src, dtype=torch.long,
+        new.register_buffer("keep_index", torch.as_tensor(src, dtype=torch.long,
                                                         device=sliced["weight"].device))
         if m.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(m.num_batches_tracked)
@@ -223,7 +227,7 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
         _set_module(model, name, new)
     else:
         if is_indexed_bn(m):  # identity gather: a plain BN again is enough, but keep the type stable
-            m.keep_index = torch.tensor(src, dtype=torch.long, device=m.keep_index.device)
+            m.keep_index = torch.as_tensor(src, dtype=torch.long, device=m.keep_index.device)
         target = m
     target.num_features = len(ko)
     if sliced.get("weight") is not None:
