@@ -241,3 +241,28 @@ def test_profile_reports_everything():
     assert net.training  # the caller's mode is restored
     quick = profile(net, (3, 16, 16), latency=False, memory=False)
     assert quick["latency_ms"] == {} and quick["peak_memory_bytes"] is None
+
+
+def test_meta_shortcuts_give_what_the_meta_kernels_give():
+    """MetaShapes answers eval batch norm, activations, same-shape sums and products and
+    concatenations itself (their meta kernels are slow Python): the same shapes, dtypes and
+    strides; a case it does not cover (broadcasting, mismatched concatenation) goes to the kernel."""
+    from netslim.meta_shapes import MetaShapes
+
+    x = torch.empty(2, 8, 5, 5, device="meta")
+    y = torch.empty(2, 3, 5, 5, device="meta")
+    mean, var = torch.empty(8, device="meta"), torch.empty(8, device="meta")
+    cases = [
+        lambda: torch.nn.functional.batch_norm(x, mean, var, training=False),
+        lambda: torch.relu(x), lambda: torch.nn.functional.relu6(x), lambda: x + x, lambda: x * x, lambda: x - x,
+        lambda: torch.cat([x, y], 1), lambda: torch.cat([x, y], -3), lambda: torch.cat([x, x], 0),
+        lambda: x + torch.empty(1, 8, 1, 1, device="meta"),                   # broadcast: the kernel
+        lambda: torch.cat([x.to(memory_format=torch.channels_last), y], 1),   # not contiguous: the kernel
+    ]
+    for make in cases:
+        expected = make()
+        with MetaShapes():
+            got = make()
+        assert (got.shape, got.dtype, got.stride()) == (expected.shape, expected.dtype, expected.stride())
+    with MetaShapes(), pytest.raises(RuntimeError):
+        torch.cat([x, torch.empty(2, 3, 4, 5, device="meta")], 1)

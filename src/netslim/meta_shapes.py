@@ -9,7 +9,7 @@ A leaf module (imports nothing of netslim), so the engine and profile.py both us
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,19 +26,62 @@ _ELEMENTWISE_INPLACE = {getattr(_aten, name + "_").default for name in (
     "relu", "hardtanh", "hardswish", "hardsigmoid", "gelu", "leaky_relu", "elu", "mish") if hasattr(_aten, name + "_")}
 
 
+# Same-shape, same-dtype element-wise sums and products (a residual add: 0.15 ms on meta) and
+# concatenations (DenseNet's: 0.1 ms), answered when no broadcasting or promotion is involved.
+_BINARY = {_aten.add.Tensor, _aten.mul.Tensor, _aten.sub.Tensor}
+_BINARY_INPLACE = {_aten.add_.Tensor, _aten.mul_.Tensor, _aten.sub_.Tensor}
+_CAT = _aten.cat.default
+
+
+def _like(t: Tensor) -> Tensor:
+    """torch.empty_like(t) on meta: itself a Python decomposition (20 us a call, 5 of them per
+    ResNet block), so a contiguous tensor's twin is made directly (1-2 us)."""
+    if t.is_contiguous():
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return torch.empty_like(t)
+
+
 def fast_meta_op(func: Any, args: tuple) -> Optional[Any]:
-    """What aten.native_batch_norm in eval mode, or an element-wise activation, returns on a
-    meta input, without its meta kernel; None for any other op (run it as usual)."""
+    """What aten.native_batch_norm in eval mode, an element-wise activation, or a sum, product or
+    concatenation without broadcasting, returns on meta inputs, without its meta kernel; None
+    for any other op or case (run it as usual)."""
+    if func is _CAT and len(args) == 2 and args[0] and _same_dense(args[0], same_shape=False):
+        return _concatenated(args[0], args[1])  # None if the shapes do not fit: the kernel says why
     if not args or not isinstance(args[0], Tensor) or not args[0].is_meta:
         return None
     if func is _BATCH_NORM and not args[5]:
         x, running_mean, running_var = args[0], args[3], args[4]
-        return torch.empty_like(x), torch.empty_like(running_mean), torch.empty_like(running_var)
+        return _like(x), _like(running_mean), _like(running_var)
     if func in _ELEMENTWISE_INPLACE:
         return args[0]
     if func in _ELEMENTWISE:
-        return torch.empty_like(args[0])
+        return _like(args[0])
+    if func in _BINARY and _same_dense(args[:2]) and args[0].is_floating_point():
+        return _like(args[0])
+    if func in _BINARY_INPLACE and _same_dense(args[:2]) and args[0].is_floating_point():
+        return args[0]
     return None
+
+
+def _same_dense(tensors: Sequence[Any], same_shape: bool = True) -> bool:
+    """Contiguous meta tensors of one dtype (and one shape, or one rank for a concatenation):
+    no broadcasting or type promotion to work out, the result is like the first."""
+    first = tensors[0]
+    return len(tensors) >= (2 if same_shape else 1) and all(
+        isinstance(t, Tensor) and t.is_meta and t.dtype == first.dtype and t.is_contiguous()
+        and (t.shape == first.shape if same_shape else t.dim() == first.dim() > 0) for t in tensors)
+
+
+def _concatenated(tensors: Sequence[Tensor], dim: int) -> Optional[Tensor]:
+    shape = list(tensors[0].shape)
+    if not -len(shape) <= dim < len(shape):
+        return None
+    dim %= len(shape)
+    if any(t.shape[:dim] != tensors[0].shape[:dim] or t.shape[dim + 1:] != tensors[0].shape[dim + 1:]
+           for t in tensors):
+        return None
+    shape[dim] = sum(t.shape[dim] for t in tensors)
+    return torch.empty(shape, dtype=tensors[0].dtype, device=tensors[0].device)
 
 
 class MetaShapes(TorchDispatchMode):

@@ -281,11 +281,12 @@ def _count_macs(model: nn.Module, x: Tensor, excluded: set[str], on_meta: bool) 
 
     was_training = model.training
     model.eval()
+    # Shapes are all the rules need: on meta, run on meta stand-ins of the weights (no compute),
+    # made before the counter starts (it would see each copy: a tenth of a count).
+    state = {n: t.to("meta") for n, t in [*model.named_parameters(), *model.named_buffers()]} if on_meta else {}
     try:
         with torch.no_grad(), counter:
             if on_meta:
-                # Shapes are all the rules need: run on meta stand-ins of the weights (no compute).
-                state = {n: t.to("meta") for n, t in [*model.named_parameters(), *model.named_buffers()]}
                 torch.func.functional_call(model, state, (x,))
             else:
                 model(x)
