@@ -244,8 +244,8 @@ def test_profile_reports_everything():
 
 
 def test_meta_shortcuts_give_what_the_meta_kernels_give():
-    """MetaShapes answers eval batch norm, activations, same-shape sums and products and
-    concatenations itself (their meta kernels are slow Python): the same shapes, dtypes and
+    """MetaShapes answers eval batch norm, activations, convolutions, same-shape sums and
+    products and concatenations itself (their meta kernels are slow Python): the same shapes, dtypes and
     strides; a case it does not cover (broadcasting, mismatched concatenation) goes to the kernel."""
     from netslim.meta_shapes import MetaShapes
 
@@ -256,6 +256,13 @@ def test_meta_shortcuts_give_what_the_meta_kernels_give():
         lambda: torch.nn.functional.batch_norm(x, mean, var, training=False),
         lambda: torch.relu(x), lambda: torch.nn.functional.relu6(x), lambda: x + x, lambda: x * x, lambda: x - x,
         lambda: torch.cat([x, y], 1), lambda: torch.cat([x, y], -3), lambda: torch.cat([x, x], 0),
+        lambda: F.conv2d(x, torch.empty(6, 8, 3, 3, device="meta"), torch.empty(6, device="meta"), 2, 1),
+        lambda: F.conv2d(x, torch.empty(6, 2, 3, 2, device="meta"), None, (1, 2), (2, 0), (2, 1), 4),
+        lambda: F.conv2d(x, torch.empty(6, 8, 4, 4, device="meta"), None, 1, "same"),
+        lambda: F.conv1d(x[:, :, 0], torch.empty(4, 8, 3, device="meta"), None, 2),
+        lambda: F.conv3d(x[None], torch.empty(4, 2, 1, 3, 3, device="meta"), None, 1, 1),
+        lambda: F.conv2d(x, torch.empty(6, 8, 3, 3, device="meta").to(memory_format=torch.channels_last)),
+        lambda: F.conv_transpose2d(x, torch.empty(8, 4, 3, 3, device="meta"), None, 2),
         lambda: x + torch.empty(1, 8, 1, 1, device="meta"),                   # broadcast: the kernel
         lambda: torch.cat([x.to(memory_format=torch.channels_last), y], 1),   # not contiguous: the kernel
     ]
@@ -264,5 +271,8 @@ def test_meta_shortcuts_give_what_the_meta_kernels_give():
         with MetaShapes():
             got = make()
         assert (got.shape, got.dtype, got.stride()) == (expected.shape, expected.dtype, expected.stride())
-    with MetaShapes(), pytest.raises(RuntimeError):
-        torch.cat([x, torch.empty(2, 3, 4, 5, device="meta")], 1)
+    for wrong in (lambda: torch.cat([x, torch.empty(2, 3, 4, 5, device="meta")], 1),
+                  lambda: F.conv2d(x, torch.empty(6, 3, 3, 3, device="meta")),          # 8 channels in, not 3
+                  lambda: F.conv2d(x, torch.empty(6, 8, 7, 7, device="meta"))):         # kernel larger than input
+        with MetaShapes(), pytest.raises(RuntimeError):
+            wrong()

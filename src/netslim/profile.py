@@ -211,10 +211,9 @@ class _OpCounter(_DecomposingMode):
         return self.depth > 0 or func.overloadpacket in _ATEN_RULES
 
     def _leaf(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        out = fast_meta_op(func, args)  # eval batch norm on meta: its shapes, without the slow kernel
-        if out is not None:
-            return out
-        out = func(*args, **kwargs)
+        out = fast_meta_op(func, args)  # eval batch norm, convs... on meta: their shapes, without the slow kernels
+        if out is None:
+            out = func(*args, **kwargs)
         rule = _ATEN_RULES.get(func.overloadpacket)
         if rule is not None and self.depth == 0:
             self.macs += int(rule(args, out))
