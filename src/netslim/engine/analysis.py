@@ -66,12 +66,13 @@ class UnitTable:
     def grouped(bn_offset: torch.Tensor, member_flat: torch.Tensor, unit_size: torch.Tensor, unit_root: list[int],
                 unit_layer: list[tuple[str, ...]]) -> UnitTable:
         """The table, with the units grouped by layer (in order of first appearance)."""
-        by_layer: dict[tuple[str, ...], list[int]] = {}
-        for k, layer in enumerate(unit_layer):
-            by_layer.setdefault(layer, []).append(k)
+        layer_id: dict[tuple[str, ...], int] = {}
+        unit_layer_id = torch.tensor([layer_id.setdefault(layer, len(layer_id)) for layer in unit_layer],
+                                     dtype=torch.long)
+        by_layer = torch.argsort(unit_layer_id, stable=True)  # each layer's units, in unit order
+        per_layer = torch.bincount(unit_layer_id, minlength=len(layer_id)).tolist()
         return UnitTable(bn_offset, member_flat, torch.repeat_interleave(torch.arange(len(unit_size)), unit_size),
-                         unit_size, unit_root, list(by_layer),
-                         [torch.tensor(k, dtype=torch.long) for k in by_layer.values()])
+                         unit_size, unit_root, list(layer_id), list(torch.split(by_layer, per_layer)))
 
 
 @dataclass
@@ -128,9 +129,9 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     cs = Classes(an)
     follows = resolve_gates(an, cs)
     classify_bns(an, cs)
-    compress(an.parent)  # the classes are final: each find from here on is one step
+    root = compress(an.parent)  # the classes are final: each find from here on is one step
 
-    units, table, unprunable, blocked = _units(an, cs, mods, exclude, skip_coupled, strict)
+    units, table, unprunable, blocked = _units(an, cs, root, mods, exclude, skip_coupled, strict)
     if blocked:
         raise PruneError(_blocked_message(blocked, an.blockers, mods, source_lines(model, gm)))
     # A BN is reported unprunable only if none of its channels ended in a unit.
@@ -148,13 +149,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
                     untraceable, varying, gm, table)
 
 
-def _units(an: SlotWalk, cs: Classes, mods: dict[str, nn.Module], exclude: set[str], skip_coupled: bool,
-           strict: bool) -> tuple[list[Unit], UnitTable, dict[str, str], dict[str, list[str]]]:
+def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Module], exclude: set[str],
+           skip_coupled: bool, strict: bool) -> tuple[list[Unit], UnitTable, dict[str, str], dict[str, list[str]]]:
     """Every class holding BN channels, in order of first appearance (BNs in graph order, then
     channels): a unit if it is prunable, else why not. Returns (units, their UnitTable,
     {bn: why its channels stay}, {op it cannot slice: the BNs whose channels reach it}).
 
-    Grouped with tensors (a DenseNet-121 has ~40k units); only the classes that are not
+    root: every slot's class root (compressed). Grouped with tensors (a DenseNet-121 has ~40k
+    units); only the classes that are not
     plainly prunable (excluded, pinned, fed from outside BN, coupled with skip_coupled) go
     through the per-class checks in Python."""
     sizes = [mods[n].num_features for n in an.bn_order]
@@ -166,7 +168,7 @@ def _units(an: SlotWalk, cs: Classes, mods: dict[str, nn.Module], exclude: set[s
     member_flat = bn_offset[member_bn] + torch.arange(len(slots)) - \
         torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     # group the members by class root: classes in order of first appearance, members in order
-    roots, inverse = torch.unique(torch.tensor(an.parent, dtype=torch.long)[slots], return_inverse=True)
+    roots, inverse = torch.unique(root[slots], return_inverse=True)
     first = torch.full((len(roots),), len(slots), dtype=torch.long).scatter_reduce(
         0, inverse, torch.arange(len(slots)), "amin")
     appearance = torch.argsort(first)

@@ -18,17 +18,19 @@ def find_root(parent: list[int], s: int) -> int:
     return s
 
 
-def compress(parent: list[int]) -> None:
+def compress(parent: list[int]) -> torch.Tensor:
     """Point every slot straight at its root, so each find after it takes one step. Pointer
     jumping on a tensor (a few vectorised steps) instead of a find per slot in Python;
-    the roots, and so every class and its representative, stay the same."""
+    the roots, and so every class and its representative, stay the same. Returns the roots
+    as a tensor (`parent` as it is now)."""
     p = torch.tensor(parent, dtype=torch.long)
-    while True:
-        q = p[p]
-        if torch.equal(q, p):
-            break
-        p = q
+    q = p[p]
+    if torch.equal(q, p):
+        return p  # already compressed: nothing to write back
+    while not torch.equal(q, p):
+        p, q = q, q[q]
     parent[:] = p.tolist()
+    return p
 
 
 @dataclass

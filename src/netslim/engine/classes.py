@@ -33,8 +33,7 @@ class Classes:
         self.a = a
         # Pins in slot order, so a class's first pin (its reported reason) is the same as when
         # every slot was visited. A class without pins has no entry.
-        compress(a.parent)  # every slot now points at its root: a.parent[s] is find(s)
-        root = torch.tensor(a.parent, dtype=torch.long)
+        root = compress(a.parent)  # every slot now points at its root: a.parent[s] is find(s)
         self.pins: dict[int, list[tuple[bool, str]]] = {}
         for s in sorted(a.pins):
             self.pins.setdefault(a.parent[s], []).extend(a.pins[s])
