@@ -94,8 +94,8 @@ class Analysis:
     table: UnitTable | None = None           # the units as flat tensors (from them if not given)
 
     def __post_init__(self) -> None:
-        compress(self.parent)  # the classes are final: find is one lookup from here on
-        if self.table is None:
+        if self.table is None:  # not from analyze(), which compresses the classes and builds the table
+            compress(self.parent)  # the classes are final: find is one lookup from here on
             sizes = [len(self.modules[n].out_slots) if n in self.modules else 0 for n in self.bn_names]
             self.table = UnitTable.of(self.units, self.bn_names, sizes)
 
@@ -186,18 +186,28 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     excluded = torch.tensor([n in exclude for n in an.bn_order] or [False], dtype=torch.bool)[member_bn]
     plain = torch.zeros(len(roots), dtype=torch.long).index_add_(0, member_class, excluded.long()) == 0
     plain &= ~torch.isin(class_root, torch.tensor([r for r, p in cs.pins.items() if p], dtype=torch.long))
-    plain &= torch.tensor(cs.free or [0], dtype=torch.long)[class_root] == 0
+    root_list = class_root.tolist()
+    plain &= torch.tensor([cs.free[r] == 0 for r in root_list], dtype=torch.bool)
     if skip_coupled:
         plain &= class_bns == 1
+    plain_list = plain.tolist()
 
     names = [an.bn_order[k] for k in member_bn.tolist()]
     members = list(zip(names, (member_flat - bn_offset[member_bn]).tolist()))
     ends = class_size.cumsum(0).tolist()
     starts = [0, *ends[:-1]]
-    single = {n: (n,) for n in an.bn_order}
-    layers = [single[names[a]] if c == 1 else tuple(dict.fromkeys(n for n, _ in members[a:b]))
-              for a, b, c in zip(starts, ends, class_bns.tolist())]
-    plain_list, root_list = plain.tolist(), class_root.tolist()
+    # each class's BNs (its layer): the BN of its first member, or (coupled) of each member
+    # that starts a new BN; one tuple per set of BNs
+    distinct = member_bn[new_bn].tolist()
+    bn_ends = class_bns.cumsum(0).tolist()
+    single = {k: (n,) for k, n in enumerate(an.bn_order)}
+    coupled: dict[tuple[int, ...], tuple[str, ...]] = {}
+
+    def layer(a: int, b: int) -> tuple[str, ...]:
+        key = tuple(distinct[a:b])
+        return coupled.get(key) or coupled.setdefault(key, tuple(an.bn_order[k] for k in key))
+
+    layers = [single[distinct[b - 1]] if c == 1 else layer(b - c, b) for b, c in zip(bn_ends, class_bns.tolist())]
     units = [Unit(r, members[a:b], layer)
              for r, a, b, layer, ok in zip(root_list, starts, ends, layers, plain_list) if ok]
 

@@ -71,17 +71,20 @@ class Classes:
         """One read of class r (a tied BN's channel) is no longer a reader of it."""
         self.readers_[r] -= 1
 
-    def own(self, name: str, in_slots: list[int], out_slots: list[int]) -> None:
-        """BN `name` is the sole reader of its input classes (classify_bns): each input class
-        joins its output channel's, and what produced it (a conv's outputs) is absorbed: it goes
-        with the BN channel. The same as, per channel j: absorb, drop_reader, merge, with each
-        input class's reads (all of them this BN's) dropped at once."""
+    def own(self, name: str, in_roots: list[int], out_slots: list[int]) -> None:
+        """BN `name` is the sole reader of its input classes (roots `in_roots`, classify_bns):
+        each input class joins its output channel's, and what produced it (a conv's outputs)
+        is absorbed: it goes with the BN channel. The same as, per channel j: absorb,
+        drop_reader, merge, with each input class's reads (all of them this BN's) dropped at once."""
         find, parent = self.a.find, self.a.parent
         readers, bn, free, unsliceable, pins = self.readers_, self.bn, self.free, self.unsliceable, self.pins
-        for s in in_slots:
-            readers[find(s)] = 0
-        for s_in, s_out in zip(in_slots, out_slots):
-            r, other = find(s_in), find(s_out)
+        for r in in_roots:
+            readers[r] = 0
+        for r, other in zip(in_roots, self.a.roots(out_slots)):
+            if parent[r] != r:  # joined an earlier channel's output class
+                r = find(r)
+            if parent[other] != other:
+                other = find(other)
             free[r] = 0
             if r == other:
                 continue
@@ -217,9 +220,9 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
             continue
         if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
             continue
-        in_roots = [walk.find(s) for s in use.in_slots]
+        in_roots = walk.roots(use.in_slots)
         if _sole_reader(classes, name, in_roots):
-            classes.own(name, use.in_slots, use.out_slots)
+            classes.own(name, in_roots, use.out_slots)
             use.bn_mode = "owned"
             continue
         # Not the sole reader. Per channel: an input made only of other BN channels is

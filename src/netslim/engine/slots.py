@@ -94,6 +94,11 @@ class SlotWalk(LayoutSteps):
     def find(self, s: int) -> int:
         return find_root(self.parent, s)
 
+    def roots(self, slots: list[int]) -> list[int]:
+        """find() of every slot; one lookup each where the path is one step (after compress)."""
+        parent, find = self.parent, self.find
+        return [r if parent[r] == r else find(s) for s, r in zip(slots, map(parent.__getitem__, slots))]
+
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
