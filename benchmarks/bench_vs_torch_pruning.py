@@ -3,6 +3,7 @@
     python benchmarks/bench_vs_torch_pruning.py [--percent 0.4] [--json OUT]
     python benchmarks/bench_vs_torch_pruning.py --zoo [NAME ...] --threads 1   # per-architecture table
     python benchmarks/bench_vs_torch_pruning.py --timing --threads 1           # prune time, side by side
+    python benchmarks/bench_vs_torch_pruning.py --timing --steps --threads 1   # ... and where netslim's goes
 
 For each model (pre-activation ResNet-164, DenseNet-40, post-activation ResNet-56,
 MobileNetV2; 3x32x32 input, 10 classes) both tools prune the *same* weights at the same
@@ -332,8 +333,9 @@ def timing_models() -> dict[str, tuple]:
             "mobilenetv2": lambda: build_model("mobilenetv2", num_classes=1000)}
 
 
-def timing_table(seed: int, repeats: int = 3) -> str:
-    """Best of `repeats` interleaved calls per tool; the ratio is netslim / Torch-Pruning."""
+def timing_table(seed: int, repeats: int = 3, steps: bool = False) -> str:
+    """Best of `repeats` interleaved calls per tool; the ratio is netslim / Torch-Pruning.
+    steps: also print where netslim's call spends its time (prune_steps)."""
     _zoo()
     lines = ["| model | input | netslim (s) | torch-pruning (s) | ratio |", "|---|---|---|---|---|"]
     for name, make in timing_models().items():
@@ -357,7 +359,35 @@ def timing_table(seed: int, repeats: int = 3) -> str:
             ratio = best["netslim"] / best["torch-pruning"] if tp is not None else math.nan
             lines.append(f"| {name} | {size}x{size} | {best['netslim']:.2f} | {best['torch-pruning']:.2f} | {ratio:.2f} |")
             print(lines[-1], flush=True)
+            if steps:
+                print(f"    {name} {size}x{size}, s per step (cProfile, cumulative): {prune_steps(base, x)}", flush=True)
     return "\n".join(lines)
+
+
+# The steps of one prune call, by the engine function that does each (file, function name).
+STEPS = {"trace": ("trace.py", "trace"), "analysis": ("analysis.py", "analyze"),
+         "plan": ("plan.py", "make_plan"), "removed": ("plan.py", "removed_roots"),
+         "compensate": ("compensate.py", "compensate"), "slice": ("slim.py", "slice_in_place"),
+         "counts": ("prune.py", "_count")}
+
+
+def prune_steps(base: nn.Module, x: torch.Tensor) -> str:
+    """Where one netslim prune call spends its time: each step's cumulative seconds under
+    cProfile (which slows Python-heavy steps more than tensor work: shares, not a stopwatch).
+    The analysis includes the trace."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.runcall(prune, base, 0.5, example_input=x)
+    total = time.perf_counter() - t0
+    seconds = dict.fromkeys(STEPS, 0.0)
+    for (path, _, function), (_, _, _, cumulative, _) in pstats.Stats(profiler).stats.items():
+        for step, (file, name) in STEPS.items():
+            if function == name and path.endswith(f"engine/{file}"):
+                seconds[step] += cumulative
+    return ", ".join(f"{step} {s:.3f}" for step, s in seconds.items()) + f", whole call {total:.3f}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -376,12 +406,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--timing", action="store_true",
                     help="instead: one prune call of each tool, side by side (ResNet-50, DenseNet-121, "
                          "MobileNetV2 at 224 and 32), best of 3, and the ratio")
+    ap.add_argument("--steps", action="store_true",
+                    help="with --timing: also print the seconds of each step of netslim's call (cProfile)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.zoo is not None or args.timing:
         print(f"torch {torch.__version__}, torch-pruning {getattr(tp, '__version__', 'not installed')}, "
               f"seed {args.seed}, {args.threads} threads", flush=True)
-        print(zoo_table(args.seed, args.zoo or None) if args.zoo is not None else timing_table(args.seed))
+        print(zoo_table(args.seed, args.zoo or None) if args.zoo is not None else timing_table(args.seed, steps=args.steps))
         return 0
 
     if tp is None:
