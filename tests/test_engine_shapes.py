@@ -154,6 +154,34 @@ def test_shapes_come_from_meta_on_large_inputs_and_from_a_real_forward_where_met
         assert "block" in report["untraceable"] and slim.bn2.num_features < 16
 
 
+
+def _conv_bn_pair(width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                         nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+
+
+def test_wide_convs_take_their_shapes_from_meta_even_at_a_small_input(monkeypatch):
+    """Below 3x96x96 the real forward is used unless the convs' arithmetic outweighs the meta
+    pass's per-node cost (wide convs, few nodes): the same shapes either way, and the traced
+    module still runs (its code is written when first called)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    from netslim.engine import trace as tracing
+
+    on_meta = []
+    real_pass = tracing._propagate_on_meta
+    monkeypatch.setattr(tracing, "_propagate_on_meta", lambda gm, x: on_meta.append(True) or real_pass(gm, x))
+    x = torch.randn(1, 3, 32, 32)
+    for width, meta_expected in ((512, True), (8, False)):
+        model = randomize_bn(_conv_bn_pair(width)).eval()
+        on_meta.clear()
+        gm = tracing.trace(model, x)
+        assert bool(on_meta) is meta_expected
+        shapes = [tracing.node_shape(n) for n in gm.graph.nodes]
+        with torch.no_grad():
+            ShapeProp(gm).propagate(x)
+            assert shapes == [tracing.node_shape(n) for n in gm.graph.nodes] and shapes[-1] == (1, width, 32, 32)
+            torch.testing.assert_close(gm(x), model(x))
+
 class TwoBlockers(nn.Module):
     def __init__(self):
         super().__init__()
