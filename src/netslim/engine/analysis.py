@@ -20,7 +20,7 @@ from ..gc_pause import paused_gc
 from ..wrappers import unwrap_model
 from .classes import Classes, classify_bns, resolve_gates, varying_inputs
 from . import rules
-from .channels import AttrUse, ModuleUse, compress
+from .channels import AttrUse, ModuleUse, compress, long_tensor
 from .slots import SlotWalk
 from .trace import source_lines, trace, where
 
@@ -67,8 +67,7 @@ class UnitTable:
                 unit_layer: list[tuple[str, ...]]) -> UnitTable:
         """The table, with the units grouped by layer (in order of first appearance)."""
         layer_id: dict[tuple[str, ...], int] = {}
-        unit_layer_id = torch.tensor([layer_id.setdefault(layer, len(layer_id)) for layer in unit_layer],
-                                     dtype=torch.long)
+        unit_layer_id = long_tensor(layer_id.setdefault(layer, len(layer_id)) for layer in unit_layer)
         by_layer = torch.argsort(unit_layer_id, stable=True)  # each layer's units, in unit order
         per_layer = torch.bincount(unit_layer_id, minlength=len(layer_id)).tolist()
         return UnitTable(bn_offset, member_flat, torch.repeat_interleave(torch.arange(len(unit_size)), unit_size),
@@ -162,7 +161,7 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     sizes = [mods[n].num_features for n in an.bn_order]
     bn_offset = torch.tensor([0, *sizes], dtype=torch.long).cumsum(0)
     bns = [k for k, n in enumerate(an.bn_order) if an.uses.get(n) is not None and an.uses[n].kind == "bn"]
-    slots = torch.tensor(list(chain.from_iterable(an.uses[an.bn_order[k]].out_slots for k in bns)), dtype=torch.long)
+    slots = long_tensor(chain.from_iterable(an.uses[an.bn_order[k]].out_slots for k in bns))
     counts = torch.tensor([sizes[k] for k in bns], dtype=torch.long)
     member_bn = torch.repeat_interleave(torch.tensor(bns, dtype=torch.long), counts)
     member_flat = bn_offset[member_bn] + torch.arange(len(slots)) - \
@@ -187,7 +186,7 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     plain = torch.zeros(len(roots), dtype=torch.long).index_add_(0, member_class, excluded.long()) == 0
     plain &= ~torch.isin(class_root, torch.tensor([r for r, p in cs.pins.items() if p], dtype=torch.long))
     root_list = class_root.tolist()
-    plain &= torch.tensor([cs.free[r] == 0 for r in root_list], dtype=torch.bool)
+    plain &= long_tensor(map(cs.free.__getitem__, root_list)) == 0
     if skip_coupled:
         plain &= class_bns == 1
     plain_list = plain.tolist()

@@ -20,7 +20,7 @@ from itertools import chain
 
 import torch
 
-from .channels import Origins, compress
+from .channels import Origins, compress, long_tensor
 from .slots import SlotWalk
 
 
@@ -40,7 +40,7 @@ class Classes:
 
         def count(slot_lists: list[list[int]]) -> list[int]:
             """Per root: how many entries of `slot_lists` fall into its class."""
-            slots = torch.tensor(list(chain.from_iterable(slot_lists)), dtype=torch.long)
+            slots = long_tensor(chain.from_iterable(slot_lists))
             return torch.bincount(root[slots], minlength=len(root)).tolist()
 
         self.readers_ = count(a.reads)                    # channels conv / linear / BN read
