@@ -171,7 +171,7 @@ def test_wide_convs_take_their_shapes_from_meta_even_at_a_small_input(monkeypatc
     real_pass = tracing._propagate_on_meta
     monkeypatch.setattr(tracing, "_propagate_on_meta", lambda gm, x: on_meta.append(True) or real_pass(gm, x))
     x = torch.randn(1, 3, 32, 32)
-    for width, meta_expected in ((512, True), (8, False)):
+    for width, meta_expected in ((256, True), (8, False)):
         model = randomize_bn(_conv_bn_pair(width)).eval()
         on_meta.clear()
         gm = tracing.trace(model, x)
