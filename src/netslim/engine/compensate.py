@@ -104,7 +104,7 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     masked model. `skip`: the modules of residual branches removed whole (blocks.py): they
     get nothing, and their BNs are silenced (gamma = beta = 0) before the probes, so each
     branch outputs exactly 0 there, as it does in the masked model.
-    share_weights: the copy's conv and linear weights are `model`'s own tensors (nothing
+    share_weights: the copy's conv and linear weights (and BN running variances) are `model`'s own tensors (nothing
     here writes them; copying them was a tenth of a prune call), for a caller that slices
     the copy and then owns what is still shared (slim.own_tensors).
     """
@@ -141,10 +141,17 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     return new, report
 
 
-def _weights_memo(model: nn.Module) -> dict[int, nn.Parameter]:
-    """A deepcopy memo that maps every conv and linear weight to itself: the copy shares them."""
-    return {id(m.weight): m.weight for m in model.modules()
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, nn.Parameter)}
+def _weights_memo(model: nn.Module) -> dict[int, torch.Tensor]:
+    """A deepcopy memo that maps to itself every tensor compensate() never writes: conv and
+    linear weights, BN running variances and batch counters (it writes BN factors, shifts
+    and running means, and conv and linear biases). The copy shares them."""
+    shared: list[torch.Tensor] = []
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, nn.Parameter):
+            shared.append(m.weight)
+        elif isinstance(m, _BatchNorm):
+            shared += [t for t in (m.running_var, m.num_batches_tracked) if t is not None]
+    return {id(t): t for t in shared}
 
 
 def _consumers(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[int]]:
@@ -182,7 +189,10 @@ def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers:
             beta = bn.bias.detach()[index].view(1, -1, *([1] * (out.dim() - 2)))
             gamma = bn.weight.detach()[index].view_as(beta)
             z = noise.draw(out.shape[0], len(channels), out.shape[2:]).to(out)
-            return out.index_copy_(1, index.to(out.device), torch.addcmul(beta, gamma, z))
+            # Into a contiguous buffer: addcmul would lay its result out like the strided z
+            # (channels interleaved), which index_copy_ then reads slowly (same values either way).
+            values = torch.addcmul(beta, gamma, z, out=out.new_empty((out.shape[0], len(channels), *out.shape[2:])))
+            return out.index_copy_(1, index.to(out.device), values)
         return hook
 
     def record(name: str, m: nn.Module, channels: list[int]):
