@@ -151,3 +151,34 @@ def test_batchnorms_inside_a_registered_module_are_reported():
     assert "registered with netslim.register_module" in report["unprunable"]["act1.bn"]
     assert "transposes space" in report["unprunable"]["bn1"]
     assert slim.act1.bn.num_features == 8 and slim.bn1.num_features == 8
+
+
+@pytest.mark.parametrize("arch", ["convnext-bn", "ghostnet", "resnext29"])
+def test_an_owned_bn_with_one_class_per_channel_merges_as_the_general_loop_does(arch, monkeypatch):
+    """classify_bns' shortcut for a BN whose channels each have their own input and output
+    class (conv -> BN) leaves every slot's class, every class aggregate and every BN's mode
+    exactly as the per-channel loop it skips (convnext-bn, ghostnet: classes fed from outside
+    BN and gates; grouped convs in resnext29 take the loop)."""
+    from zoo import ZOO
+    from netslim.engine import classes as cls
+    from netslim.engine.analysis import varying_inputs
+    from netslim.engine.channels import compress
+    from netslim.engine.slots import SlotWalk
+    from netslim.engine.trace import trace
+
+    model = ZOO[arch]().eval()
+    gm = trace(model, torch.randn(1, 3, 32, 32))
+
+    def classified():
+        walk = SlotWalk(model, gm, set())
+        walk.run()
+        varying_inputs(walk)
+        cs = cls.Classes(walk)
+        cls.resolve_gates(walk, cs)
+        cls.classify_bns(walk, cs)
+        return (compress(walk.parent).tolist(), cs.readers_, cs.bn, cs.free, cs.unsliceable,
+                {r: p for r, p in cs.pins.items() if p}, {n: u.bn_mode for n, u in walk.uses.items() if u.kind == "bn"})
+
+    shortcut = classified()
+    monkeypatch.setattr(cls, "_all_distinct", lambda in_roots, out_roots: False)
+    assert classified() == shortcut

@@ -78,9 +78,13 @@ class Classes:
         drop_reader, merge, with each input class's reads (all of them this BN's) dropped at once."""
         find, parent = self.a.find, self.a.parent
         readers, bn, free, unsliceable, pins = self.readers_, self.bn, self.free, self.unsliceable, self.pins
+        out_roots = self.a.roots(out_slots)
+        if _all_distinct(in_roots, out_roots):
+            self._own_one_to_one(in_roots, out_roots)
+            return
         for r in in_roots:
             readers[r] = 0
-        for r, other in zip(in_roots, self.a.roots(out_slots)):
+        for r, other in zip(in_roots, out_roots):
             if parent[r] != r:  # joined an earlier channel's output class
                 r = find(r)
             if parent[other] != other:
@@ -97,6 +101,22 @@ class Classes:
             if moved:
                 pins.setdefault(r, []).extend(moved)
 
+    def _own_one_to_one(self, in_roots: list[int], out_roots: list[int]) -> None:
+        """own() where every channel has its own input class and its own output class (a plain
+        conv -> BN: all roots distinct): the general loop's updates without its finds and checks."""
+        parent, pins = self.a.parent, self.pins
+        readers, bn, free, unsliceable = self.readers_, self.bn, self.free, self.unsliceable
+        for r, other in zip(in_roots, out_roots):
+            parent[other] = r
+            readers[r] = readers[other]  # r's reads were all this BN's: dropped
+            bn[r] += bn[other]
+            unsliceable[r] += unsliceable[other]
+            free[r] = free[other]  # what produced r (a conv's output) goes with the BN channel
+            if other in pins:
+                moved = pins.pop(other)
+                if moved:
+                    pins.setdefault(r, []).extend(moved)
+
     def merge(self, s_a: int, s_b: int) -> None:
         r, other = self.a.find(s_a), self.a.find(s_b)
         if r == other:
@@ -107,6 +127,12 @@ class Classes:
         moved = self.pins.pop(other, None)
         if moved:
             self.pins.setdefault(r, []).extend(moved)
+
+
+def _all_distinct(in_roots: list[int], out_roots: list[int]) -> bool:
+    """Are the roots all distinct, inputs and outputs alike (each channel its own two classes)?"""
+    ins = set(in_roots)
+    return len(ins) == len(in_roots) and len(set(out_roots)) == len(out_roots) and ins.isdisjoint(out_roots)
 
 
 def unsliceable_slots(walk: SlotWalk, o: Origins) -> list[int]:
@@ -246,8 +272,10 @@ def _sole_reader(classes: Classes, name: str, in_roots: list[int]) -> bool:
     of its channels (a grouped conv ties position j of every group): then all of them read it.
     (Each channel j of the BN is one read of class in_roots[j]: a class read exactly as many
     times as it holds channels of the BN has no other reader.)"""
+    readers, pins = classes.readers_, classes.pins
+    if len(set(in_roots)) == len(in_roots):  # one class per channel (the common case): read once
+        return all(readers[root] == 1 and not pins.get(root) for root in in_roots)
     channels: dict[int, int] = {}
     for root in in_roots:
         channels[root] = channels.get(root, 0) + 1
-    readers, pins = classes.readers_, classes.pins
     return all(readers[root] == count and not pins.get(root) for root, count in channels.items())
