@@ -91,6 +91,9 @@ class Analysis:
     varying_inputs: dict[str, frozenset[int]] = field(default_factory=dict)
     graph: fx.GraphModule | None = None      # the traced model the analysis walked
     table: UnitTable | None = None           # the units as flat tensors (from them if not given)
+    # per graph node: the slot walk's ChannelInfo of its output (its channel dim's slots), for
+    # reading a slim model's widths off the graph (counts.py)
+    chans: dict[fx.Node, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.table is None:  # not from analyze(), which compresses the classes and builds the table
@@ -145,7 +148,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
         if owner and isinstance(m, _BatchNorm):
             unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
     return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
-                    untraceable, varying, gm, table)
+                    untraceable, varying, gm, table, an.chans)
 
 
 def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Module], exclude: set[str],

@@ -9,6 +9,7 @@ import copy
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -21,19 +22,27 @@ from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import analyze
 from .compensate import compensate as compensate_removed
+from .counts import GraphCount
 from .mask import apply_mask, strip_masks
 from .plan import (DEFAULT_GROUP_SCORE, check_options, compose_plans, explain_shortfall, make_plan,
                    masked_out, removed_roots, unit_scores)
-from .slim import apply_plan, own_tensors, slice_in_place
+from .slim import apply_plan, own_tensors, removed_slots, slice_in_place
 from .trace import example_input as make_example
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------
 
-def _count(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+def _count(model: nn.Module, example_input: torch.Tensor, counter: GraphCount | None = None,
+           kept_slot: np.ndarray | None = None) -> dict[str, int]:
+    """profile.count(model, example_input): read off the analysis's graph by `counter` (of the
+    traced model; with `kept_slot`, of its copy sliced to those slots) when it proves the count
+    equal, else by a forward."""
     from ..profile import count
 
+    counted = counter.count(model, kept_slot) if counter is not None else None
+    if counted is not None:
+        return counted
     return count(model, example_input=example_input, on_meta=prefer_meta(example_input))
 
 
@@ -96,14 +105,16 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     # Channels an earlier mask removed stay removed (the guards are applied after that).
     options = dict(min_channels=min_channels, max_layer_percent=max_layer_percent, group_score=group_score,
                    masked_out=masked_out(model, meta))
-    before = _count(model, example_input)
+    counter = GraphCount.of(model, analysis)  # None: the counts run profile.count's forward
+    before = _count(model, example_input, counter)
     budget = None
     removal = blocks.BlockRemoval(model, analysis, example_input, set(exclude) | set(analysis.untraceable),
                                   options["masked_out"]) if remove_blocks and max_layer_percent is None else None
     if targets:
         (key, fraction), = targets.items()
         percent, budget = _fit_budget(model, analysis, example_input, key, fraction, before,
-                                      {**options, "round_to": 1 if round_to == "auto" else round_to}, removal)
+                                      {**options, "round_to": 1 if round_to == "auto" else round_to}, removal,
+                                      counter)
     if round_to == "auto":  # measure which widths at or above the kept counts run fastest
         from ..widths import choose_widths
         plan, _, decisions = make_plan(model, analysis, percent, **options)
@@ -118,6 +129,9 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     source, compensation = model, None
     removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks),
                             dict(model.named_modules()))
+    # the slim model's widths, for its counts (a removed block changes the graph: counted by a forward)
+    kept_slot = ~removed_slots(analysis, removed)
+    slim_counter = counter if not removed_blocks else None
     if compensate:
         source, compensation = compensate_removed(
             model, analysis, removed, example_input,
@@ -129,16 +143,16 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
                                             branches=removed_blocks, removed=removed), model)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
-        after = _count(pruned, example_input)
+        after = _count(pruned, example_input, slim_counter, kept_slot)
         effective = after
     else:
         pruned = source if source is not model else copy.deepcopy(source)
         strip_masks(pruned)
         pruned = apply_mask(pruned, plan)
         meta["mask"] = pruned.netslim_meta["mask"]
-        after = _count(pruned, example_input)
+        after = _count(pruned, example_input, counter)  # the dense shapes, with the compensated biases
         effective = _count(apply_plan(pruned, plan, example_input, analysis=analysis, branches=removed_blocks),
-                           example_input)
+                           example_input, slim_counter, kept_slot)
     meta["input_size"] = input_size
     if exclude:
         meta["exclude"] = exclude
@@ -175,15 +189,20 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     return pruned, report
 
 
-def _fit_budget(model, analysis, example_input, key, fraction, dense, options, removal=None) -> tuple[float, dict]:
+def _fit_budget(model, analysis, example_input, key, fraction, dense, options, removal=None,
+                counter=None) -> tuple[float, dict]:
     """The percent whose slim model keeps at most `fraction` of the dense `key` count."""
     _, values = unit_scores(model, analysis, options["group_score"])
     n_values = max(int(values.numel()), 1)
+    mods = dict(model.named_modules())
 
     def measure(percent: float) -> int:
         plan, threshold, decisions = make_plan(model, analysis, percent, **options)
         plan, gone = removal(plan, threshold, decisions) if removal is not None else (plan, [])
-        return _count(apply_plan(model, plan, example_input, analysis=analysis, branches=gone), example_input)[key]
+        slim = apply_plan(model, plan, example_input, analysis=analysis, branches=gone)
+        if gone:  # a removed block changes the graph: counted by a forward
+            return _count(slim, example_input)[key]
+        return _count(slim, example_input, counter, ~removed_slots(analysis, removed_roots(analysis, plan, mods)))[key]
 
     if not analysis.units:
         measure = lambda percent: dense[key]  # noqa: E731 (nothing prunable: the dense count)
