@@ -21,7 +21,7 @@ from ..meta_shapes import prefer_meta
 from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import analyze
-from .compensate import compensate as compensate_removed
+from .compensate import _weights_memo, compensate as compensate_removed
 from .counts import GraphCount
 from .mask import apply_mask, strip_masks
 from .plan import (DEFAULT_GROUP_SCORE, check_options, compose_plans, explain_shortfall, make_plan,
@@ -139,8 +139,10 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         if compensation.added_biases:
             meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
     if mode == "slim":  # the compensated copy is ours to slice; the user's model is copied first
-        pruned = own_tensors(slice_in_place(copy.deepcopy(model) if source is model else source, plan, analysis,
-                                            branches=removed_blocks, removed=removed), model)
+        # (sharing its conv and linear weights, as compensate's copy does: slicing makes new
+        # tensors, and own_tensors copies what it left whole)
+        copied = copy.deepcopy(model, _weights_memo(model)) if source is model else source
+        pruned = own_tensors(slice_in_place(copied, plan, analysis, branches=removed_blocks, removed=removed), model)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = _count(pruned, example_input, slim_counter, kept_slot)
