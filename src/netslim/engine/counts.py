@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -140,11 +140,11 @@ def _reads_training(cls: type) -> bool:
     return _training_readers[cls]
 
 
-def _forward_hooks_ok(model: nn.Module) -> bool:
+def _forward_hooks_ok(modules: Iterable[nn.Module]) -> bool:
     """No forward hook that could issue ops: none global, per module only the mask's."""
     if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
         return False
-    for m in model.modules():
+    for m in modules:
         if m._forward_hooks or any(h is not _hold_masked_factors for h in m._forward_pre_hooks.values()):
             return False
     return True
@@ -170,9 +170,9 @@ class GraphCount:
         """A counter for `model`, or None when its graph holds anything whose count it cannot
         prove equal to profile.count's (the caller runs profile.count then)."""
         gm = analysis.graph
-        if gm is None or not analysis.chans or not _forward_hooks_ok(model):
-            return None
         mods = dict(model.named_modules())
+        if gm is None or not analysis.chans or not _forward_hooks_ok(mods.values()):
+            return None
         calls, leaves = [], set()
         for node in gm.graph.nodes:
             op = node.op
@@ -206,28 +206,34 @@ class GraphCount:
         copy of it sliced to the slots where `kept_slot` is True, or None if that copy's
         modules or shapes do not agree with the graph (e.g. blocks removed)."""
         mods = dict(model.named_modules())
-        if mods.keys() != self._types.keys() or not _forward_hooks_ok(model):
+        if mods.keys() != self._types.keys() or not _forward_hooks_ok(mods.values()):
             return None
         for name, m in mods.items():  # the forward the graph traced: the same classes (a BN may gather)
             if type(m) is not self._types[name] and not \
                     (isinstance(m, _BatchNorm) and issubclass(self._types[name], _BatchNorm)):
                 return None
         macs = 0
+        kept_widths: dict[int, int] = {}  # per ChannelInfo (passthrough ops share their input's)
         for name, rule, x_node, y_node in self._calls:
             m = mods[name]
-            x, y = self._shape(x_node, kept_slot), self._shape(y_node, kept_slot)
+            x, y = self._shape(x_node, kept_slot, kept_widths), self._shape(y_node, kept_slot, kept_widths)
             if x is None or y is None or _module_rule(m) is not rule or not _AGREES[rule](m, x, y):
                 return None
             macs += int(rule(m, _Shape(x), _Shape(y)))
         return {"params": count_params(model), "macs": macs, "flops": 2 * macs}
 
-    def _shape(self, node: fx.Node, kept_slot: np.ndarray | None) -> tuple[int, ...] | None:
-        """`node`'s output shape in the model sliced to `kept_slot` (the traced one if None)."""
+    def _shape(self, node: fx.Node, kept_slot: np.ndarray | None, kept_widths: dict[int, int]
+               ) -> tuple[int, ...] | None:
+        """`node`'s output shape in the model sliced to `kept_slot` (the traced one if None);
+        kept_widths caches the kept width of each ChannelInfo (by id) for one count."""
         shape = _tensor_shape(node)
         if kept_slot is None or shape is None:
             return shape
         info = self._chans.get(node)
         if len(shape) < 2 or not isinstance(info, ChannelInfo) or len(info.slots) * info.block != shape[1]:
             return None
-        kept = int(np.count_nonzero(kept_slot[np.asarray(info.slots, dtype=np.intp)])) * info.block
+        kept = kept_widths.get(id(info))
+        if kept is None:
+            kept = kept_widths[id(info)] = \
+                int(np.count_nonzero(kept_slot[np.asarray(info.slots, dtype=np.intp)])) * info.block
         return (shape[0], kept, *shape[2:])

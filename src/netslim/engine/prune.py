@@ -142,7 +142,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         # (sharing its conv and linear weights, as compensate's copy does: slicing makes new
         # tensors, and own_tensors copies what it left whole)
         copied = copy.deepcopy(model, _weights_memo(model)) if source is model else source
-        pruned = own_tensors(slice_in_place(copied, plan, analysis, branches=removed_blocks, removed=removed), model)
+        pruned = own_tensors(slice_in_place(copied, plan, analysis, branches=removed_blocks, removed=removed,
+                                            kept_slot=kept_slot), model)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
         after = _count(pruned, example_input, slim_counter, kept_slot)

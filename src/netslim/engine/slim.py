@@ -58,10 +58,11 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
 
 def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: Analysis, *,
                    exclude: Sequence[str] = (), branches: Sequence[blocks.Branch] | None = None,
-                   removed: set[int] | None = None) -> nn.Module:
+                   removed: set[int] | None = None, kept_slot: np.ndarray | None = None) -> nn.Module:
     """apply_plan on `model` itself, no copy: for a private copy the caller owns (`analysis`
     is of the model it was copied from, or of itself). `removed`: the caller's
-    removed_roots of the plan with `branches` removed (computed here if not given)."""
+    removed_roots of the plan with `branches` removed (computed here if not given), and
+    `kept_slot` its ~removed_slots if the caller has that too."""
     new = model
     meta = dict(getattr(new, "netslim_meta", {}) or {})
     strip_masks(new)
@@ -72,8 +73,9 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
         else blocks.branches_for_plan(new, plan, analysis, untouchable)
     plan = blocks.plan_for_slicing(plan, analysis, removed_branches)
     if removed is None or branches is None or len(removed_branches) < len(branches):
-        removed = removed_roots(analysis, plan, mods)
-    kept_slot = ~removed_slots(analysis, removed)
+        removed, kept_slot = removed_roots(analysis, plan, mods), None
+    if kept_slot is None:
+        kept_slot = ~removed_slots(analysis, removed)
 
     def keep(slots: Sequence[int]) -> np.ndarray:
         return np.flatnonzero(kept_slot[np.asarray(slots, dtype=np.intp)])
