@@ -261,7 +261,8 @@ def test_channels_gated_by_kept_channels_are_skipped_and_constants_are_folded_ex
 def test_the_constant_a_conv_gets_is_the_spatial_mean_of_its_output():
     """A 1x1 stride-1 conv takes the mean of its input (the mean commutes with it); any other
     conv the mean of what each kernel position reads: the numbers running the conv gives."""
-    from netslim.engine.compensate import _contribution, _input_positions, _summary
+    from netslim.engine.compensate import _contribution
+    from netslim.engine.probe import _input_positions, _summary
 
     g = torch.Generator().manual_seed(0)
     channels = [1, 2, 5]
@@ -302,3 +303,190 @@ def test_pruning_leaves_the_model_untouched_and_shares_no_tensor_with_it():
             assert torch.equal(value, before[key]), (mode, key)
         storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         assert not any(t.untyped_storage().data_ptr() in storages for t in (*pruned.parameters(), *pruned.buffers()))
+
+
+# ---------------------------------------------------------------------------------------
+# The probe on the removed channels only (probe._RestrictedProbe) against the full forward
+
+def _both_probes(monkeypatch):
+    """From here on, each compensation runs the restricted probe and the full forward and
+    checks that what they record is the same, bit for bit; returns, per probe, whether the
+    restricted one answered (False: it sent the compensation to the full forward)."""
+    from netslim.engine import probe
+
+    answered = []
+    restricted = probe._RestrictedProbe.run
+
+    def run(self, example_input, batch):
+        seen = restricted(self, example_input, batch)
+        answered.append(seen is not None)
+        if seen is not None:
+            full = probe._full_probe(self.mods[""], self.removed, self.consumers, self.in_blocks,
+                                     example_input, batch)
+            assert seen.keys() == full.keys()
+            for name in full:
+                assert torch.equal(seen[name], full[name]), name
+        return seen
+
+    monkeypatch.setattr(probe._RestrictedProbe, "run", run)
+    return answered
+
+
+class OneRemovedChannel(nn.Module):
+    """Two BNs whose products a 1x1 conv and a 3x3 conv read, each with one channel removed
+    at 1/16 (a 1x1 conv's recorded mean then runs over a single probed channel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.p1, self.p3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.p1(torch.relu(self.b1(self.c1(x)))).mean() + self.p3(torch.relu(self.b2(self.c2(x)))).mean()
+
+
+def _one_removed_channel():
+    model = _zero_half_the_factors(OneRemovedChannel())
+    with torch.no_grad():
+        for bn in (model.b1, model.b2):
+            bn.weight[1::2] = torch.tensor([0.05, 0.3, 0.4, 0.5])  # channel 1 is the smallest
+            bn.weight[0::2] += 1.0
+            bn.bias.abs_().add_(0.1)   # relu(beta + gamma z) varies: the order of the sum shows
+    return model
+
+
+def test_the_probe_on_the_removed_channels_records_what_the_full_forward_does(monkeypatch):
+    """Residual adds (in place too), concatenations, pooling, flatten before a linear, several
+    percents: the same noise, drawn in the same order, reaches the same channels."""
+    from zoo import ZOO
+    from test_zoo import skew_bn
+
+    answered = _both_probes(monkeypatch)
+    x = torch.randn(1, 3, 32, 32)
+    models = [skew_bn(ZOO[name]()) for name in ("resnet-bottleneck", "resnet18-basic", "densenet-bc", "dpn",
+                                                 "googlenet", "mobilenet-v2")]
+    for model in models:
+        for percent in (0.3, 0.7):
+            prune(model, percent, example_input=x)
+    for net in (OneByOne(), Flattened()):
+        prune(_zero_half_the_factors(net), 0.4, example_input=torch.randn(1, 3, 8, 8))
+    _, report = prune(_one_removed_channel(), 1 / 16, example_input=x)
+    assert report["compensation"]["into_bias"] == ["p1", "p3"]
+    assert answered == [True] * 15
+
+
+# The tests/zoo architectures the restricted probe answers for (at 32x32, 50%); the others
+# go to the full forward: SiLU, hard-swish or sigmoid on a probed path (efficientnet-b0,
+# mobilenet-v3-small, yolov8-style), a consumer reading a squeeze-excitation product or a
+# depthwise conv's output (ghostnet, pnasnet-a, pnasnet-b, regnety, senet), a channel shuffle
+# (the shufflenets: x.size() on a probed path).
+PROBED_ZOO = {"convnext-bn", "deep-residual-stack", "densenet-bc", "dla", "dpn", "googlenet", "mobilenet-v1",
+              "mobilenet-v2", "preact-resnet", "regnetx", "repvgg", "resnet-bottleneck", "resnet18-basic",
+              "resnext29", "untraceable-submodule", "vgg11"}
+
+
+def test_which_zoo_architectures_the_restricted_probe_answers_for(monkeypatch):
+    from zoo import ZOO
+    from test_zoo import skew_bn
+
+    answered = _both_probes(monkeypatch)
+    probed = set()
+    for name in sorted(ZOO):
+        answered.clear()
+        prune(skew_bn(ZOO[name]()), 0.5, example_input=torch.randn(1, 3, 32, 32))
+        if answered == [True]:
+            probed.add(name)
+    assert probed == PROBED_ZOO
+
+
+def _probe_fallback(caplog, monkeypatch, model, percent, why):
+    """Pruning `model` sends the compensation to the full forward, logging `why`."""
+    import logging
+
+    answered = _both_probes(monkeypatch)
+    monkeypatch.setattr(logging.getLogger("netslim"), "propagate", True)  # a CLI test may have set it off
+    with caplog.at_level(logging.DEBUG, logger="netslim.engine.probe"):
+        _, report = prune(model, percent, example_input=torch.randn(1, 3, 8, 8))
+    assert answered == [False] and report["compensation"]["folded"] > 0
+    assert why in caplog.text, caplog.text
+
+
+class SiLUAfterBN(OneByOne):
+    def forward(self, x):
+        return self.c3(nn.functional.silu(self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))))
+
+
+class DepthwiseBetween(nn.Module):
+    """BN -> ReLU -> depthwise conv -> 1x1 conv: the consumer reads the depthwise conv's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.pw(self.dw(torch.relu(self.b1(self.c1(x)))))
+
+
+class DepthwiseBeside(DepthwiseBetween):
+    """cat([y, dw(y)]) -> 1x1 conv: the probe holds y's removed channels, not the depthwise conv's."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.pw(torch.cat([y, self.dw(y)], 1))
+
+
+class WritesASharedTensor(nn.Module):
+    """relu_ on y.contiguous(), which is y itself here (a copy in a channels-last model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.b1(self.c1(x))
+        z = y.contiguous().relu_()
+        return self.c2(torch.cat([y, z], 1))
+
+
+def test_an_op_the_probe_cannot_prove_exact_sends_it_to_the_full_forward(caplog, monkeypatch):
+    cases = [(SiLUAfterBN(), "node silu"),
+             (DepthwiseBetween(), "consumer pw's input holds no probed channel"),
+             (DepthwiseBeside(), "consumer pw reads a channel the probe does not hold"),
+             (WritesASharedTensor(), "writes in place a tensor b1 shares"),
+             (LayerScale(), "consumer c2's input holds no probed channel")]
+    channels_last = _zero_half_the_factors(OneByOne()).to(memory_format=torch.channels_last)
+    cases = [(_zero_half_the_factors(net), why) for net, why in cases] + [(channels_last, "channels-last")]
+    for model, why in cases:
+        caplog.clear()
+        monkeypatch.undo()
+        _probe_fallback(caplog, monkeypatch, model, 0.4, why)
+
+
+def test_an_error_in_the_probe_or_a_module_out_of_the_graph_sends_it_to_the_full_forward(caplog, monkeypatch):
+    import logging
+
+    from netslim.engine import probe
+
+    def fails(*args):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(probe._RestrictedProbe, "flatten", fails)
+    _probe_fallback(caplog, monkeypatch, _zero_half_the_factors(Flattened()), 0.4, "RuntimeError: planted")
+    caplog.clear()
+    monkeypatch.undo()
+    graph = probe.fx.symbolic_trace(nn.Sequential())  # none of the model's modules
+    monkeypatch.setattr(probe, "_full_probe", lambda *args: "full")
+    model = _zero_half_the_factors(OneByOne())
+    monkeypatch.setattr(logging.getLogger("netslim"), "propagate", True)
+    with caplog.at_level(logging.DEBUG, logger="netslim.engine.probe"):
+        assert probe.consumer_inputs(model, graph, {"b1": [1]}, {"c2": [1]}, {"c2": 1}, torch.zeros(1, 3, 8, 8),
+                                     batch=1) == "full"
+    assert "b1 is not in the traced graph" in caplog.text
+

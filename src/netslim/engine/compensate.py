@@ -13,10 +13,11 @@ The second term goes into the consumer's bias, or, when the consumer feeds one p
 BatchNorm and nothing else, into that BN's running mean (BN(y + k) with mean m equals
 BN(y) with mean m - k), so no parameter is added.
 
-How the constant is found: the model is run once (eval mode, on random inputs) with every
+How the constant is found (probe.py): the model is run once (eval mode, on random inputs) with every
 removed BN channel replaced by beta + gamma * z, z ~ N(0, 1) (stratified: _StratifiedNormal),
 what it outputs when its normalised input is standard normal, and each consumer's input
-is averaged over the batch and space:
+is averaged over the batch and space (on the removed channels only where the traced graph
+allows, the same numbers):
 the expected constant E[act(gamma z + beta)] through the model's own ops (exactly act(beta)
 when gamma = 0). The class analysis (classes.py) guarantees those channels carry only what
 removed BN channels produced, and it records where such a channel is multiplied by something
@@ -45,6 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import is_indexed_bn
 from .analysis import Analysis
+from .probe import _input_positions, _pointwise, consumer_inputs
 from .slim import removed_slots
 from .trace import trace
 
@@ -120,8 +122,8 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     consumers = {n: c for n, c in _consumers(analysis, removed_roots).items() if n not in skip}
     if consumers:
         in_blocks = {n: analysis.modules[n].in_block for n in consumers}
-        expected = _consumer_inputs(new, removed, consumers, in_blocks, example_input,
-                                    batch=noise_batch(example_input))
+        expected = consumer_inputs(new, analysis.graph, removed, consumers, in_blocks, example_input,
+                                   batch=noise_batch(example_input))
         feeds_bn = _single_bn_reader(new, analysis.graph or trace(model, example_input), list(consumers))
         for name, channels in consumers.items():
             varying = analysis.varying_inputs.get(name, frozenset())
@@ -164,109 +166,6 @@ def _consumers(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[in
             if chans:
                 out[name] = chans
     return out
-
-
-def _consumer_inputs(model: nn.Module, removed: dict[str, list[int]], consumers: dict[str, list[int]],
-                     in_blocks: dict[str, int], example_input: torch.Tensor, *, batch: int
-                     ) -> dict[str, torch.Tensor]:
-    """Each consumer's removed input channels averaged over `batch` random inputs, with every
-    removed BN channel's output replaced by beta + gamma * z, z standard normal (what a BN
-    channel gives when its normalised input is standard normal); so the mean estimates
-    E[act(gamma z + beta)] through the model's own ops (equal to act(beta) when gamma = 0).
-
-    Only what _contribution reads is kept of each consumer's input (_summary).
-    """
-    mods = dict(model.named_modules())
-    gen = torch.Generator().manual_seed(0)
-    noise = _StratifiedNormal(gen)
-
-    def replace(bn: nn.Module, channels: list[int]):
-        index = torch.tensor(channels, dtype=torch.long)
-
-        def hook(m, args, out):
-            if out._base is not None or out.data_ptr() == args[0].data_ptr():
-                out = out.clone()  # written in place below: never into a view of another tensor
-            beta = bn.bias.detach()[index].view(1, -1, *([1] * (out.dim() - 2)))
-            gamma = bn.weight.detach()[index].view_as(beta)
-            z = noise.draw(out.shape[0], len(channels), out.shape[2:]).to(out)
-            # Into a contiguous buffer: addcmul would lay its result out like the strided z
-            # (channels interleaved), which index_copy_ then reads slowly (same values either way).
-            values = torch.addcmul(beta, gamma, z, out=out.new_empty((out.shape[0], len(channels), *out.shape[2:])))
-            return out.index_copy_(1, index.to(out.device), values)
-        return hook
-
-    def record(name: str, m: nn.Module, channels: list[int]):
-        index = _input_positions(m, channels, in_blocks[name])
-        return lambda _, args: seen.__setitem__(name, _summary(m, args[0].detach(), index))
-
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [mods[n].register_forward_hook(replace(mods[n], ch)) for n, ch in removed.items()]
-    hooks += [mods[n].register_forward_pre_hook(record(n, mods[n], ch)) for n, ch in consumers.items()]
-    x = torch.randn((batch, *example_input.shape[1:]), generator=gen).to(example_input.device, example_input.dtype)
-    modes = {m: m.training for m in mods.values()}
-    try:  # on `model` itself (a copy of the user's), not on another deepcopy: hooks and modes are restored
-        with torch.no_grad():
-            model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, training in modes.items():
-            m.training = training
-    return seen
-
-
-def _input_positions(m: nn.Module, channels: Sequence[int], in_block: int) -> torch.Tensor:
-    """Where input `channels` lie in m's input: along dim 1 of a conv's, among a linear's
-    input features (in_block consecutive features per channel)."""
-    if isinstance(m, nn.Linear):
-        return torch.tensor([j * in_block + t for j in channels for t in range(in_block)], dtype=torch.long)
-    return torch.tensor(channels, dtype=torch.long)
-
-
-def _summary(m: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """What _contribution needs of consumer m's input `x` at `index` (_input_positions),
-    averaged over the probe's examples: of a 1x1 stride-1 conv, the spatial means [C]; of
-    another conv, the maps [C, *spatial]; of a linear, the features averaged over every
-    leading dim [C * in_block]."""
-    index = index.to(x.device)
-    if isinstance(m, nn.Linear):
-        return x.index_select(-1, index).reshape(-1, len(index)).mean(0, dtype=torch.float32)
-    if m.groups == 1 and _pointwise(m):  # reading the whole input once beats copying the channels out
-        return x.mean(dim=[0, *range(2, x.dim())], dtype=torch.float32).index_select(0, index)
-    return x.index_select(1, index).mean(0, dtype=torch.float32)
-
-
-class _StratifiedNormal:
-    """Standard normal samples for the probe, stratified per channel (Latin hypercube sampling).
-
-    Every channel of a draw holds the same n = batch x positions values, the midpoint
-    quantiles Phi^-1((i + 1/2) / n), spread over its positions by a random permutation
-    (one per draw, i.e. per BN), each channel starting at its own offset in it. So the
-    channel's spatial mean of any function of z alone (act(gamma z + beta)) is the
-    midpoint-rule integral over N(0, 1) (error O(1/n^2) for smooth act, O(1/n^1.5) at the kink
-    of ReLU, vs O(1/sqrt(n)) for n independent draws); where positions are combined
-    (pooling, k x k convs) or one channel index of several BNs is added (residual streams),
-    the values at distinct positions, channels and BNs are distinct strata of independent
-    permutations, so they mix as independent draws. Drawing costs one permutation of n per BN
-    instead of n normal samples per removed channel (the draw was as costly as the forward).
-    """
-
-    def __init__(self, gen: torch.Generator):
-        self.gen = gen
-        self.quantiles: dict[int, torch.Tensor] = {}
-
-    def draw(self, batch: int, channels: int, spatial: Sequence[int]) -> torch.Tensor:
-        """[batch, channels, *spatial]: a strided view, not to be written."""
-        positions = math.prod(spatial)
-        n = batch * positions
-        if n not in self.quantiles:
-            probs = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-            self.quantiles[n] = torch.special.ndtri(probs).float()
-        step = max(n // channels, 1)  # channel c starts at offset c * step of the permuted quantiles
-        ring = self.quantiles[n][torch.randperm(n, generator=self.gen)]
-        ring = ring.repeat(math.ceil(((channels - 1) * step + n) / n))  # cyclic: every channel reads n values
-        inner = [math.prod(spatial[d + 1:]) for d in range(len(spatial))]  # contiguous within a channel
-        return ring.as_strided((batch, channels, *spatial), (positions, step, *inner))
 
 
 def _contribution(m: nn.Module, in_block: int, summary: torch.Tensor, channels: Sequence[int],
@@ -330,12 +229,6 @@ def _conv_output_mean(m: nn.Module, maps: torch.Tensor, index: torch.Tensor) -> 
     z[0, index] = maps
     out = m._conv_forward(z, m.weight.detach().float(), None)
     return out[0].reshape(out.shape[1], -1).mean(dim=1)
-
-
-def _pointwise(m: nn.Module) -> bool:
-    """A 1x1 conv with stride 1 and no padding: every input position maps to one output position."""
-    padding = m.padding if isinstance(m.padding, str) else ("valid" if not any(m.padding) else "")
-    return all(k == 1 for k in m.kernel_size) and all(s == 1 for s in m.stride) and padding in ("valid", "same")
 
 
 def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str]) -> dict[str, str]:
