@@ -337,17 +337,23 @@ def timing_table(seed: int, repeats: int = 3, steps: bool = False) -> str:
     """Best of `repeats` interleaved calls per tool; the ratio is netslim / Torch-Pruning.
     steps: also print where netslim's call spends its time (prune_steps)."""
     _zoo()
-    lines = ["| model | input | netslim (s) | torch-pruning (s) | ratio |", "|---|---|---|---|---|"]
+    # compensate=False: the same work as Torch-Pruning's pruner (no folding of removed channels'
+    # constants); the default call compensates, which Torch-Pruning does not do.
+    lines = ["| model | input | netslim (s) | torch-pruning (s) | ratio | netslim compensate=False (s) | ratio |",
+             "|---|---|---|---|---|---|---|"]
     for name, make in timing_models().items():
         for size in (224, 32):
             torch.manual_seed(seed)
             base = skew(make(), seed)
             x = torch.randn(1, 3, size, size)
-            best = {"netslim": math.inf, "torch-pruning": math.inf}
+            best = {"netslim": math.inf, "torch-pruning": math.inf, "plain": math.inf}
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 prune(base, 0.5, example_input=x)
                 best["netslim"] = min(best["netslim"], time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                prune(base, 0.5, example_input=x, compensate=False)
+                best["plain"] = min(best["plain"], time.perf_counter() - t0)
                 if tp is not None:
                     model = copy.deepcopy(base)
                     t0 = time.perf_counter()
@@ -356,8 +362,9 @@ def timing_table(seed: int, repeats: int = 3, steps: bool = False) -> str:
                                                   ignored_layers=[m for m in model.modules() if isinstance(m, nn.Linear)][-1:])
                     pruner.step()
                     best["torch-pruning"] = min(best["torch-pruning"], time.perf_counter() - t0)
-            ratio = best["netslim"] / best["torch-pruning"] if tp is not None else math.nan
-            lines.append(f"| {name} | {size}x{size} | {best['netslim']:.2f} | {best['torch-pruning']:.2f} | {ratio:.2f} |")
+            ratio, plain = (best[k] / best["torch-pruning"] if tp is not None else math.nan for k in ("netslim", "plain"))
+            lines.append(f"| {name} | {size}x{size} | {best['netslim']:.2f} | {best['torch-pruning']:.2f} | {ratio:.2f} "
+                         f"| {best['plain']:.2f} | {plain:.2f} |")
             print(lines[-1], flush=True)
             if steps:
                 print(f"    {name} {size}x{size}, s per step (cProfile, cumulative): {prune_steps(base, x)}", flush=True)
