@@ -203,3 +203,71 @@ def test_an_error_lists_every_blocking_place_with_its_source_line():
     assert "2 op(s)" in msg and "roll" in msg and "flip" in msg
     assert "test_engine_shapes.py:" in msg and "torch.roll(" in msg
     assert "exclude=['bn', 'bn2']" in msg and "\n" not in msg
+
+
+class ManyOutputs(nn.Module):
+    """Nodes that return several tensors, a parameter read as a tensor, a default argument, and a
+    tuple as the model's output: every structure the shape pass records."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.ones(1, 4, 1, 1))
+
+    def forward(self, x, shift: float = 0.0):
+        a, b = F.relu(self.bn(self.conv(x))).chunk(2, 1)
+        parts = torch.split(a * self.scale + shift, [1, 3], 1)
+        return parts[1], b.mean((2, 3)), x.size(1)
+
+
+def _recorded(gm):
+    """Every node's tensor_meta, with each TensorMetadata as its shape."""
+    def shapes(meta):
+        if meta is None or hasattr(meta, "shape"):
+            return None if meta is None else tuple(meta.shape)
+        return type(meta).__name__, [shapes(m) if m is None or hasattr(m, "shape") or isinstance(m, (tuple, list))
+                                     else m for m in meta]
+    return [(n.name, shapes(n.meta.get("tensor_meta"))) for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("size", [8, 100])  # the real forward; the meta pass
+def test_the_shape_pass_records_what_shapeprop_records(size):
+    """trace's own shape pass (record_shapes) leaves the same tensor_meta as torch.fx's ShapeProp on
+    every node, the output included: single tensors, several outputs, sizes (no entry)."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    from netslim.engine import trace as tracing
+
+    model, x = randomize_bn(ManyOutputs()).eval(), torch.randn(1, 3, size, size)
+    gm = tracing.trace(model, x)
+    ours = _recorded(gm)
+    for node in gm.graph.nodes:
+        node.meta.pop("tensor_meta", None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(x)
+    assert ours == _recorded(gm)
+    assert dict(ours)["output"] == ("tuple", [(1, 3, size, size), (1, 4), 3])
+    assert dict(ours)["split"][0] == "tuple" and dict(ours)["size"] is None
+
+
+def test_the_shape_pass_frees_each_value_after_its_last_reader():
+    """Like fx.Interpreter, record_shapes drops a value once no later node reads it: each node
+    that has readers is let go exactly once, by the last of them."""
+    from netslim.engine import trace as tracing
+
+    gm = tracing.trace(ManyOutputs().eval(), torch.randn(1, 3, 8, 8))
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    freed = {}
+    for node, done_with in tracing._steps(gm.graph):
+        for gone in done_with:
+            assert gone not in freed
+            freed[gone] = node
+    assert freed == {n: max(n.users, key=order.get) for n in gm.graph.nodes if n.users}
+
+
+def test_a_model_that_fails_on_the_example_names_the_failing_op():
+    """The error is the op's own (ShapeProp wrapped it as 'ShapeProp error for: node=...')."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(10, 2))
+    with pytest.raises(PruneError, match=r"of shape \(1, 3, 8, 8\) failed \(mat1 and mat2 shapes cannot be "
+                                         r"multiplied.*pass a matching example_input"):
+        prune(model.eval(), 0.5, example_input=torch.randn(1, 3, 8, 8))

