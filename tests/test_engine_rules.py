@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import netslim
@@ -153,12 +154,65 @@ def test_batchnorms_inside_a_registered_module_are_reported():
     assert slim.act1.bn.num_features == 8 and slim.bn1.num_features == 8
 
 
-@pytest.mark.parametrize("arch", ["convnext-bn", "ghostnet", "resnext29"])
+def test_union_pairs_and_roots_agree_with_one_union_and_one_find_at_a_time():
+    """SlotWalk.union_pairs leaves every slot with the root that unions one pair at a time give
+    (the same classes and representatives), whether or not its shortcut applies (all roots of
+    the pairs distinct: runs of fresh slots; else shared or repeated roots); roots() is find()
+    of every slot at any path length."""
+    import random
+    from netslim.engine.slots import SlotWalk
+
+    def bare_walk():  # the union-find alone
+        walk = SlotWalk.__new__(SlotWalk)
+        walk.parent = list(range(64))
+        return walk
+
+    rng = random.Random(0)
+    shortcut_taken = fallback_taken = 0
+    for _ in range(300):
+        ours, one_by_one = bare_walk(), bare_walk()
+        for _ in range(rng.randint(1, 8)):
+            n = rng.randint(1, 8)
+            if rng.random() < 0.5:  # two runs of consecutive slots
+                a0, b0 = rng.randrange(64 - n), rng.randrange(64 - n)
+                a, b = list(range(a0, a0 + n)), list(range(b0, b0 + n))
+            else:
+                a, b = [rng.randrange(64) for _ in range(n)], [rng.randrange(64) for _ in range(n)]
+            distinct = len(set(ours.roots(a)) | set(ours.roots(b))) == 2 * n
+            shortcut_taken += distinct
+            fallback_taken += not distinct
+            ours.union_pairs(a, b)
+            for x, y in zip(a, b):
+                one_by_one.union(x, y)
+            probe = [rng.randrange(64) for _ in range(10)]
+            assert ours.roots(probe) == [one_by_one.find(s) for s in probe]
+            every = list(range(64))
+            assert [ours.find(s) for s in every] == [one_by_one.find(s) for s in every]
+    assert shortcut_taken > 100 and fallback_taken > 100
+
+
+class PinnedAroundBN(nn.Module):
+    """conv1's output is also returned (pinned where a BN reads it), bn2's output is the model's
+    (a pinned class that an owned BN's merge moves onto its input's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return self.bn2(self.conv2(F.relu(self.bn1(y)))), y
+
+
+@pytest.mark.parametrize("arch", ["convnext-bn", "ghostnet", "resnext29", "resnet-bottleneck", "mobilenet-v2",
+                                  "pinned"])
 def test_an_owned_bn_with_one_class_per_channel_merges_as_the_general_loop_does(arch, monkeypatch):
-    """classify_bns' shortcut for a BN whose channels each have their own input and output
-    class (conv -> BN) leaves every slot's class, every class aggregate and every BN's mode
-    exactly as the per-channel loop it skips (convnext-bn, ghostnet: classes fed from outside
-    BN and gates; grouped convs in resnext29 take the loop)."""
+    """classify_bns' shortcuts for a BN whose channels each have their own input and output
+    class (conv -> BN), and for one whose input and output classes are two runs of consecutive
+    slots (copied as slices), leave every slot's class, every class aggregate and every BN's
+    mode exactly as the per-channel loop they skip (convnext-bn, ghostnet: classes fed from
+    outside BN and gates; grouped convs in resnext29 take the loop; "pinned": pins on both sides)."""
     from zoo import ZOO
     from netslim.engine import classes as cls
     from netslim.engine.analysis import varying_inputs
@@ -166,7 +220,7 @@ def test_an_owned_bn_with_one_class_per_channel_merges_as_the_general_loop_does(
     from netslim.engine.slots import SlotWalk
     from netslim.engine.trace import trace
 
-    model = ZOO[arch]().eval()
+    model = (PinnedAroundBN() if arch == "pinned" else ZOO[arch]()).eval()
     gm = trace(model, torch.randn(1, 3, 32, 32))
 
     def classified():
@@ -180,5 +234,11 @@ def test_an_owned_bn_with_one_class_per_channel_merges_as_the_general_loop_does(
                 {r: p for r, p in cs.pins.items() if p}, {n: u.bn_mode for n, u in walk.uses.items() if u.kind == "bn"})
 
     shortcut = classified()
+    runs = []
+    monkeypatch.setattr(cls.Classes, "_own_runs", lambda self, ins, outs: runs.append(ins) or
+                        cls.Classes._own_one_to_one(self, list(ins), list(outs)))
+    assert classified() == shortcut and (runs or arch == "resnext29")  # the run shortcut is taken
+    monkeypatch.setattr(cls, "_run", lambda roots: None)
+    assert classified() == shortcut
     monkeypatch.setattr(cls, "_all_distinct", lambda in_roots, out_roots: False)
     assert classified() == shortcut

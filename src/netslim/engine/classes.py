@@ -16,6 +16,7 @@ then computes exactly what the masked model computes).
 """
 from __future__ import annotations
 
+import operator
 from itertools import chain
 
 import torch
@@ -79,6 +80,10 @@ class Classes:
         find, parent = self.a.find, self.a.parent
         readers, bn, free, unsliceable, pins = self.readers_, self.bn, self.free, self.unsliceable, self.pins
         out_roots = self.a.roots(out_slots)
+        ins, outs = _run(in_roots), _run(out_roots)
+        if ins is not None and outs is not None and (ins.stop <= outs.start or outs.stop <= ins.start):
+            self._own_runs(ins, outs)
+            return
         if _all_distinct(in_roots, out_roots):
             self._own_one_to_one(in_roots, out_roots)
             return
@@ -117,6 +122,23 @@ class Classes:
                 if moved:
                     pins.setdefault(r, []).extend(moved)
 
+    def _own_runs(self, ins: range, outs: range) -> None:
+        """_own_one_to_one where the input roots and the output roots are two disjoint runs of
+        consecutive slots (a conv's fresh outputs, a BN's): the same updates as slice copies."""
+        parent, pins = self.a.parent, self.pins
+        readers, bn, free, unsliceable = self.readers_, self.bn, self.free, self.unsliceable
+        i, o = slice(ins.start, ins.stop), slice(outs.start, outs.stop)
+        parent[o] = ins
+        readers[i] = readers[o]
+        bn[i] = map(operator.add, bn[i], bn[o])
+        unsliceable[i] = map(operator.add, unsliceable[i], unsliceable[o])
+        free[i] = free[o]
+        if any(map(pins.__contains__, outs)):
+            for r, other in zip(ins, outs):
+                moved = pins.pop(other, None)
+                if moved:
+                    pins.setdefault(r, []).extend(moved)
+
     def merge(self, s_a: int, s_b: int) -> None:
         r, other = self.a.find(s_a), self.a.find(s_b)
         if r == other:
@@ -127,6 +149,14 @@ class Classes:
         moved = self.pins.pop(other, None)
         if moved:
             self.pins.setdefault(r, []).extend(moved)
+
+
+def _run(roots: list[int]) -> range | None:
+    """`roots` as a range if they are consecutive ascending slots (then all distinct), else None."""
+    if not roots:
+        return None
+    run = range(roots[0], roots[0] + len(roots))
+    return run if roots == list(run) else None
 
 
 def _all_distinct(in_roots: list[int], out_roots: list[int]) -> bool:
@@ -273,6 +303,9 @@ def _sole_reader(classes: Classes, name: str, in_roots: list[int]) -> bool:
     (Each channel j of the BN is one read of class in_roots[j]: a class read exactly as many
     times as it holds channels of the BN has no other reader.)"""
     readers, pins = classes.readers_, classes.pins
+    run = _run(in_roots)
+    if run is not None:  # consecutive slots (a conv's outputs): each read once, none pinned
+        return readers[run.start:run.stop].count(1) == len(run) and not any(map(pins.get, run))
     if len(set(in_roots)) == len(in_roots):  # one class per channel (the common case): read once
         return all(readers[root] == 1 and not pins.get(root) for root in in_roots)
     channels: dict[int, int] = {}

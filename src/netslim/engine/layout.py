@@ -79,8 +79,7 @@ class LayoutSteps:
             return ChannelInfo([s for c in infos for s in c.slots])
         first = infos[0]
         for c in infos[1:]:
-            for a, b in zip(first.slots, c.slots):
-                self.union(a, b)
+            self.union_pairs(first.slots, c.slots)
         return first
 
     def split(self, node):
@@ -114,8 +113,7 @@ class LayoutSteps:
         follows_width = is_chunk or isinstance(how, fx.Node)
         if follows_width and len(set(sizes)) == 1:
             for part in parts[1:]:
-                for a, b in zip(parts[0], part):
-                    self.union(a, b)
+                self.union_pairs(parts[0], part)
         else:
             why = "unequal parts" if len(set(sizes)) > 1 else "a size written in the code"
             self.pin(x.slots, f"{node.name} splits the channels into {why} {sizes}; they keep their width")
@@ -171,8 +169,7 @@ class LayoutSteps:
                                       "their width", fatal=False)
         rows = [x.slots[i * m:(i + 1) * m] for i in range(g)]
         for row in rows[1:]:
-            for a, b in zip(rows[0], row):
-                self.union(a, b)
+            self.union_pairs(rows[0], row)
         return Grid(rows)
 
     def reshape(self, node, x):

@@ -95,14 +95,36 @@ class SlotWalk(LayoutSteps):
         return find_root(self.parent, s)
 
     def roots(self, slots: list[int]) -> list[int]:
-        """find() of every slot; one lookup each where the path is one step (after compress)."""
-        parent, find = self.parent, self.find
-        return [r if parent[r] == r else find(s) for s, r in zip(slots, map(parent.__getitem__, slots))]
+        """find() of every slot. Where every slot is at most two steps from its root (after
+        compress, and after the BN merges that follow it) that is two list lookups a slot,
+        without find's path halving (which moves no root)."""
+        parent = self.parent
+        up = [parent[s] for s in slots]
+        top = [parent[r] for r in up]
+        if top == up:  # every slot one step from its root
+            return up
+        if [parent[r] for r in top] == top:
+            return top
+        find = self.find
+        return [r if parent[r] == r else find(s) for s, r in zip(slots, top)]
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+
+    def union_pairs(self, a_slots: list[int], b_slots: list[int]) -> None:
+        """union(a, b) for every pair of zip(a_slots, b_slots), in order. Where the pairs' roots
+        are all distinct (two tensors whose channels are not tied yet: a residual add) no union
+        sees another's effect, and each pair's second root points at its first at once."""
+        ra, rb = self.roots(a_slots), self.roots(b_slots)
+        if len(ra) == len(rb) and len(set(ra).union(rb)) == 2 * len(ra):
+            parent = self.parent
+            for r, other in zip(ra, rb):
+                parent[other] = r
+            return
+        for a, b in zip(a_slots, b_slots):
+            self.union(a, b)
 
     def pin(self, slots: Iterable[int], reason: str, fatal: bool = False) -> None:
         for s in slots:
@@ -253,8 +275,7 @@ class SlotWalk(LayoutSteps):
         for slots in (x.slots, out):
             per = len(slots) // g
             for i in range(1, g):
-                for j in range(per):
-                    self.union(slots[j], slots[i * per + j])
+                self.union_pairs(slots[:per], slots[i * per:(i + 1) * per])
         return self.reads_and_creates(name, "gconv", x, out)
 
     def linear(self, node, name, m, x: ChannelInfo | None):
@@ -427,8 +448,7 @@ class SlotWalk(LayoutSteps):
         for c in infos[1:]:
             if len(c.slots) != len(first.slots) or c.block != first.block:
                 return self.unknown(node, f"{node.name} combines tensors of different channel layouts")
-            for a, b in zip(first.slots, c.slots):
-                self.union(a, b)
+            self.union_pairs(first.slots, c.slots)
         return first
 
     def nonzero(self, node: fx.Node, x: ChannelInfo | None, reason: str) -> Any:
@@ -486,8 +506,7 @@ class SlotWalk(LayoutSteps):
         else:
             out = first
             for c in infos[1:]:
-                for a, b in zip(first.slots, c.slots):
-                    self.union(a, b)
+                self.union_pairs(first.slots, c.slots)
         for ref in attrs:
             self.attr_use(ref, out.slots)
         if varies:
@@ -503,8 +522,7 @@ class SlotWalk(LayoutSteps):
         if prev is None:
             self.attr_uses[ref.target] = AttrUse(ref.target, ref.dim, list(slots))
         else:  # one tensor scaling two paths: their channels go together
-            for a, b in zip(prev.slots, slots):
-                self.union(a, b)
+            self.union_pairs(prev.slots, slots)
 
     def reduce(self, node):
         x = self.info(node.args[0])
