@@ -137,7 +137,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     if blocked:
         raise PruneError(_blocked_message(blocked, an.blockers, mods, source_lines(model, gm)))
     # A BN is reported unprunable only if none of its channels ended in a unit.
-    in_units = {n for u in units for n in u.layer}
+    in_units = {n for layer in table.layers for n in layer}
     unprunable = {n: w for n, w in unprunable.items() if n not in in_units}
     untraceable = dict(getattr(gm, "netslim_untraceable", {}))
     one_call = {u: "which torch.fx cannot trace" for u in untraceable}
@@ -194,7 +194,7 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
         plain &= class_bns == 1
     plain_list = plain.tolist()
 
-    names = [an.bn_order[k] for k in member_bn.tolist()]
+    names = list(map(an.bn_order.__getitem__, member_bn.tolist()))
     members = list(zip(names, (member_flat - bn_offset[member_bn]).tolist()))
     ends = class_size.cumsum(0).tolist()
     starts = [0, *ends[:-1]]
