@@ -490,3 +490,19 @@ def test_an_error_in_the_probe_or_a_module_out_of_the_graph_sends_it_to_the_full
                                      batch=1) == "full"
     assert "b1 is not in the traced graph" in caplog.text
 
+
+
+def test_the_constant_a_linear_gets_is_its_weight_times_the_recorded_features():
+    """A Linear after a flatten reads in_block features per channel: the constant is the weight
+    times those of the folded channels (all recorded ones, or a subset when others vary)."""
+    from netslim.engine.compensate import _contribution
+    from netslim.engine.probe import _input_positions, _summary
+
+    linear, block, channels = nn.Linear(8 * 4, 3), 4, [1, 2, 5]
+    x = torch.randn(2, 8 * 4, generator=torch.Generator().manual_seed(0))
+    recorded = _summary(linear, x, _input_positions(linear, channels, block))
+    for folded in (channels, [1, 5]):
+        z = torch.zeros(8 * 4)
+        z[_input_positions(linear, folded, block)] = x.mean(0)[_input_positions(linear, folded, block)]
+        torch.testing.assert_close(_contribution(linear, block, recorded, channels, folded), linear.weight.detach() @ z,
+                                   rtol=0, atol=1e-6)

@@ -177,24 +177,27 @@ def _contribution(m: nn.Module, in_block: int, summary: torch.Tensor, channels: 
     zero padding the border differs: its mean is the best constant); only the removed
     channels' slice of the weight is applied.
     """
-    position = {c: r for r, c in enumerate(channels)}
-    rows = torch.tensor([position[c] for c in constant], dtype=torch.long, device=summary.device)
+    if len(constant) == len(channels):  # nothing varying, the usual case: all of the summary, no gather
+        maps = summary
+    else:
+        position = {c: r for r, c in enumerate(channels)}
+        rows = torch.tensor([position[c] for c in constant], dtype=torch.long, device=summary.device)
+        maps = summary.reshape(-1, in_block)[rows] if isinstance(m, nn.Linear) else summary[rows]
     index = torch.tensor(constant, dtype=torch.long, device=summary.device)
     weight = m.weight.detach().float()
     with torch.no_grad():
         # The weight times a zero-filled input: reads the weight once instead of copying its columns.
         if isinstance(m, nn.Linear):
             z = summary.new_zeros(weight.shape[1])
-            z[_input_positions(m, constant, in_block).to(z.device)] = \
-                summary.reshape(-1, in_block)[rows].flatten()
+            z[_input_positions(m, constant, in_block).to(z.device)] = maps.flatten()
             return weight @ z
         if m.groups == 1 and _pointwise(m):  # the spatial mean commutes with a 1x1, stride-1 conv
             z = summary.new_zeros(m.in_channels)
-            z[index] = summary[rows]
+            z[index] = maps
             return weight.reshape(weight.shape[0], -1) @ z
-        reads = _mean_reads(m, summary[rows])
+        reads = _mean_reads(m, maps)
         if reads is None:  # padding other than zeros: run the conv itself on the maps
-            return _conv_output_mean(m, summary[rows], index)
+            return _conv_output_mean(m, maps, index)
         full = reads.new_zeros((m.in_channels, *reads.shape[1:]))
         full[index] = reads  # the other input channels read 0; each group's outputs read their own
         w = weight.reshape(m.groups, weight.shape[0] // m.groups, -1)  # [group, its outputs, its inputs x kernel]
