@@ -12,6 +12,8 @@
     blocks.py    whole residual branches removed when all their factors are under the threshold
     mask.py      apply_mask: the same shape, pruned factors held at zero
     compensate.py  fold what removed channels still output into their readers
+    probe.py     the constants compensate folds: the traced graph run on the removed channels only
+    counts.py    the report's MACs read off the traced graph (profile.count's rules), no forward
     prune.py     prune(): the steps above, budgets, the report
 
 The modules slim models run (IndexedBatchNorm*) are in netslim/layers.py.
