@@ -39,7 +39,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import TensorMetadata
 from torch.nn.modules import module as _module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
@@ -50,6 +49,7 @@ from ..profile import (_adaptive_avgpool_macs, _avgpool_macs, _conv_macs, _conv_
                        _module_rule, _norm_macs, count_params)
 from .channels import ChannelInfo
 from .mask import _hold_masked_factors
+from .trace import node_shape
 
 # Exact types (a subclass may do more in its forward). None has submodules or issues a conv,
 # matmul-family or attention aten op, even decomposed: profile.count counts them 0.
@@ -150,11 +150,6 @@ def _forward_hooks_ok(modules: Iterable[nn.Module]) -> bool:
     return True
 
 
-def _tensor_shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
-
-
 class GraphCount:
     """profile.count of the traced model and of its slim copies, from the graph (see the
     module docstring). Made by `of`, which proves the graph countable."""
@@ -186,7 +181,7 @@ class GraphCount:
                     continue
                 x = node.args[0] if node.args else None
                 if rule not in _AGREES or node.kwargs or next(m.children(), None) is not None or \
-                        _tensor_shape(x) is None or _tensor_shape(node) is None:
+                        node_shape(x) is None or node_shape(node) is None:
                     return None
                 calls.append((node.target, rule, x, node))
             elif (op == "call_function" and node.target not in _ZERO_MAC_FUNCTIONS) or \
@@ -226,7 +221,7 @@ class GraphCount:
                ) -> tuple[int, ...] | None:
         """`node`'s output shape in the model sliced to `kept_slot` (the traced one if None);
         kept_widths caches the kept width of each ChannelInfo (by id) for one count."""
-        shape = _tensor_shape(node)
+        shape = node_shape(node)
         if kept_slot is None or shape is None:
             return shape
         info = self._chans.get(node)
