@@ -99,7 +99,9 @@ def test_prune_to_a_latency_target_bisects_on_measured_latency():
     torch.set_num_threads(1)
     slim, report = prune_to_latency(sparse_vgg(), 0.5, runtime="onnxruntime", batch_size=1, target_seconds=0.2)
     lt = report["latency_target"]
-    assert lt["aimed_at"] == 0.5 * (1 - MARGIN)
+    # 2% under the target; lower only after a confirmation measured above it (a noisy machine)
+    rejected = [p for p in lt["probes"] if p.get("rejected")]
+    assert lt["aimed_at"] == 0.5 * (1 - MARGIN) if not rejected else lt["aimed_at"] < 0.5 * (1 - MARGIN)
     assert lt["runtime"] == "onnxruntime" and lt["threads"] == 1
     assert report["percent"] == lt["percent"] > 0 and lt["slim_ms"] < lt["dense_ms"]
     probes = lt["probes"]
@@ -185,6 +187,9 @@ def test_a_lucky_measurement_is_not_what_the_latency_search_returns(monkeypatch)
     rejected = [p for p in lt["probes"] if p.get("rejected")]
     assert len(confirmations) >= 2 and confirmations[0]["ratio"] == 0.6 and rejected
     assert lt["percent"] > rejected[0]["percent"] and lt["ratio"] == confirmations[-1]["ratio"] <= 0.5
+    # the next search aimed lower by the noise the unlucky confirmation showed
+    assert lt["aimed_at"] <= 0.5 * (1 - MARGIN) - (0.6 - rejected[0]["ratio"]) + 1e-12 \
+        or lt["aimed_at"] == lt["probes"][0]["ratio"]
 
 
 def test_a_masked_model_is_timed_as_the_slim_model_it_stands_for():
