@@ -536,3 +536,20 @@ def test_apply_plan_rejects_inconsistent_plans():
         apply_plan(model, {"bn": [0, 1, 2]}, x)  # half of a coupled group
     with pytest.raises(PruneError, match="not a BatchNorm"):
         apply_plan(model, {"conv": [0]}, x)
+
+
+def test_the_analysis_converts_each_slot_list_once_to_a_read_only_array():
+    """slot_array memoises the analysis's lists as index arrays (the steps after it read the
+    same lists many times): the same list gives the same array, which nobody can write, and
+    a list that is only equal, or one made after another was freed, gets its own."""
+    from zoo import ZOO
+    model = ZOO["resnet18-basic"]().eval()
+    analysis = analyze(model, torch.randn(1, 3, 32, 32))
+    for use in analysis.modules.values():
+        array = analysis.slot_array(use.in_slots)
+        assert array.tolist() == use.in_slots and analysis.slot_array(use.in_slots) is array
+        with pytest.raises(ValueError, match="read-only"):
+            array[:1] = -1
+        assert analysis.slot_array(list(use.in_slots)) is not array
+    for i in range(200):  # temporaries: a freed list's id is reused at once, its array must not be
+        assert analysis.slot_array([i, i + 1]).tolist() == [i, i + 1]

@@ -20,7 +20,7 @@ from ..gc_pause import paused_gc
 from ..wrappers import unwrap_model
 from .classes import Classes, classify_bns, resolve_gates, varying_inputs
 from . import rules
-from .channels import AttrUse, ModuleUse, compress, long_tensor
+from .channels import AttrUse, ModuleUse, SlotArrays, compress, long_tensor
 from .slots import SlotWalk
 from .trace import source_lines, trace, where
 
@@ -94,6 +94,8 @@ class Analysis:
     # per graph node: the slot walk's ChannelInfo of its output (its channel dim's slots), for
     # reading a slim model's widths off the graph (counts.py)
     chans: dict[fx.Node, object] = field(default_factory=dict)
+    # slot_array(a slot list of this analysis): it as a NumPy index array, converted once
+    slot_array: SlotArrays = field(default_factory=SlotArrays, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.table is None:  # not from analyze(), which compresses the classes and builds the table

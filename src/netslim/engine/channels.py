@@ -41,6 +41,28 @@ def compress(parent: list[int]) -> torch.Tensor:
     return p
 
 
+class SlotArrays:
+    """The analysis's lists of slots (and of positions) as NumPy index arrays, each list
+    converted once: the steps after the analysis index per-slot tables with the same lists
+    again and again (the slicer, compensation, counts), and a list of a few thousand Python
+    ints takes ~70 us to convert (ResNet-50: ~430 conversions of 270 lists, 0.03 s a prune call).
+
+    Valid because the analysis is read-only once made: its lists are never changed after.
+    Each array is read-only, so no caller can change what the next one reads."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[int, tuple[list[int], np.ndarray]] = {}
+
+    def __call__(self, slots: list[int]) -> np.ndarray:
+        hit = self._arrays.get(id(slots))
+        if hit is not None and hit[0] is slots:
+            return hit[1]
+        array = np.fromiter(slots, np.intp, len(slots))  # ~1.5x as fast as np.asarray on a list
+        array.flags.writeable = False
+        self._arrays[id(slots)] = (slots, array)  # holding the list keeps its id from being reused
+        return array
+
+
 @dataclass
 class ChannelInfo:
     """Slots of a tensor's channel dim; `block` consecutive features per slot after flatten."""

@@ -162,7 +162,7 @@ def _consumers(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[in
     gone = removed_slots(analysis, removed_roots)
     for name, use in analysis.modules.items():
         if use.kind in _CONSUMER_KINDS:
-            chans = np.flatnonzero(gone[np.asarray(use.in_slots, dtype=np.intp)]).tolist()
+            chans = np.flatnonzero(gone[analysis.slot_array(use.in_slots)]).tolist()
             if chans:
                 out[name] = chans
     return out

@@ -47,7 +47,7 @@ from torch.nn.modules.pooling import _AdaptiveAvgPoolNd, _AvgPoolNd
 
 from ..profile import (_adaptive_avgpool_macs, _avgpool_macs, _conv_macs, _conv_transpose_macs, _linear_macs,
                        _module_rule, _norm_macs, count_params)
-from .channels import ChannelInfo
+from .channels import ChannelInfo, SlotArrays
 from .mask import _hold_masked_factors
 from .trace import node_shape
 
@@ -155,10 +155,11 @@ class GraphCount:
     module docstring). Made by `of`, which proves the graph countable."""
 
     def __init__(self, calls: list[tuple[str, Callable, fx.Node, fx.Node]], chans: dict[fx.Node, Any],
-                 types_by_name: dict[str, type]):
+                 types_by_name: dict[str, type], slot_array: SlotArrays):
         self._calls = calls      # every rule module's call: (name, rule, input node, output node)
         self._chans = chans      # the slot walk's channel info per node
         self._types = types_by_name
+        self._slot_array = slot_array  # the analysis's: its slot lists as index arrays
 
     @staticmethod
     def of(model: nn.Module, analysis: Any) -> GraphCount | None:
@@ -194,7 +195,7 @@ class GraphCount:
                 return None
             if m.training and _reads_training(type(m)):  # traced on its training branch
                 return None
-        return GraphCount(calls, analysis.chans, {n: type(m) for n, m in mods.items()})
+        return GraphCount(calls, analysis.chans, {n: type(m) for n, m in mods.items()}, analysis.slot_array)
 
     def count(self, model: nn.Module, kept_slot: np.ndarray | None = None) -> dict[str, int] | None:
         """profile.count(model, example_input) of the traced model (kept_slot None) or of a
@@ -230,5 +231,5 @@ class GraphCount:
         kept = kept_widths.get(id(info))
         if kept is None:
             kept = kept_widths[id(info)] = \
-                int(np.count_nonzero(kept_slot[np.asarray(info.slots, dtype=np.intp)])) * info.block
+                int(np.count_nonzero(kept_slot[self._slot_array(info.slots)])) * info.block
         return (shape[0], kept, *shape[2:])

@@ -78,7 +78,7 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
         kept_slot = ~removed_slots(analysis, removed)
 
     def keep(slots: Sequence[int]) -> np.ndarray:
-        return np.flatnonzero(kept_slot[np.asarray(slots, dtype=np.intp)])
+        return np.flatnonzero(kept_slot[analysis.slot_array(slots)])
 
     with torch.no_grad():
         for name, use in analysis.modules.items():
@@ -95,7 +95,7 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
 def removed_slots(analysis: Analysis, removed: set[int]) -> np.ndarray:
     """Per slot: is its class in `removed` (removed_roots)? One table for every lookup
     instead of a class lookup per channel per module."""
-    return np.isin(np.asarray(analysis.parent, dtype=np.intp), np.fromiter(removed, np.intp, len(removed)))
+    return np.isin(analysis.slot_array(analysis.parent), np.fromiter(removed, np.intp, len(removed)))
 
 
 def own_tensors(model: nn.Module, original: nn.Module) -> nn.Module:
@@ -200,7 +200,7 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
         # A removed input slot is never read by a kept channel (classes.py ties such channels).
         in_slots_full = use.input_slots
         kept_in = keep(in_slots_full)
-        src = np.searchsorted(kept_in, np.asarray(in_all, dtype=np.intp)[ko])  # rank among the kept inputs
+        src = np.searchsorted(kept_in, analysis.slot_array(in_all)[ko])  # rank among the kept inputs
         in_width_after = len(kept_in)
     identity = len(src) == in_width_after and bool((src == np.arange(in_width_after)).all())
     if len(ko) == m.num_features and identity and not is_indexed_bn(m):
