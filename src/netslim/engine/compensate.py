@@ -32,7 +32,6 @@ model (apply_plan) and the masked model (apply_mask) of it compute exactly the s
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Collection, Sequence
@@ -46,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import is_indexed_bn
 from .analysis import Analysis
+from .copying import clone_model
 from .probe import _input_positions, _pointwise, consumer_inputs
 from .slim import removed_slots
 from .trace import trace
@@ -110,7 +110,7 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     here writes them; copying them was a tenth of a prune call), for a caller that slices
     the copy and then owns what is still shared (slim.own_tensors).
     """
-    new = copy.deepcopy(model, _weights_memo(model) if share_weights else None)
+    new = clone_model(model, _weights_memo(model) if share_weights else None)
     mods = dict(new.named_modules())
     with torch.no_grad():
         for name in skip:

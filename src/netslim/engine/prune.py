@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Sequence
 
@@ -22,6 +21,7 @@ from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import analyze
 from .compensate import _weights_memo, compensate as compensate_removed
+from .copying import clone_model
 from .counts import GraphCount
 from .mask import apply_mask, strip_masks
 from .plan import (DEFAULT_GROUP_SCORE, check_options, compose_plans, explain_shortfall, make_plan,
@@ -141,7 +141,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     if mode == "slim":  # the compensated copy is ours to slice; the user's model is copied first
         # (sharing its conv and linear weights, as compensate's copy does: slicing makes new
         # tensors, and own_tensors copies what it left whole)
-        copied = copy.deepcopy(model, _weights_memo(model)) if source is model else source
+        copied = clone_model(model, _weights_memo(model)) if source is model else source
         pruned = own_tensors(slice_in_place(copied, plan, analysis, branches=removed_blocks, removed=removed,
                                             kept_slot=kept_slot), model)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
@@ -149,7 +149,7 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         after = _count(pruned, example_input, slim_counter, kept_slot)
         effective = after
     else:
-        pruned = source if source is not model else copy.deepcopy(source)
+        pruned = source if source is not model else clone_model(source)
         strip_masks(pruned)
         pruned = apply_mask(pruned, plan)
         meta["mask"] = pruned.netslim_meta["mask"]

@@ -3,7 +3,6 @@ slicing every module that touches a removed channel.
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import numpy as np
@@ -14,6 +13,7 @@ from ..layers import INDEXED_BN, is_indexed_bn
 from ..wrappers import unwrap_model
 from . import blocks
 from .analysis import Analysis, analyze
+from .copying import clone_model
 from .mask import strip_masks
 from .plan import removed_roots
 from .trace import example_input as make_example
@@ -53,7 +53,7 @@ def apply_plan(model: nn.Module, plan: dict[str, Sequence[int]], example_input: 
         if example_input is None:
             example_input = make_example(meta.get("input_size"), model)
         analysis = analyze(model, example_input, exclude=exclude, strict=False)
-    return slice_in_place(copy.deepcopy(model), plan, analysis, exclude=exclude, branches=branches)
+    return slice_in_place(clone_model(model), plan, analysis, exclude=exclude, branches=branches)
 
 
 def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: Analysis, *,
