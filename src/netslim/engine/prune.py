@@ -127,8 +127,8 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         plan, removed_blocks = removal(plan, threshold, decisions)
     input_size = list(example_input.shape[1:])
     source, compensation = model, None
-    removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks),
-                            dict(model.named_modules()))
+    mods = dict(model.named_modules())  # of the user's model, which nothing below changes
+    removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks), mods)
     # the slim model's widths, for its counts (a removed block changes the graph: counted by a forward)
     kept_slot = ~removed_slots(analysis, removed)
     slim_counter = counter if not removed_blocks else None
@@ -161,7 +161,6 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         meta["exclude"] = exclude
     pruned.netslim_meta = meta
     # Counted in BN channels (what a user counts); a coupled unit removes one of each of its BNs.
-    mods = dict(model.named_modules())
     total = sum(mods[n].num_features for n in analysis.bn_names)
     kept = total - sum(d.channels - d.channels_kept for d in decisions)
     if removed_blocks:  # every channel of their BNs, unprunable ones too
