@@ -6,7 +6,8 @@ the way out, never a wrong model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from functools import cached_property
 from itertools import chain
 from typing import Sequence
 
@@ -76,8 +77,12 @@ class UnitTable:
 
 @dataclass
 class Analysis:
+    """What analyze() found. The engine's steps read the units off `table`; `units` (one Unit
+    per unit, thousands of small objects) is built from it on first read, for the few
+    readers that iterate units one by one (block removal, round_to="auto")."""
     modules: dict[str, ModuleUse]
-    units: list[Unit]
+    # the units of an analysis built by hand (its table is built from them); analyze() passes None
+    given_units: InitVar[list[Unit] | None]
     unprunable: dict[str, str]               # bn name -> why its channels stay
     bn_names: list[str]                      # every affine BN, in graph order
     parent: list[int]                        # union-find over slots, compressed: parent[s] is s's root
@@ -90,25 +95,47 @@ class Analysis:
     # channels (gated by other channels): compensation leaves them alone (classes.varying_inputs)
     varying_inputs: dict[str, frozenset[int]] = field(default_factory=dict)
     graph: fx.GraphModule | None = None      # the traced model the analysis walked
-    table: UnitTable | None = None           # the units as flat tensors (from them if not given)
+    table: UnitTable | None = None           # the units as flat tensors (from given_units if not given)
     # per graph node: the slot walk's ChannelInfo of its output (its channel dim's slots), for
     # reading a slim model's widths off the graph (counts.py)
     chans: dict[fx.Node, object] = field(default_factory=dict)
     # slot_array(a slot list of this analysis): it as a NumPy index array, converted once
     slot_array: SlotArrays = field(default_factory=SlotArrays, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, given_units: list[Unit] | None) -> None:
+        if given_units is not None:
+            self.units = given_units  # shadows the cached property: nothing to build
         if self.table is None:  # not from analyze(), which compresses the classes and builds the table
             compress(self.parent)  # the classes are final: find is one lookup from here on
             sizes = [len(self.modules[n].out_slots) if n in self.modules else 0 for n in self.bn_names]
             self.table = UnitTable.of(self.units, self.bn_names, sizes)
+
+    @cached_property
+    def units(self) -> list[Unit]:
+        """Every unit, in table order: unit k holds the members of `table.member_unit == k`,
+        in table order, and its layer is the one of `table.layers` whose layer_units hold k
+        (so UnitTable.of(units, ...) is the table again)."""
+        t = self.table
+        layer_of: list[tuple[str, ...]] = [()] * len(t.unit_size)
+        for layer, members in zip(t.layers, t.layer_units):
+            for k in members.tolist():
+                layer_of[k] = layer
+        channels = self.bn_channels(t.member_flat)
+        ends = t.unit_size.cumsum(0).tolist()
+        return [Unit(r, channels[a:b], layer) for r, a, b, layer in zip(t.unit_root, [0, *ends[:-1]], ends, layer_of)]
+
+    def bn_channels(self, flat: torch.Tensor) -> list[tuple[str, int]]:
+        """(bn name, channel index) of each of the flat positions `flat` (see UnitTable)."""
+        # right=True: a BN without channels shares its offset with the next, which holds the position
+        bn = torch.searchsorted(self.table.bn_offset, flat, right=True) - 1
+        return list(zip(map(self.bn_names.__getitem__, bn.tolist()), (flat - self.table.bn_offset[bn]).tolist()))
 
     def find(self, s: int) -> int:
         """The root of slot s's class (the analysis is read-only: no union after it)."""
         return self.parent[s]
 
     def coupled_layers(self) -> list[tuple[str, ...]]:
-        return sorted({u.layer for u in self.units if len(u.layer) > 1})
+        return sorted(layer for layer in self.table.layers if len(layer) > 1)
 
 
 @paused_gc()  # its many small objects would trigger full collections (see prune.py)
@@ -135,7 +162,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
     classify_bns(an, cs)
     root = compress(an.parent)  # the classes are final: each find from here on is one step
 
-    units, table, unprunable, blocked = _units(an, cs, root, mods, exclude, skip_coupled, strict)
+    table, unprunable, blocked = _units(an, cs, root, mods, exclude, skip_coupled, strict)
     if blocked:
         raise PruneError(_blocked_message(blocked, an.blockers, mods, source_lines(model, gm)))
     # A BN is reported unprunable only if none of its channels ended in a unit.
@@ -149,14 +176,14 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
         owner = next((u for u in one_call if inner.startswith(u + ".")), None)
         if owner and isinstance(m, _BatchNorm):
             unprunable.setdefault(inner, f"inside {owner}, {one_call[owner]}")
-    return Analysis(an.uses, units, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
+    return Analysis(an.uses, None, unprunable, list(an.bn_order), an.parent, follows, an.attr_uses,
                     untraceable, varying, gm, table, an.chans)
 
 
 def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Module], exclude: set[str],
-           skip_coupled: bool, strict: bool) -> tuple[list[Unit], UnitTable, dict[str, str], dict[str, list[str]]]:
+           skip_coupled: bool, strict: bool) -> tuple[UnitTable, dict[str, str], dict[str, list[str]]]:
     """Every class holding BN channels, in order of first appearance (BNs in graph order, then
-    channels): a unit if it is prunable, else why not. Returns (units, their UnitTable,
+    channels): a unit if it is prunable, else why not. Returns (the units' UnitTable,
     {bn: why its channels stay}, {op it cannot slice: the BNs whose channels reach it}).
 
     root: every slot's class root (compressed). Grouped with tensors (a DenseNet-121 has ~40k
@@ -196,10 +223,6 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
         plain &= class_bns == 1
     plain_list = plain.tolist()
 
-    names = list(map(an.bn_order.__getitem__, member_bn.tolist()))
-    members = list(zip(names, (member_flat - bn_offset[member_bn]).tolist()))
-    ends = class_size.cumsum(0).tolist()
-    starts = [0, *ends[:-1]]
     # each class's BNs (its layer): the BN of its first member, or (coupled) of each member
     # that starts a new BN; one tuple per set of BNs
     distinct = member_bn[new_bn].tolist()
@@ -212,8 +235,6 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
         return coupled.get(key) or coupled.setdefault(key, tuple(an.bn_order[k] for k in key))
 
     layers = [single[distinct[b - 1]] if c == 1 else layer(b - c, b) for b, c in zip(bn_ends, class_bns.tolist())]
-    units = [Unit(r, members[a:b], layer)
-             for r, a, b, layer, ok in zip(root_list, starts, ends, layers, plain_list) if ok]
 
     unprunable: dict[str, str] = {}
     blocked: dict[str, list[str]] = {}
@@ -240,7 +261,7 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     in_unit = plain[member_class]
     table = UnitTable.grouped(bn_offset, member_flat[in_unit], class_size[plain], [r for r, ok in zip(root_list, plain_list) if ok],
                               [layer for layer, ok in zip(layers, plain_list) if ok])
-    return units, table, unprunable, blocked
+    return table, unprunable, blocked
 
 
 def _blocked_message(blocked: dict[str, list[str]], blockers: dict[str, fx.Node], mods: dict[str, nn.Module],

@@ -87,13 +87,20 @@ class Compensation:
 
 
 def removed_bn_channels(analysis: Analysis, removed_roots: set[int]) -> dict[str, list[int]]:
-    """{bn name: [channel indices]} of every BN channel in a removed unit."""
-    out: dict[str, list[int]] = {}
-    for u in analysis.units:
-        if u.root in removed_roots:
-            for name, j in u.bn_channels:
-                out.setdefault(name, []).append(j)
-    return out
+    """{bn name: [channel indices]} of every BN channel in a removed unit: the BNs in order of
+    their first removed member, each BN's channels in table order (units in order, then each
+    unit's members). The probe draws its noise in this order."""
+    table = analysis.table
+    removed_unit = torch.isin(torch.tensor(table.unit_root, dtype=torch.long),
+                              torch.tensor(sorted(removed_roots), dtype=torch.long))
+    flat = table.member_flat[removed_unit[table.member_unit]]
+    bn = torch.searchsorted(table.bn_offset, flat, right=True) - 1  # see Analysis.bn_channels
+    by_bn = torch.argsort(bn, stable=True)  # each BN's channels together, in table order
+    bns, counts = torch.unique_consecutive(bn[by_bn], return_counts=True)
+    channels = (flat - table.bn_offset[bn])[by_bn].split(counts.tolist())
+    first = by_bn[counts.cumsum(0) - counts]  # where each BN's first channel is in table order
+    names = list(map(analysis.bn_names.__getitem__, bns.tolist()))
+    return {names[k]: channels[k].tolist() for k in torch.argsort(first).tolist()}
 
 
 def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],

@@ -120,7 +120,7 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
     masked_out: {bn: [channel, ...]} already pruned by a mask; a unit whose channels all
     are goes whatever its factors say, and the guards (min_channels...) still hold after.
     """
-    if not analysis.units:
+    if len(analysis.table.unit_size) == 0:  # nothing prunable
         return {}, 0.0, []
     table = analysis.table
     scores, values = unit_scores(model, analysis, group_score)
@@ -190,8 +190,8 @@ def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict
     n_kept = torch.zeros(len(table.unit_size), dtype=torch.long).index_add_(0, table.member_unit, member_kept.long())
     mixed = torch.nonzero((n_kept > 0) & (n_kept < table.unit_size)).flatten()
     if len(mixed):
-        u = analysis.units[int(mixed[0])]
-        raise PruneError(f"the plan keeps some but not all of the coupled channels {u.bn_channels[:4]}...; "
+        channels = analysis.bn_channels(table.member_flat[table.member_unit == mixed[0]][:4])
+        raise PruneError(f"the plan keeps some but not all of the coupled channels {channels}...; "
                          "coupled channels must be pruned together")
     removed = {table.unit_root[k] for k in torch.nonzero(n_kept == 0).flatten().tolist()}
     for follower, leader in analysis.follows:  # gates go with the channels they multiply

@@ -1,0 +1,104 @@
+"""The units as a table (analysis.UnitTable) and as Unit objects (Analysis.units, built from
+the table on first read): on every zoo architecture they describe the same units, each unit
+is one slot class, and the table readers (compensate.removed_bn_channels, plan.removed_roots'
+error) give what the per-unit loops gave.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from netslim.engine.analysis import Analysis, UnitTable, analyze
+from netslim.engine.compensate import removed_bn_channels
+from netslim.engine.plan import removed_roots
+from netslim.errors import PruneError
+from zoo import ZOO
+
+X = torch.zeros(1, 3, 32, 32)
+
+
+def _sizes(an: Analysis) -> list[int]:
+    return [len(an.modules[n].out_slots) for n in an.bn_names]
+
+
+def _assert_same_table(a: UnitTable, b: UnitTable) -> None:
+    for name in ("bn_offset", "member_flat", "member_unit", "unit_size"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.unit_root == b.unit_root and a.layers == b.layers
+    assert len(a.layer_units) == len(b.layer_units)
+    assert all(torch.equal(x, y) for x, y in zip(a.layer_units, b.layer_units))
+
+
+def _removed_bn_channels_per_unit(an: Analysis, roots: set[int]) -> dict[str, list[int]]:
+    """The per-unit loop removed_bn_channels was before it read the table: the reference."""
+    out: dict[str, list[int]] = {}
+    for u in an.units:
+        if u.root in roots:
+            for name, j in u.bn_channels:
+                out.setdefault(name, []).append(j)
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(ZOO))
+def analysed(request) -> Analysis:
+    torch.manual_seed(0)
+    return analyze(ZOO[request.param]().eval(), X, strict=False)
+
+
+def test_units_are_the_table_and_each_is_one_class(analysed):
+    an = analysed
+    units = an.units
+    assert an.units is units  # built once
+    _assert_same_table(UnitTable.of(units, an.bn_names, _sizes(an)), an.table)
+    position = {n: k for k, n in enumerate(an.bn_names)}
+    seen: set[tuple[str, int]] = set()
+    firsts = []
+    for u in units:
+        assert u.bn_channels, u
+        # every member is a channel of its BN in the unit's class, listed BN by BN (graph order), then by channel
+        assert all(an.find(an.modules[n].out_slots[j]) == u.root for n, j in u.bn_channels)
+        keys = [(position[n], j) for n, j in u.bn_channels]
+        assert keys == sorted(keys)
+        assert u.layer == tuple(dict.fromkeys(n for n, _ in u.bn_channels))
+        assert not seen & set(u.bn_channels)
+        seen |= set(u.bn_channels)
+        firsts.append(keys[0])
+    assert firsts == sorted(firsts)  # units in order of first appearance
+    assert an.coupled_layers() == sorted({u.layer for u in units if len(u.layer) > 1})
+
+
+def test_removed_bn_channels_equals_the_per_unit_loop(analysed):
+    an = analysed
+    rng = random.Random(0)
+    roots = an.table.unit_root
+    for share in (0.0, 0.1, 0.5, 0.9, 1.0):
+        removed = {r for r in roots if rng.random() < share}
+        removed.add(-1)  # a root of no unit is ignored
+        got = removed_bn_channels(an, removed)
+        assert list(got.items()) == list(_removed_bn_channels_per_unit(an, removed).items())  # order too
+
+
+def test_an_analysis_built_from_units_builds_its_table():
+    """A hand-built Analysis (no table) keeps the units it is given and builds the same table."""
+    torch.manual_seed(0)
+    an = analyze(ZOO["resnet18-basic"]().eval(), X)
+    units = an.units
+    again = Analysis(an.modules, units, an.unprunable, an.bn_names, an.parent, an.follows)
+    assert again.units is units
+    _assert_same_table(again.table, an.table)
+
+
+def test_a_plan_splitting_a_coupled_unit_names_its_channels():
+    """plan.removed_roots reads the offending unit's channels off the table."""
+    torch.manual_seed(0)
+    model = ZOO["resnet18-basic"]().eval()  # its residual streams are coupled units
+    an = analyze(model, X)
+    unit = next(u for u in an.units if len(u.layer) > 1)
+    (n0, j0), *_ = unit.bn_channels
+    mods = dict(model.named_modules())
+    plan = {n0: [j for j in range(mods[n0].num_features) if j != j0]}  # drops one member, keeps the rest
+    with pytest.raises(PruneError) as err:
+        removed_roots(an, plan, mods)
+    assert f"coupled channels {unit.bn_channels[:4]}..." in str(err.value)
