@@ -102,3 +102,20 @@ def test_a_plan_splitting_a_coupled_unit_names_its_channels():
     with pytest.raises(PruneError) as err:
         removed_roots(an, plan, mods)
     assert f"coupled channels {unit.bn_channels[:4]}..." in str(err.value)
+
+
+def test_class_layers_unify_runs_and_tell_equal_counts_apart():
+    """A layer seen again after another (A, B, A) is the same layer; classes listing as many
+    BNs as the one before but other ones ((0, 1) then (0, 2)) are not."""
+    from netslim.engine.analysis import _class_layers
+
+    per_class = [(0,), (1,), (1,), (0,), (0, 1), (0, 2), (0, 2), (0,)]
+    entry_bn = torch.tensor([b for bns in per_class for b in bns])
+    entry_class = torch.tensor([k for k, bns in enumerate(per_class) for _ in bns])
+    class_bns = torch.tensor([len(bns) for bns in per_class])
+    class_layer, layers = _class_layers(entry_bn, entry_class, class_bns)
+    assert [layers[k] for k in class_layer.tolist()] == per_class
+    assert layers == [(0,), (1,), (0, 1), (0, 2)]
+    class_layer, layers = _class_layers(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                                        torch.zeros(0, dtype=torch.long))
+    assert class_layer.tolist() == [] and layers == []
