@@ -45,7 +45,7 @@ class UnitTable:
     member_flat: torch.Tensor     # flat position of each member channel
     member_unit: torch.Tensor     # the unit (index into Analysis.units) of each member
     unit_size: torch.Tensor       # members per unit
-    unit_root: list[int]          # each unit's class root
+    unit_root: torch.Tensor       # each unit's class root
     layers: list[tuple[str, ...]]         # every unit's `layer`, in order of first appearance
     layer_units: list[torch.Tensor]       # the units of each layer, in unit order
 
@@ -63,10 +63,11 @@ class UnitTable:
         unit_size = torch.tensor([len(u.bn_channels) for u in units], dtype=torch.long)
         layer_id: dict[tuple[str, ...], int] = {}
         unit_layer = long_tensor(layer_id.setdefault(u.layer, len(layer_id)) for u in units)
-        return UnitTable.grouped(offset, flat, unit_size, [u.root for u in units], unit_layer, list(layer_id))
+        return UnitTable.grouped(offset, flat, unit_size, long_tensor(u.root for u in units), unit_layer,
+                                 list(layer_id))
 
     @staticmethod
-    def grouped(bn_offset: torch.Tensor, member_flat: torch.Tensor, unit_size: torch.Tensor, unit_root: list[int],
+    def grouped(bn_offset: torch.Tensor, member_flat: torch.Tensor, unit_size: torch.Tensor, unit_root: torch.Tensor,
                 unit_layer: torch.Tensor, layers: list[tuple[str, ...]]) -> UnitTable:
         """The table, with the units grouped by layer. unit_layer: each unit's index into
         `layers`, the layers numbered in order of first appearance."""
@@ -122,8 +123,8 @@ class Analysis:
             for k in members.tolist():
                 layer_of[k] = layer
         channels = self.bn_channels(t.member_flat)
-        ends = t.unit_size.cumsum(0).tolist()
-        return [Unit(r, channels[a:b], layer) for r, a, b, layer in zip(t.unit_root, [0, *ends[:-1]], ends, layer_of)]
+        roots, ends = t.unit_root.tolist(), t.unit_size.cumsum(0).tolist()
+        return [Unit(r, channels[a:b], layer) for r, a, b, layer in zip(roots, [0, *ends[:-1]], ends, layer_of)]
 
     def bn_channels(self, flat: torch.Tensor) -> list[tuple[str, int]]:
         """(bn name, channel index) of each of the flat positions `flat` (see UnitTable)."""
@@ -216,7 +217,6 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     plain &= long_tensor(map(cs.free.__getitem__, root_list)) == 0
     if skip_coupled:
         plain &= class_bns == 1
-    plain_list = plain.tolist()
 
     class_layer, layer_bns = _class_layers(member_bn[new_bn], member_class[new_bn], class_bns)
     layers = [tuple(map(an.bn_order.__getitem__, bns)) for bns in layer_bns]
@@ -246,8 +246,8 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
             unprunable.setdefault(n, why)
     in_unit = plain[member_class]
     unit_layers, unit_layer = _first_appearance(class_layer[plain])  # the units' layers, renumbered
-    table = UnitTable.grouped(bn_offset, member_flat[in_unit], class_size[plain], [r for r, ok in zip(root_list, plain_list) if ok],
-                              unit_layer, list(map(layers.__getitem__, unit_layers.tolist())))
+    table = UnitTable.grouped(bn_offset, member_flat[in_unit], class_size[plain], class_root[plain], unit_layer,
+                              list(map(layers.__getitem__, unit_layers.tolist())))
     return table, unprunable, blocked
 
 

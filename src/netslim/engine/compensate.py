@@ -45,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import is_indexed_bn
 from .analysis import Analysis
+from .channels import long_tensor
 from .copying import clone_model
 from .probe import _input_positions, _pointwise, consumer_inputs
 from .slim import removed_slots
@@ -91,8 +92,9 @@ def removed_bn_channels(analysis: Analysis, removed_roots: set[int]) -> dict[str
     their first removed member, each BN's channels in table order (units in order, then each
     unit's members). The probe draws its noise in this order."""
     table = analysis.table
-    removed_unit = torch.isin(torch.tensor(table.unit_root, dtype=torch.long),
-                              torch.tensor(sorted(removed_roots), dtype=torch.long))
+    removed_root = torch.zeros(len(analysis.parent), dtype=torch.bool)  # per slot: a removed class's root?
+    removed_root[long_tensor(removed_roots)] = True
+    removed_unit = removed_root[table.unit_root]
     flat = table.member_flat[removed_unit[table.member_unit]]
     bn = torch.searchsorted(table.bn_offset, flat, right=True) - 1  # see Analysis.bn_channels
     by_bn = torch.argsort(bn, stable=True)  # each BN's channels together, in table order

@@ -193,7 +193,7 @@ def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict
         channels = analysis.bn_channels(table.member_flat[table.member_unit == mixed[0]][:4])
         raise PruneError(f"the plan keeps some but not all of the coupled channels {channels}...; "
                          "coupled channels must be pruned together")
-    removed = {table.unit_root[k] for k in torch.nonzero(n_kept == 0).flatten().tolist()}
+    removed = set(table.unit_root[n_kept == 0].tolist())
     for follower, leader in analysis.follows:  # gates go with the channels they multiply
         if analysis.find(leader) in removed:
             removed.add(analysis.find(follower))
