@@ -206,8 +206,8 @@ def _fit_budget(model, analysis, example_input, key, fraction, dense, options, r
             return _count(slim, example_input)[key]
         return _count(slim, example_input, counter, ~removed_slots(analysis, removed_roots(analysis, plan, mods)))[key]
 
-    if not analysis.units:
-        measure = lambda percent: dense[key]  # noqa: E731 (nothing prunable: the dense count)
+    if len(analysis.table.unit_size) == 0:  # nothing prunable: the dense count
+        measure = lambda percent: dense[key]  # noqa: E731
     percent, reached, steps = search_percent(n_values, measure, fraction * dense[key], dense[key], key)
     return percent, budget_report(key, fraction, reached, dense[key], percent, steps)
 
