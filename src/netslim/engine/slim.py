@@ -205,11 +205,15 @@ def _slice_bn(model, name, m, use, keep, analysis) -> None:
     identity = len(src) == in_width_after and bool((src == np.arange(in_width_after)).all())
     if len(ko) == m.num_features and identity and not is_indexed_bn(m):
         return
+    # One index for the four per-channel tensors; index_select always makes a new tensor, so
+    # none is shared with the model sliced (a gathering BN may keep every channel).
+    device = next((t.device for t in (m.weight, m.running_var) if t is not None), None)
+    index = torch.as_tensor(ko, dtype=torch.long, device=device)
     sliced = {}
     for key in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(m, key, None)
         if t is not None:
-            sliced[key] = _sliced(t, ko).data
+            sliced[key] = t.detach().index_select(0, index)
     if use.kind == "bn" and not identity:
         if is_indexed_bn(m):
             cls = type(m)
