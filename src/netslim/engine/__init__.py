@@ -14,6 +14,7 @@
     compensate.py  fold what removed channels still output into their readers
     probe.py     the constants compensate folds: the traced graph run on the removed channels only
     counts.py    the report's MACs read off the traced graph (profile.count's rules), no forward
+    copying.py   clone_model: copy.deepcopy of a model, module by module (the engine's copies)
     prune.py     prune(): the steps above, budgets, the report
 
 The modules slim models run (IndexedBatchNorm*) are in netslim/layers.py.
