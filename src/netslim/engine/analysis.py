@@ -54,6 +54,12 @@ class UnitTable:
         """Flat positions in all: every channel of every BN in bn_names."""
         return int(self.bn_offset[-1])
 
+    def bn_and_channel(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index into bn_names, channel index) of each of the flat positions `flat`."""
+        # right=True: a BN without channels shares its offset with the next, which holds the position
+        bn = torch.searchsorted(self.bn_offset, flat, right=True) - 1
+        return bn, flat - self.bn_offset[bn]
+
     @staticmethod
     def of(units: list[Unit], bn_names: list[str], sizes: list[int]) -> UnitTable:
         """The table of `units`; sizes: the channel count of each BN of bn_names."""
@@ -128,9 +134,8 @@ class Analysis:
 
     def bn_channels(self, flat: torch.Tensor) -> list[tuple[str, int]]:
         """(bn name, channel index) of each of the flat positions `flat` (see UnitTable)."""
-        # right=True: a BN without channels shares its offset with the next, which holds the position
-        bn = torch.searchsorted(self.table.bn_offset, flat, right=True) - 1
-        return list(zip(map(self.bn_names.__getitem__, bn.tolist()), (flat - self.table.bn_offset[bn]).tolist()))
+        bn, channel = self.table.bn_and_channel(flat)
+        return list(zip(map(self.bn_names.__getitem__, bn.tolist()), channel.tolist()))
 
     def find(self, s: int) -> int:
         """The root of slot s's class (the analysis is read-only: no union after it)."""

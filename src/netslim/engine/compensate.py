@@ -96,10 +96,10 @@ def removed_bn_channels(analysis: Analysis, removed_roots: set[int]) -> dict[str
     removed_root[long_tensor(removed_roots)] = True
     removed_unit = removed_root[table.unit_root]
     flat = table.member_flat[removed_unit[table.member_unit]]
-    bn = torch.searchsorted(table.bn_offset, flat, right=True) - 1  # see Analysis.bn_channels
+    bn, channel = table.bn_and_channel(flat)
     by_bn = torch.argsort(bn, stable=True)  # each BN's channels together, in table order
     bns, counts = torch.unique_consecutive(bn[by_bn], return_counts=True)
-    channels = (flat - table.bn_offset[bn])[by_bn].split(counts.tolist())
+    channels = channel[by_bn].split(counts.tolist())
     first = by_bn[counts.cumsum(0) - counts]  # where each BN's first channel is in table order
     names = list(map(analysis.bn_names.__getitem__, bns.tolist()))
     return {names[k]: channels[k].tolist() for k in torch.argsort(first).tolist()}
