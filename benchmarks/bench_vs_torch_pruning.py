@@ -333,7 +333,7 @@ def timing_models() -> dict[str, tuple]:
             "mobilenetv2": lambda: build_model("mobilenetv2", num_classes=1000)}
 
 
-def timing_table(seed: int, repeats: int = 3, steps: bool = False) -> str:
+def timing_table(seed: int, repeats: int = 5, steps: bool = False) -> str:
     """Best of `repeats` interleaved calls per tool; the ratio is netslim / Torch-Pruning.
     steps: also print where netslim's call spends its time (prune_steps)."""
     _zoo()
@@ -412,15 +412,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="instead: the per-architecture table over tests/zoo (all, or these) at 30/50/70%%")
     ap.add_argument("--timing", action="store_true",
                     help="instead: one prune call of each tool, side by side (ResNet-50, DenseNet-121, "
-                         "MobileNetV2 at 224 and 32), best of 3, and the ratio")
+                         "MobileNetV2 at 224 and 32), best of --repeats, and the ratio")
+    ap.add_argument("--repeats", type=int, default=5,
+                    help="with --timing: interleaved calls per tool and model; the best counts (default 5: "
+                         "on a shared machine one call in three or four is slowed by the load)")
     ap.add_argument("--steps", action="store_true",
                     help="with --timing: also print the seconds of each step of netslim's call (cProfile)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     torch.set_num_threads(args.threads)
     if args.zoo is not None or args.timing:
         print(f"torch {torch.__version__}, torch-pruning {getattr(tp, '__version__', 'not installed')}, "
               f"seed {args.seed}, {args.threads} threads", flush=True)
-        print(zoo_table(args.seed, args.zoo or None) if args.zoo is not None else timing_table(args.seed, steps=args.steps))
+        print(zoo_table(args.seed, args.zoo or None) if args.zoo is not None else timing_table(args.seed, args.repeats, steps=args.steps))
         return 0
 
     if tp is None:
