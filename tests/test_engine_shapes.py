@@ -169,6 +169,7 @@ def test_wide_convs_take_their_shapes_from_meta_even_at_a_small_input(monkeypatc
 
     on_meta = []
     real_pass = tracing._propagate_on_meta
+    monkeypatch.setattr(tracing, "shapes_by_rule", lambda *args: False)  # the choice for a graph without rules
     monkeypatch.setattr(tracing, "_propagate_on_meta", lambda gm, x: on_meta.append(True) or real_pass(gm, x))
     x = torch.randn(1, 3, 32, 32)
     for width, meta_expected in ((256, True), (8, False)):

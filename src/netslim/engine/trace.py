@@ -6,13 +6,16 @@ as one opaque call (its channels keep their width) instead of sinking the whole 
 """
 from __future__ import annotations
 
+import operator
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+import torch.nn.modules.module as module_internals
 from torch import nn
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -109,8 +112,10 @@ def _failing_submodule(model: nn.Module, e: BaseException, skip: set[str]) -> st
     return found
 
 
-def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] = (),
+          modules: dict[str, nn.Module] | None = None) -> fx.GraphModule:
     """Symbolically trace `model` and record every node's output shape (eval mode, no grad).
+    modules: dict(model.named_modules()) if the caller has it at hand.
 
     A submodule whose code torch.fx cannot trace (data-dependent sizes or control flow) is
     traced as one opaque call instead, and the rest of the model around it as usual; the
@@ -134,6 +139,8 @@ def trace(model: nn.Module, example_input: torch.Tensor, opaque: Iterable[str] =
     gm = _GraphModule(model, graph)
     gm.netslim_untraceable = untraceable
     gm.netslim_opaque = frozenset(opaque)  # what was traced as one call (source_lines traces the same)
+    if shapes_by_rule(gm, example_input, modules):  # no forward at all (most CNNs)
+        return gm
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -287,6 +294,307 @@ def _attribute(gm: fx.GraphModule, target: str) -> Any:
     for name in target.split("."):
         value = getattr(value, name)
     return value
+
+
+# Shapes by rule ----------------------------------------------------------------------------
+# Most CNNs are made of a handful of ops whose output shape is a formula of their input's:
+# conv, BatchNorm, activations, pooling, linear, sums, flatten, cat. For a graph of those
+# alone the shapes come from the formulas, with no forward at all: MobileNetV2 at 3x32x32
+# ~1 ms instead of a real forward's ~14 (ResNet-50: ~1 ms instead of the meta pass's ~17).
+# Each rule checks what its op would check and answers None where it is not sure (an op or
+# an argument it does not model, a mismatch the op would report): shapes_by_rule then
+# records nothing and trace runs the forward as before, which records them or says what is wrong.
+
+Shape = torch.Size
+
+
+def shapes_by_rule(gm: fx.GraphModule, example_input: torch.Tensor,
+                   modules: dict[str, nn.Module] | None = None) -> bool:
+    """Record every node's tensor_meta from the shape rules, as record_shapes would (stride:
+    a contiguous tensor's, which is what every listed op returns for a contiguous input).
+    False, with nothing recorded, unless every node has a rule that answers: a float,
+    contiguous example input, one placeholder, and no forward hook that could change a result.
+    modules: the traced model's named_modules, if at hand (gm's submodules are the same)."""
+    x = example_input
+    if not (x.is_cpu and x.is_floating_point() and x.layout == torch.strided and x.is_contiguous()
+            and not x.requires_grad and x.numel() > 0) or any(h is None or h for h in _GLOBAL_HOOKS):
+        return False
+    dtype = x.dtype  # every listed op keeps it (their weights must have it too)
+    shapes: dict[fx.Node, Shape] = {}
+    recorded = []
+    for node in gm.graph.nodes:
+        op = node.op
+        if op == "placeholder":
+            shape = x.shape if not shapes else None  # a second input: no example for it
+        elif op == "call_module":
+            m = modules[node.target] if modules is not None else _attribute(gm, node.target)
+            rule = _MODULE_SHAPES.get(type(m))
+            x_node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+            shape = rule(m, shapes[x_node], dtype) if rule is not None and x_node in shapes and not _hooked(m) else None
+        elif op == "call_function":
+            rule = _FUNCTION_SHAPES.get(node.target)
+            shape = rule(node, shapes) if rule is not None else None
+        elif op == "call_method":
+            rule = _METHOD_SHAPES.get(node.target)
+            shape = rule(node, shapes) if rule is not None else None
+        elif op == "output":
+            shape = shapes.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        else:  # get_attr
+            shape = None
+        if not shape or min(shape) < 1:  # no rule; a 0-d or an empty tensor (ops check those apart)
+            return False
+        shapes[node] = shape
+        recorded.append(node)
+    for node in recorded:
+        shape = shapes[node]
+        node.meta["tensor_meta"] = TensorMetadata(shape, dtype, False, _contiguous_stride(shape), None, False, {})
+    return True
+
+
+def _contiguous_stride(shape: Shape) -> tuple[int, ...]:
+    stride, step = [], 1
+    for n in reversed(shape):
+        stride.append(step)
+        step *= n
+    return tuple(reversed(stride))
+
+
+# Hooks registered for every module (private dicts of torch.nn): any of them, or a name that
+# moved (None), and the rules step aside, since a hook may change what a module returns.
+_GLOBAL_HOOKS = [getattr(module_internals, name, None) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs")]
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Could a hook of m change what it returns? (True if torch.nn renamed where they live.)"""
+    return bool(getattr(m, "_forward_hooks", True) or getattr(m, "_forward_pre_hooks", True))
+
+
+_NOT_A_TENSOR = object()
+
+
+def _tensor(m: nn.Module, name: str) -> Any:
+    """m's parameter or buffer `name` (None if registered as None), without Module.__getattr__
+    (1 us a read); _NOT_A_TENSOR if it is neither (a plain attribute: no rule)."""
+    t = m._parameters.get(name, _NOT_A_TENSOR)
+    return m._buffers.get(name, _NOT_A_TENSOR) if t is _NOT_A_TENSOR else t
+
+
+def _fits(t: Any, dtype: torch.dtype, numel: int | None = None) -> bool:
+    """Is `t` a tensor an op can use with a CPU input of `dtype` (and 1-D of `numel` entries)?"""
+    return isinstance(t, torch.Tensor) and t.is_cpu and t.dtype == dtype and (
+        numel is None or t.shape == (numel,))
+
+
+def _ints(v: Any, n: int) -> tuple[int, ...] | None:
+    """A kernel / stride / padding argument as n ints (one int, or a sequence of 1 or n)."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v,) * n
+    if isinstance(v, (tuple, list)) and len(v) in (1, n) and all(type(i) is int for i in v):
+        return tuple(v) * (n // len(v))
+    return None
+
+
+def _conv_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    w, b = _tensor(m, "weight"), _tensor(m, "bias")
+    if m.padding_mode != "zeros" or not _fits(w, dtype) or len(x) != w.dim() or x[1] != w.shape[1] * m.groups \
+            or w.shape[0] % m.groups or (b is not None and not _fits(b, dtype, w.shape[0])):
+        return None
+    spatial = len(x) - 2
+    stride, padding, dilation = _ints(m.stride, spatial), _ints(m.padding, spatial), _ints(m.dilation, spatial)
+    if stride is None or padding is None or dilation is None \
+            or min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        return None
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, k, s, p, d in zip(x[2:], w.shape[2:], stride, padding, dilation)]
+    return Shape((x[0], w.shape[0], *out)) if min(out) >= 1 else None
+
+
+def _linear_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    w, b = _tensor(m, "weight"), _tensor(m, "bias")
+    if not _fits(w, dtype) or w.dim() != 2 or x[-1] != w.shape[1] \
+            or (b is not None and not _fits(b, dtype, w.shape[0])):
+        return None
+    return Shape((*x[:-1], w.shape[0]))
+
+
+_BN_RANKS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
+def _batchnorm_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    """In eval mode (as the forward trace runs): running statistics, which must be there."""
+    if len(x) not in _BN_RANKS[type(m)]:
+        return None
+    c = x[1]
+    w, b = _tensor(m, "weight"), _tensor(m, "bias")
+    if not (_fits(_tensor(m, "running_mean"), dtype, c) and _fits(_tensor(m, "running_var"), dtype, c)
+            and (w is None or _fits(w, dtype, c)) and (b is None or _fits(b, dtype, c))):
+        return None
+    return x
+
+
+def _same_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    return x
+
+
+def _gelu_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    return x if m.approximate in ("none", "tanh") else None
+
+
+def _pooled(n: int, k: int, s: int, p: int, d: int, ceil: bool) -> int:
+    """ATen's pooling_output_shape, or 0 where the pooling op refuses the arguments."""
+    if k < 1 or s < 1 or d < 1 or p < 0 or p > k // 2 or p > ((k - 1) * d + 1) // 2:
+        return 0
+    out = (n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil else 0)) // s + 1
+    if ceil and (out - 1) * s >= n + p:  # the last window would start in the right padding
+        out -= 1
+    return max(out, 0)
+
+
+def _pool2d_shape(x: Shape, kernel: Any, stride: Any, padding: Any, dilation: Any, ceil: Any) -> Shape | None:
+    kernel, padding, dilation = _ints(kernel, 2), _ints(padding, 2), _ints(dilation, 2)
+    stride = kernel if stride is None or stride == [] or stride == () else _ints(stride, 2)
+    if len(x) not in (3, 4) or None in (kernel, stride, padding, dilation) or type(ceil) is not bool:
+        return None
+    out = [_pooled(*a, ceil) for a in zip(x[-2:], kernel, stride, padding, dilation)]
+    return Shape((*x[:-2], *out))  # a 0 in it: refused (shapes_by_rule)
+
+
+def _max_pool_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    if m.return_indices:
+        return None
+    return _pool2d_shape(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
+
+
+def _avg_pool_shape(m: nn.Module, x: Shape, dtype: torch.dtype) -> Shape | None:
+    if m.divisor_override == 0:
+        return None
+    return _pool2d_shape(x, m.kernel_size, m.stride, m.padding, 1, m.ceil_mode)
+
+
+def _adaptive_shape(x: Shape, size: Any) -> Shape | None:
+    size = (size, size) if isinstance(size, int) else size
+    if len(x) not in (3, 4) or not isinstance(size, (tuple, list)) or len(size) != 2 \
+            or not all(s is None or type(s) is int and s > 0 for s in size):
+        return None
+    return Shape((*x[:-2], *(n if s is None else s for n, s in zip(x[-2:], size))))
+
+
+def _flattened(x: Shape, start: Any, end: Any) -> Shape | None:
+    rank = len(x)
+    if type(start) is not int or type(end) is not int or not (-rank <= start < rank and -rank <= end < rank):
+        return None  # a 0-d tensor too (no rule makes one)
+    start, end = start % rank, end % rank
+    if start > end:
+        return None
+    size = 1
+    for n in x[start:end + 1]:
+        size *= n
+    return Shape((*x[:start], size, *x[end + 1:]))
+
+
+_MODULE_SHAPES: dict[type, Callable[[nn.Module, Shape, torch.dtype], Shape | None]] = {
+    nn.Conv1d: _conv_shape, nn.Conv2d: _conv_shape, nn.Conv3d: _conv_shape, nn.Linear: _linear_shape,
+    **{bn: _batchnorm_shape for bn in _BN_RANKS},
+    **{act: _same_shape for act in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+                                    nn.LeakyReLU, nn.Identity, nn.Dropout)},
+    nn.GELU: _gelu_shape, nn.MaxPool2d: _max_pool_shape, nn.AvgPool2d: _avg_pool_shape,
+    nn.AdaptiveAvgPool2d: lambda m, x, dtype: _adaptive_shape(x, m.output_size),
+    nn.Flatten: lambda m, x, dtype: _flattened(x, m.start_dim, m.end_dim),
+}
+
+
+def _bound(node: fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """node's arguments by parameter name (`names`, in order), or None if they do not fit."""
+    if len(node.args) > len(names) or not set(node.kwargs) <= set(names[len(node.args):]):
+        return None
+    return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+
+
+def _tensor_then(names: Sequence[str], defaults: dict[str, Any], rule: Callable[..., Shape | None]) -> Callable:
+    """A rule for a call whose first argument is the one tensor and the rest are constants."""
+    def shape(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
+        args = _bound(node, names, defaults)
+        if args is None or not isinstance(args[names[0]], fx.Node) or args[names[0]] not in shapes \
+                or not _constant([args[n] for n in names[1:]]):
+            return None
+        return rule(shapes[args[names[0]]], *(args[n] for n in names[1:]))
+    return shape
+
+
+def _constant(value: Any) -> bool:
+    """Does `value` (an argument, nested or not) hold no graph node?"""
+    nodes: list[fx.Node] = []
+    fx.node.map_arg(value, nodes.append)
+    return not nodes
+
+
+def _elementwise(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
+    """relu(x), relu(x, inplace=True), sigmoid(x)...: one tensor, at most a bool flag."""
+    flags = [*node.args[1:], *node.kwargs.values()]
+    if not node.args or not isinstance(node.args[0], fx.Node) or len(flags) > 1 or set(node.kwargs) - {"inplace"} \
+            or any(type(f) is not bool for f in flags):
+        return None
+    return shapes.get(node.args[0])
+
+
+def _binary(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
+    """a + b, a * b, a - b: tensors (broadcast) and Python numbers (which keep a float dtype)."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    operands = []
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            if a not in shapes:
+                return None
+            operands.append(shapes[a])
+        elif type(a) not in (int, float):
+            return None
+    if not operands:
+        return None
+    if all(o == operands[0] for o in operands):  # a residual sum
+        return operands[0]
+    try:
+        return Shape(torch.broadcast_shapes(*operands))
+    except RuntimeError:  # shapes that do not broadcast: the op says so
+        return None
+
+
+def _cat(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
+    args = _bound(node, ("tensors", "dim"), {"dim": 0})
+    parts = args and args["tensors"]
+    if not isinstance(parts, (tuple, list)) or not parts or type(args["dim"]) is not int \
+            or not all(isinstance(p, fx.Node) and p in shapes for p in parts):
+        return None
+    first = shapes[parts[0]]
+    if not -len(first) <= args["dim"] < len(first):
+        return None
+    dim = args["dim"] % len(first)
+    if any(len(shapes[p]) != len(first) or shapes[p][:dim] != first[:dim] or shapes[p][dim + 1:] != first[dim + 1:]
+           for p in parts):
+        return None
+    return Shape((*first[:dim], sum(shapes[p][dim] for p in parts), *first[dim + 1:]))
+
+
+_FUNCTION_SHAPES: dict[Any, Callable[[fx.Node, dict[fx.Node, Shape]], Shape | None]] = {
+    **{f: _binary for f in (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul)},
+    **{f: _elementwise for f in (F.relu, torch.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, torch.sigmoid,
+                                 torch.tanh)},
+    torch.cat: _cat,
+    torch.flatten: _tensor_then(("input", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1}, _flattened),
+    F.adaptive_avg_pool2d: _tensor_then(("input", "output_size"), {}, _adaptive_shape),
+    F.avg_pool2d: _tensor_then(("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                                "divisor_override"),
+                               {"stride": None, "padding": 0, "ceil_mode": False, "count_include_pad": True,
+                                "divisor_override": None},
+                               lambda x, k, s, p, ceil, include_pad, divisor:
+                               None if divisor == 0 or type(include_pad) is not bool
+                               else _pool2d_shape(x, k, s, p, 1, ceil)),
+}
+_METHOD_SHAPES: dict[str, Callable[[fx.Node, dict[fx.Node, Shape]], Shape | None]] = {
+    "flatten": _tensor_then(("self", "start_dim", "end_dim"), {"start_dim": 0, "end_dim": -1}, _flattened),
+    "relu": _elementwise, "sigmoid": _elementwise,
+}
 
 
 def node_shape(node: Any):
