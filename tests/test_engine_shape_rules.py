@@ -206,3 +206,49 @@ def test_a_mismatched_example_is_reported_by_the_forward():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     with pytest.raises(PruneError, match=r"of shape \(1, 2, 8, 8\) failed \(.*channels.*pass a matching"):
         tracing.trace(model.eval(), torch.randn(1, 2, 8, 8))
+
+
+class _Mixed(nn.Module):
+    """Arguments of every kind fx lowers: keyword arguments (tensors among them), a parameter
+    and a buffer read directly, a tensor constant, tuples, None, a submodule called twice, a
+    chunk unpacked by count."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.register_buffer("shift", torch.zeros(1, 8, 1, 1))
+        self.const = torch.full((1,), 2.0)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU())
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)), inplace=False) * self.scale + self.shift * self.const
+        a, b = list(y.chunk(2, 1))
+        a = self.block(self.block(a))
+        y = torch.cat(tensors=(a, b), dim=1).view(y.size(0), 8, y.size(2), -1)
+        return F.interpolate(y, size=None, scale_factor=2.0, mode="nearest").flatten(1).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("make", [_Mixed, lambda: build_model("mobilenetv2", num_classes=10),
+                                  lambda: build_model("densenet", num_classes=10)])
+def test_the_tracer_builds_the_graph_fx_builds(make):
+    """Our Tracer (its own copies of the module stack and scope, create_arg's shortcuts) makes
+    the graph fx.Tracer makes: node names, ops, targets, arguments, every meta entry."""
+    class FxTracer(tracing.Tracer):  # our leaves, fx's own bookkeeping
+        def __init__(self):
+            fx.Tracer.__init__(self)
+            self.opaque, self.record_stack_traces = set(), False
+        create_arg = fx.Tracer.create_arg
+
+    def described(graph):
+        def by_name(a):
+            return fx.node.map_arg(a, lambda node: node.name)
+        return [(n.name, n.op, n.target, by_name(n.args), by_name(n.kwargs),
+                 {k: (type(v), list(v.items()) if isinstance(v, dict) else v) for k, v in n.meta.items()})
+                for n in graph.nodes]
+    our_tracer, fx_tracer = tracing.Tracer(set()), FxTracer()
+    ours, theirs = our_tracer.trace(make()), fx_tracer.trace(make())  # each stores its constants
+    assert described(ours) == described(theirs)
+    assert our_tracer.node_name_to_scope == fx_tracer.node_name_to_scope
+    assert any(len(n.meta.get("nn_module_stack", ())) > 1 for n in ours.nodes)

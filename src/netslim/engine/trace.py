@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 import os
+from collections import OrderedDict
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -52,6 +53,12 @@ class Tracer(fx.Tracer):
         # Source lines (node.meta["stack_trace"]) cost a Python traceback per node, a third of
         # the trace; only error messages read them, and `source_lines` traces again for those.
         self.record_stack_traces = stack_traces
+        # fx copies the module stack into every node's meta and the scope at every module call
+        # with copy.copy, which without a __copy__ goes through __reduce_ex__ (~2 us each, 370
+        # per MobileNetV2 trace): the same copies, made directly. (Should fx rename these
+        # attributes, ours are unused and its own copies run as before.)
+        self.scope = _Scope(self.scope.module_path, self.scope.module_type)
+        self.module_stack = _ModuleStack(self.module_stack)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (isinstance(m, _BatchNorm) or qualname in self.opaque or rules.is_registered_leaf(m)
@@ -60,6 +67,19 @@ class Tracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _PartsProxy(node, self)
 
+    def create_arg(self, a: Any) -> Any:
+        """fx's create_arg, with the commonest arguments first: our proxies, plain tuples and
+        Python scalars are what fx.Tracer.create_arg returns them as after ~10 type checks
+        (a Parameter? a tensor constant? an opaque type?...), which none of them can pass."""
+        kind = type(a)
+        if kind is _PartsProxy:
+            return a.node
+        if kind is tuple:
+            return tuple([self.create_arg(v) for v in a])
+        if kind in _SCALARS:
+            return a
+        return super().create_arg(a)
+
     def iter(self, obj: fx.Proxy):
         """`list(x.chunk(2, 1))`, `for part in x.split([a, b], 1)`: fx cannot iterate a Proxy
         (it only unpacks `a, b = ...`), but the part count is known when written in the code."""
@@ -67,6 +87,19 @@ class Tracer(fx.Tracer):
         if parts is None:
             return super().iter(obj)
         return iter([obj[i] for i in range(parts)])
+
+
+_SCALARS = {int, float, bool, str, type(None)}
+
+
+class _Scope(fx.proxy.Scope):
+    def __copy__(self) -> "_Scope":
+        return _Scope(self.module_path, self.module_type)
+
+
+class _ModuleStack(OrderedDict):
+    def __copy__(self) -> OrderedDict:
+        return OrderedDict(self)  # what copy.copy of the OrderedDict fx keeps would return
 
 
 class _PartsProxy(fx.Proxy):
