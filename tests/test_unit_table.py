@@ -119,3 +119,42 @@ def test_class_layers_unify_runs_and_tell_equal_counts_apart():
     class_layer, layers = _class_layers(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
                                         torch.zeros(0, dtype=torch.long))
     assert class_layer.tolist() == [] and layers == []
+
+
+def test_roots_of_slots_far_from_their_roots_are_finds_and_shorten_the_way():
+    """SlotWalk.roots on a forest with long chains (a residual stream after many owned BNs)
+    answers find() of every slot, moves no root, and leaves every slot it walked through one
+    step from its root."""
+    import random
+    import torch.fx as fx
+    from torch import nn
+    from netslim.engine.channels import find_root
+    from netslim.engine.slots import SlotWalk
+
+    rng = random.Random(0)
+    walk = SlotWalk(nn.Sequential(), fx.GraphModule(nn.Sequential(), fx.Graph()), set())
+    walk.new(3000)
+    for s in rng.sample(range(3000), 2500):  # random links from higher to lower slots: no cycles
+        if s:
+            walk.parent[s] = rng.randrange(s)
+    ends = []
+    for depth in range(1, 8):  # and chains of every depth, walked from their far end
+        chain = list(range(3000 - 10 * depth, 3000 - 10 * depth + depth + 1))
+        for a, b in zip(chain, chain[1:]):
+            walk.parent[b] = a
+        ends.append(chain[-1])
+    expected = [find_root(list(walk.parent), s) for s in range(3000)]
+    slots = rng.sample(range(2900), 800) + ends
+    before = list(walk.parent)
+    assert walk.roots(slots) == [expected[s] for s in slots]
+    assert [find_root(list(walk.parent), s) for s in range(3000)] == expected  # no root moved
+    on_the_way = set()
+    for s in slots:
+        while before[s] != s:
+            on_the_way.add(s)
+            s = before[s]
+    assert all(walk.parent[s] == expected[s] for s in on_the_way)
+    assert all(walk.parent[s] in (before[s], expected[s]) for s in range(3000))
+    for depth in range(3, 8):  # one chain alone: every slot on it, the deepest one's too
+        walk.parent[:] = [max(s - 1, 0) for s in range(depth + 1)]
+        assert walk.roots([depth]) == [0] and walk.parent == [0] * (depth + 1)

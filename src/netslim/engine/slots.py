@@ -95,18 +95,30 @@ class SlotWalk(LayoutSteps):
         return find_root(self.parent, s)
 
     def roots(self, slots: list[int]) -> list[int]:
-        """find() of every slot. Where every slot is at most two steps from its root (after
-        compress, and after the BN merges that follow it) that is two list lookups a slot,
-        without find's path halving (which moves no root)."""
+        """find() of every slot, one step of all slots at a time (a list lookup a slot and
+        step, not a find call a slot). Where every slot is at most two steps from its root
+        (after compress, and after the BN merges that follow it) that is all. Where it is
+        further (a residual stream, whose classes each owned BN moves one step further from
+        their root: ResNet-50's grow by one a block), every slot on the way is then pointed
+        straight at its root, as find's path compression would (it moves no root), so the
+        next walk over these classes is short again."""
         parent = self.parent
         up = [parent[s] for s in slots]
         top = [parent[r] for r in up]
         if top == up:  # every slot one step from its root
             return up
-        if [parent[r] for r in top] == top:
+        higher = [parent[r] for r in top]
+        if higher == top:  # two steps
             return top
-        find = self.find
-        return [r if parent[r] == r else find(s) for s, r in zip(slots, top)]
+        steps = [slots, up, top]
+        while higher != steps[-1]:
+            steps.append(higher)
+            higher = [parent[r] for r in higher]
+        root = steps[-1]
+        for on_the_way in steps[:-2]:  # the last but one already points at the root
+            for s, r in zip(on_the_way, root):
+                parent[s] = r
+        return root
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
