@@ -161,7 +161,7 @@ def analyze(model: nn.Module, example_input: torch.Tensor, *, exclude: Sequence[
         raise PruneError(f"exclude names no module of the model: {', '.join(sorted(unknown_names))}")
     opaque = {n for n in exclude if not isinstance(mods[n], _BatchNorm)}
     gm = trace(model, example_input, opaque, mods)
-    an = SlotWalk(model, gm, exclude)
+    an = SlotWalk(model, gm, exclude, mods)
     an.run()
     varying = varying_inputs(an)  # before gates and BNs tie more slots
     cs = Classes(an)

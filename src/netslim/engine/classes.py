@@ -72,15 +72,16 @@ class Classes:
         """One read of class r (a tied BN's channel) is no longer a reader of it."""
         self.readers_[r] -= 1
 
-    def own(self, name: str, in_roots: list[int], out_slots: list[int]) -> None:
+    def own(self, name: str, in_roots: list[int], out_slots: list[int], ins: range | None) -> None:
         """BN `name` is the sole reader of its input classes (roots `in_roots`, classify_bns):
         each input class joins its output channel's, and what produced it (a conv's outputs)
         is absorbed: it goes with the BN channel. The same as, per channel j: absorb,
-        drop_reader, merge, with each input class's reads (all of them this BN's) dropped at once."""
+        drop_reader, merge, with each input class's reads (all of them this BN's) dropped at once.
+        ins: _run(in_roots)."""
         find, parent = self.a.find, self.a.parent
         readers, bn, free, unsliceable, pins = self.readers_, self.bn, self.free, self.unsliceable, self.pins
         out_roots = self.a.roots(out_slots)
-        ins, outs = _run(in_roots), _run(out_roots)
+        outs = _run(out_roots)
         if ins is not None and outs is not None and (ins.stop <= outs.start or outs.stop <= ins.start):
             self._own_runs(ins, outs)
             return
@@ -153,7 +154,7 @@ class Classes:
 
 def _run(roots: list[int]) -> range | None:
     """`roots` as a range if they are consecutive ascending slots (then all distinct), else None."""
-    if not roots:
+    if not roots or roots[-1] - roots[0] != len(roots) - 1:
         return None
     run = range(roots[0], roots[0] + len(roots))
     return run if roots == list(run) else None
@@ -277,8 +278,9 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
         if use.bn_mode == "gather":      # an IndexedBatchNorm stays a gather
             continue
         in_roots = walk.roots(use.in_slots)
-        if _sole_reader(classes, name, in_roots):
-            classes.own(name, in_roots, use.out_slots)
+        in_run = _run(in_roots)
+        if _sole_reader(classes, in_roots, in_run):
+            classes.own(name, in_roots, use.out_slots, in_run)
             use.bn_mode = "owned"
             continue
         # Not the sole reader. Per channel: an input made only of other BN channels is
@@ -297,13 +299,12 @@ def classify_bns(walk: SlotWalk, classes: Classes) -> Classes:
     return classes
 
 
-def _sole_reader(classes: Classes, name: str, in_roots: list[int]) -> bool:
-    """Owned: BN `name` alone reads its input classes, none pinned. A class may cover several
-    of its channels (a grouped conv ties position j of every group): then all of them read it.
-    (Each channel j of the BN is one read of class in_roots[j]: a class read exactly as many
-    times as it holds channels of the BN has no other reader.)"""
+def _sole_reader(classes: Classes, in_roots: list[int], run: range | None) -> bool:
+    """Owned: a BN alone reads its input classes (roots `in_roots`, `run` if consecutive: _run),
+    none pinned. A class may cover several of its channels (a grouped conv ties position j of
+    every group): then all of them read it. (Each channel j of the BN is one read of class
+    in_roots[j]: a class read exactly as many times as it holds channels of the BN has no other reader.)"""
     readers, pins = classes.readers_, classes.pins
-    run = _run(in_roots)
     if run is not None:  # consecutive slots (a conv's outputs): each read once, none pinned
         return readers[run.start:run.stop].count(1) == len(run) and not any(map(pins.get, run))
     if len(set(in_roots)) == len(in_roots):  # one class per channel (the common case): read once

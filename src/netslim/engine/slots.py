@@ -48,7 +48,9 @@ def _only_reshapes(node: fx.Node) -> bool:
 
 
 class SlotWalk(LayoutSteps):
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, exclude: set[str]):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, exclude: set[str],
+                 modules: dict[str, nn.Module] | None = None):
+        """modules: dict(model.named_modules()), if the caller has it at hand."""
         self.model = model
         self.gm = gm
         self.exclude = exclude
@@ -57,7 +59,7 @@ class SlotWalk(LayoutSteps):
         self.opaque.update({n: f"module {n}, which torch.fx cannot trace ({why})"
                             for n, why in getattr(gm, "netslim_untraceable", {}).items()})
         self.blockers: dict[str, fx.Node] = {}  # fatal pin reason -> the node that raised it
-        self.mods = dict(model.named_modules())
+        self.mods = modules if modules is not None else dict(model.named_modules())
         self.parent: list[int] = []
         # Per op, not per slot (a ResNet-50 has ~100k slots): where slot values come from, which
         # slots a conv / linear / BN reads (one entry per channel it reads), and per slot whether
@@ -322,7 +324,7 @@ class SlotWalk(LayoutSteps):
         out = self.new(m.num_features)
         self.origins.append(Origins("bn", name, out))
         self.is_bn[len(self.is_bn) - len(out):] = b"\x01" * len(out)  # the slots new() just made
-        read = [x.slots[i] for i in index]
+        read = [x.slots[i] for i in index] if is_indexed_bn(m) else list(x.slots)  # index: 0, 1, ... otherwise
         self.reads.append(read)
         self.uses[name] = ModuleUse(name, "bn", read, out,
                                     bn_mode="gather" if is_indexed_bn(m) else "", gather_index=index,
