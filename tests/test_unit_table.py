@@ -158,3 +158,17 @@ def test_roots_of_slots_far_from_their_roots_are_finds_and_shorten_the_way():
     for depth in range(3, 8):  # one chain alone: every slot on it, the deepest one's too
         walk.parent[:] = [max(s - 1, 0) for s in range(depth + 1)]
         assert walk.roots([depth]) == [0] and walk.parent == [0] * (depth + 1)
+
+
+@pytest.mark.parametrize("n, bound", [(0, 0), (0, 5), (1, 1), (50, 7), (3000, 4000)])
+def test_first_appearance_numbers_values_in_order_of_first_appearance(n, bound):
+    """_first_appearance: the distinct values in the order they first appear, and each value's
+    index into them, as a plain Python pass over the values finds them."""
+    from netslim.engine.analysis import _first_appearance
+
+    values = torch.randint(0, max(bound, 1), (n,), generator=torch.Generator().manual_seed(n))
+    order: dict[int, int] = {}
+    for v in values.tolist():
+        order.setdefault(v, len(order))
+    distinct, index = _first_appearance(values, bound)
+    assert distinct.tolist() == list(order) and index.tolist() == [order[v] for v in values.tolist()]

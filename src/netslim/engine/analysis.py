@@ -206,7 +206,7 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     member_flat = bn_offset[member_bn] + torch.arange(len(slots)) - \
         torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     # group the members by class root: classes in order of first appearance, members in order
-    class_root, member_class = _first_appearance(root[slots])
+    class_root, member_class = _first_appearance(root[slots], len(root))
     order = torch.argsort(member_class, stable=True)
     member_class, member_bn, member_flat = member_class[order], member_bn[order], member_flat[order]
     n_classes = len(class_root)
@@ -217,7 +217,9 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
     class_bns = torch.zeros(n_classes, dtype=torch.long).index_add_(0, member_class, new_bn.long())
     excluded = torch.tensor([n in exclude for n in an.bn_order] or [False], dtype=torch.bool)[member_bn]
     plain = torch.zeros(n_classes, dtype=torch.long).index_add_(0, member_class, excluded.long()) == 0
-    plain &= ~torch.isin(class_root, torch.tensor([r for r, p in cs.pins.items() if p], dtype=torch.long))
+    pinned = torch.zeros(len(root), dtype=torch.bool)  # per slot: a pinned class's root (torch.isin sorts: 10x slower)
+    pinned[[r for r, p in cs.pins.items() if p]] = True
+    plain &= ~pinned[class_root]
     root_list = class_root.tolist()
     plain &= long_tensor(map(cs.free.__getitem__, root_list)) == 0
     if skip_coupled:
@@ -250,21 +252,22 @@ def _units(an: SlotWalk, cs: Classes, root: torch.Tensor, mods: dict[str, nn.Mod
         for n in layer:
             unprunable.setdefault(n, why)
     in_unit = plain[member_class]
-    unit_layers, unit_layer = _first_appearance(class_layer[plain])  # the units' layers, renumbered
+    unit_layers, unit_layer = _first_appearance(class_layer[plain], len(layers))  # the units' layers, renumbered
     table = UnitTable.grouped(bn_offset, member_flat[in_unit], class_size[plain], class_root[plain], unit_layer,
                               list(map(layers.__getitem__, unit_layers.tolist())))
     return table, unprunable, blocked
 
 
-def _first_appearance(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the distinct values in order of first appearance, each value's index into them)."""
-    distinct, inverse = torch.unique(values, return_inverse=True)
-    first = torch.full((len(distinct),), len(values), dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(len(values)), "amin")
-    appearance = torch.argsort(first)
-    rank = torch.empty_like(appearance)
-    rank[appearance] = torch.arange(len(appearance))
-    return distinct[appearance], rank[inverse]
+def _first_appearance(values: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the distinct values in order of first appearance, each value's index into them), for
+    values in [0, bound): tables over the value range instead of a sort (torch.unique), ~5x
+    as fast for a few tens of thousands of slots."""
+    position = torch.arange(len(values))
+    first = torch.full((bound,), len(values), dtype=torch.long).scatter_reduce_(0, values, position, "amin")
+    distinct = values[first[values] == position]  # each value where it first appears, in order
+    rank = torch.empty(bound, dtype=torch.long)
+    rank[distinct] = torch.arange(len(distinct))
+    return distinct, rank[values]
 
 
 def _class_layers(entry_bn: torch.Tensor, entry_class: torch.Tensor, class_bns: torch.Tensor
