@@ -117,7 +117,7 @@ def method_rule(name: str) -> Rule | None:
 
 def is_registered_leaf(m: nn.Module) -> bool:
     """Registered by a user: the tracer records one call instead of tracing its forward."""
-    return any(c in _USER_MODULES for c in type(m).__mro__)
+    return bool(_USER_MODULES) and any(c in _USER_MODULES for c in type(m).__mro__)
 
 
 # ----------------------------------------------------------------------------------------

@@ -68,9 +68,9 @@ class Tracer(fx.Tracer):
         return _PartsProxy(node, self)
 
     def create_arg(self, a: Any) -> Any:
-        """fx's create_arg, with the commonest arguments first: our proxies, plain tuples and
-        Python scalars are what fx.Tracer.create_arg returns them as after ~10 type checks
-        (a Parameter? a tensor constant? an opaque type?...), which none of them can pass."""
+        """fx's create_arg, with the commonest arguments first: our proxies, plain tuples, no
+        keyword arguments and Python scalars are what fx.Tracer.create_arg returns them as after
+        ~10 type checks (a Parameter? a tensor constant? an opaque type?...), which none of them can pass."""
         kind = type(a)
         if kind is _PartsProxy:
             return a.node
@@ -78,6 +78,8 @@ class Tracer(fx.Tracer):
             return tuple([self.create_arg(v) for v in a])
         if kind in _SCALARS:
             return a
+        if kind is dict and not a:
+            return {}  # a new one, as fx makes
         return super().create_arg(a)
 
     def iter(self, obj: fx.Proxy):
