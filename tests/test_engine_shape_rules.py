@@ -148,8 +148,9 @@ def test_every_answer_is_the_ops_own(op, shape, answered):
 
 
 def test_the_rules_step_aside_for_anything_they_do_not_model():
-    """An op without a rule, a forward hook, a parameter of another dtype, a channels-last or
-    non-float example, a second input: no shapes recorded (the forward records them)."""
+    """An op without a rule, a forward hook or a forward set on the module, a parameter of
+    another dtype, a channels-last example or one that requires grad, a padding mode or a BN
+    the rules do not model: no shapes recorded (the forward records them)."""
     conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     x = torch.randn(1, 3, 8, 8)
     gm = tracing.trace(conv, x)
@@ -165,6 +166,9 @@ def test_the_rules_step_aside_for_anything_they_do_not_model():
     hooked = nn.Sequential(nn.Conv2d(3, 4, 3))
     hooked[0].register_forward_hook(lambda m, i, o: o[:, :2])
     assert refused(hooked, x)
+    own_forward = nn.Sequential(nn.Conv2d(3, 4, 3))
+    own_forward[0].forward = lambda t: t[:, :2]
+    assert refused(own_forward, x)
     handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     try:
         assert refused(nn.Sequential(nn.Conv2d(3, 4, 3)), x)

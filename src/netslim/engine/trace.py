@@ -365,7 +365,7 @@ def shapes_by_rule(gm: fx.GraphModule, example_input: torch.Tensor,
             m = modules[node.target] if modules is not None else _attribute(gm, node.target)
             rule = _MODULE_SHAPES.get(type(m))
             x_node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-            shape = rule(m, shapes[x_node], dtype) if rule is not None and x_node in shapes and not _hooked(m) else None
+            shape = rule(m, shapes[x_node], dtype) if rule is not None and x_node in shapes and _runs_its_class_forward(m) else None
         elif op == "call_function":
             rule = _FUNCTION_SHAPES.get(node.target)
             shape = rule(node, shapes) if rule is not None else None
@@ -400,9 +400,11 @@ _GLOBAL_HOOKS = [getattr(module_internals, name, None) for name in (
     "_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_with_kwargs")]
 
 
-def _hooked(m: nn.Module) -> bool:
-    """Could a hook of m change what it returns? (True if torch.nn renamed where they live.)"""
-    return bool(getattr(m, "_forward_hooks", True) or getattr(m, "_forward_pre_hooks", True))
+def _runs_its_class_forward(m: nn.Module) -> bool:
+    """Does calling m run its class's forward alone: no forward of its own set on the instance,
+    no hook that could change what it returns? (False if torch.nn renamed where hooks live.)"""
+    return "forward" not in m.__dict__ and not (getattr(m, "_forward_hooks", True)
+                                                or getattr(m, "_forward_pre_hooks", True))
 
 
 _NOT_A_TENSOR = object()
