@@ -176,10 +176,20 @@ def test_the_rules_step_aside_for_anything_they_do_not_model():
         handle.remove()
     assert refused(nn.Sequential(nn.Conv2d(3, 4, 3)).double(), x)
     assert refused(nn.Sequential(nn.Conv2d(3, 4, 3)), x.to(memory_format=torch.channels_last))
-    assert refused(nn.Sequential(nn.Conv2d(3, 4, 3)), x.requires_grad_())
+    assert refused(nn.Sequential(nn.Conv2d(3, 4, 3)), x.clone().requires_grad_())
     assert refused(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")), torch.randn(1, 3, 8, 8))
     assert refused(nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False)), torch.randn(1, 3, 8, 8))
     assert refused(_Call(lambda x: x.view(1, -1)), torch.randn(1, 3, 8, 8))
+    assert refused(_StarArgs(), x)
+
+
+class _StarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.ReLU()
+
+    def forward(self, *xs):  # xs: a tuple of the example (not a tensor)
+        return self.act(xs)
 
 
 class _TwoInputs(nn.Module):

@@ -348,7 +348,7 @@ def shapes_by_rule(gm: fx.GraphModule, example_input: torch.Tensor,
     """Record every node's tensor_meta from the shape rules, as record_shapes would (stride:
     a contiguous tensor's, which is what every listed op returns for a contiguous input).
     False, with nothing recorded, unless every node has a rule that answers: a float,
-    contiguous example input, one placeholder, and no forward hook that could change a result.
+    contiguous CPU example, one placeholder, and no forward hook that could change a result.
     modules: the traced model's named_modules, if at hand (gm's submodules are the same)."""
     x = example_input
     if not (x.is_cpu and x.is_floating_point() and x.layout == torch.strided and x.is_contiguous()
@@ -359,13 +359,14 @@ def shapes_by_rule(gm: fx.GraphModule, example_input: torch.Tensor,
     recorded = []
     for node in gm.graph.nodes:
         op = node.op
-        if op == "placeholder":
-            shape = x.shape if not shapes else None  # a second input: no example for it
+        if op == "placeholder":  # the example; not a second input, nor *args (a list of the example)
+            shape = x.shape if not shapes and not node.target.startswith("*") else None
         elif op == "call_module":
             m = modules[node.target] if modules is not None else _attribute(gm, node.target)
             rule = _MODULE_SHAPES.get(type(m))
             x_node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-            shape = rule(m, shapes[x_node], dtype) if rule is not None and x_node in shapes and _runs_its_class_forward(m) else None
+            shape = rule(m, shapes[x_node], dtype) if rule is not None and isinstance(x_node, fx.Node) \
+                and x_node in shapes and _runs_its_class_forward(m) else None
         elif op == "call_function":
             rule = _FUNCTION_SHAPES.get(node.target)
             shape = rule(node, shapes) if rule is not None else None
