@@ -9,7 +9,7 @@ from __future__ import annotations
 import operator
 import os
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -362,13 +362,13 @@ def shapes_by_rule(gm: fx.GraphModule, example_input: torch.Tensor,
         if op == "placeholder":  # the example; not a second input, nor *args (a list of the example)
             shape = x.shape if not shapes and not node.target.startswith("*") else None
         elif op == "call_module":
-            m = modules[node.target] if modules is not None else _attribute(gm, node.target)
+            m = modules.get(node.target) if modules is not None else _attribute(gm, node.target)
             rule = _MODULE_SHAPES.get(type(m))
             x_node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
             shape = rule(m, shapes[x_node], dtype) if rule is not None and isinstance(x_node, fx.Node) \
                 and x_node in shapes and _runs_its_class_forward(m) else None
         elif op == "call_function":
-            rule = _FUNCTION_SHAPES.get(node.target)
+            rule = _FUNCTION_SHAPES.get(node.target) if isinstance(node.target, Hashable) else None
             shape = rule(node, shapes) if rule is not None else None
         elif op == "call_method":
             rule = _METHOD_SHAPES.get(node.target)
