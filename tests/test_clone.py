@@ -134,7 +134,7 @@ class Block(nn.Module):
 class Sharing(nn.Module):
     """Every way one object is reached twice: a shared submodule, tied weights, a module
     also kept as a plain attribute, modules in a plain list and dict, a back reference to
-    the parent, one dict shared by two modules."""
+    the parent, one dict (and one empty dict) shared by two modules."""
 
     def __init__(self):
         super().__init__()
@@ -146,6 +146,7 @@ class Sharing(nn.Module):
         self.__dict__["by_name"] = {"a": self.a, "extra": nn.ReLU()}
         self.a.__dict__["owner"] = self
         self.a.config = self.b.config = {"width": 4}
+        self.a.registry = self.b.registry = {}  # empty: copied by _clone's own shortcut
 
     def forward(self, x):
         return self.by_name["extra"](self.b(self.alias(x)))
@@ -158,6 +159,7 @@ def test_sharing_is_kept(memo_of):
     assert cloned.a.shared is cloned.b.shared and cloned.alias is cloned.a and cloned.a.owner is cloned
     assert cloned.stages[1] is cloned.b and cloned.by_name["a"] is cloned.a
     assert cloned.a.conv.weight is cloned.b.conv.weight and cloned.a.config is cloned.b.config
+    assert cloned.a.registry is cloned.b.registry and cloned.a.registry is not model.a.registry
     assert (cloned.a.conv.weight is model.a.conv.weight) == (memo_of is _weights_memo)
 
 

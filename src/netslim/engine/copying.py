@@ -56,13 +56,21 @@ def _clone(module: nn.Module, memo: dict) -> nn.Module:
     memo[id(module)] = new  # before the contents: a child that refers back finds it
     state = module.__getstate__()  # nn.Module's (checked): a copy of __dict__ less the compiled forward
     for key, value in state.items():
-        if type(value) in _ATOMS:
+        kind = type(value)
+        if kind in _ATOMS:
             continue  # deepcopy gives the value itself
         if key == "_modules":
             state[key] = _copy_entries(value, memo, _clone_child)
         elif key in ("_parameters", "_buffers"):
             state[key] = _copy_entries(value, memo, _copy_tensor)
-        else:
+        elif kind in _FLAT_CONTAINERS and not value:
+            # the dozen empty hook dicts of every module (most of its attributes): inline, as
+            # _copy_value would copy them, without its call and atom checks
+            copied = memo.get(id(value), _MISSING)
+            if copied is _MISSING:
+                copied = memo[id(value)] = kind()
+            state[key] = copied
+        elif kind is not tuple or not _only_atoms(value):  # such a tuple deepcopy returns itself
             state[key] = _copy_value(value, memo)
     new.__setstate__(state)  # the class's own, as deepcopy calls it
     return new
