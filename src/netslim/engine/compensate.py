@@ -146,7 +146,7 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     with torch.no_grad():
         for bn_name, channels in removed.items():
             bn = mods[bn_name]
-            idx = torch.tensor(channels, dtype=torch.long, device=bn.weight.device)
+            idx = long_tensor(channels).to(bn.weight.device)
             bn.weight.index_fill_(0, idx, 0.0)
             bn.bias.index_fill_(0, idx, 0.0)
     return new, report
@@ -192,7 +192,7 @@ def _contribution(m: nn.Module, in_block: int, summary: torch.Tensor, channels: 
         position = {c: r for r, c in enumerate(channels)}
         rows = torch.tensor([position[c] for c in constant], dtype=torch.long, device=summary.device)
         maps = summary.reshape(-1, in_block)[rows] if isinstance(m, nn.Linear) else summary[rows]
-    index = torch.tensor(constant, dtype=torch.long, device=summary.device)
+    index = long_tensor(constant).to(summary.device)
     weight = m.weight.detach().float()
     with torch.no_grad():
         # The weight times a zero-filled input: reads the weight once instead of copying its columns.

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import rules
+from .channels import long_tensor
 from .trace import node_shape
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _bn_noise(bn: nn.Module, channels: list[int], out_shape: Sequence[int], nois
               like: torch.Tensor) -> torch.Tensor:
     """[batch, len(channels), *spatial]: beta + gamma * z of BN `bn`'s `channels` (in that order)
     on an output of shape `out_shape`, z the next draw of `noise`, dtype and device of `like`."""
-    index = torch.tensor(channels, dtype=torch.long)
+    index = long_tensor(channels)
     beta = bn.bias.detach()[index].view(1, -1, *([1] * (len(out_shape) - 2)))
     gamma = bn.weight.detach()[index].view_as(beta)
     z = noise.draw(out_shape[0], len(channels), out_shape[2:]).to(like)
@@ -84,7 +85,7 @@ def _full_probe(model: nn.Module, removed: dict[str, list[int]], consumers: dict
     noise = _StratifiedNormal(gen)
 
     def replace(bn: nn.Module, channels: list[int]):
-        index = torch.tensor(channels, dtype=torch.long)
+        index = long_tensor(channels)
 
         def hook(m, args, out):
             if out._base is not None or out.data_ptr() == args[0].data_ptr():
@@ -239,10 +240,11 @@ class _RestrictedProbe:
         if shape is None or len(shape) < 2:
             raise _Unsupported(f"no shape for BN {node.target}")
         values = _bn_noise(bn, channels, (self.batch, *shape[1:]), self.noise, self.like)
-        order = sorted(range(len(channels)), key=channels.__getitem__)
-        if order != list(range(len(channels))):
-            values = values.index_select(1, torch.tensor(order, dtype=torch.long, device=values.device))
-        return _Probed(sorted(channels), values)
+        ascending = sorted(channels)  # the usual case: already so (a linear-time check)
+        if ascending != channels:
+            order = sorted(range(len(channels)), key=channels.__getitem__)
+            values = values.index_select(1, long_tensor(order).to(values.device))
+        return _Probed(ascending, values)
 
     def record(self, node: fx.Node) -> None:
         """A consumer's call: what the full forward's pre-hook records of its input."""
@@ -417,9 +419,10 @@ def _bind(node: fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dict
 def _input_positions(m: nn.Module, channels: Sequence[int], in_block: int) -> torch.Tensor:
     """Where input `channels` lie in m's input: along dim 1 of a conv's, among a linear's
     input features (in_block consecutive features per channel)."""
+    index = long_tensor(channels)
     if isinstance(m, nn.Linear):
-        return torch.tensor([j * in_block + t for j in channels for t in range(in_block)], dtype=torch.long)
-    return torch.tensor(channels, dtype=torch.long)
+        return (index[:, None] * in_block + torch.arange(in_block)).flatten()
+    return index
 
 
 def _summary(m: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
