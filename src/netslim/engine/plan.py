@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -49,9 +50,10 @@ class LayerDecision:
 
 
 def global_threshold(values: torch.Tensor, percent: float) -> float:
-    """The seed's threshold: sort all |gamma| ascending, take element int(total * percent)."""
-    y, _ = torch.sort(values.flatten())
-    return float(y[int(values.numel() * percent)])
+    """The seed's threshold: sort all |gamma| ascending, take element int(total * percent).
+    (A partial sort finds that element: the same value, without sorting the rest.)"""
+    k = int(values.numel() * percent)
+    return float(np.partition(values.detach().cpu().flatten().numpy(), k)[k])
 
 
 def check_options(percent, min_channels, max_layer_percent, round_to, group_score) -> None:
@@ -77,15 +79,19 @@ def _check_finite_factors(gamma: dict[str, torch.Tensor]) -> None:
                          "lower learning rate or sparsity")
 
 
-def unit_scores(model: nn.Module, analysis: Analysis, group_score: str = DEFAULT_GROUP_SCORE
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score of every unit, the values the global threshold is taken over), see GROUP_SCORES."""
-    mods = dict(model.named_modules())
-    # every BN's |gamma| in one vector, in the order of the flat positions (analysis.table)
-    gamma = {n: mods[n].weight.detach().abs().float().cpu() for n in analysis.bn_names}
-    _check_finite_factors(gamma)
+def unit_scores(model: nn.Module, analysis: Analysis, group_score: str = DEFAULT_GROUP_SCORE,
+                mods: dict[str, nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score of every unit, the values the global threshold is taken over), see GROUP_SCORES.
+    `mods`: dict(model.named_modules()) if the caller has it."""
+    mods = dict(model.named_modules()) if mods is None else mods
+    # every BN's |gamma| in one vector, in the order of the flat positions (analysis.table):
+    # joined first, so the finiteness check and the abs run once, not per BN
+    factors = [mods[n].weight.detach().float().cpu() for n in analysis.bn_names]
+    gamma = torch.cat([*factors, torch.zeros(0)])
+    if not bool(torch.isfinite(gamma).all()):
+        _check_finite_factors(dict(zip(analysis.bn_names, factors)))  # raises, naming the BNs
     table = analysis.table
-    members = torch.cat([*gamma.values(), torch.zeros(0)])[table.member_flat]   # each unit's factors, unit after unit
+    members = gamma.abs()[table.member_flat]   # each unit's factors, unit after unit
     how = {"mean": "mean", "max": "amax", "sum": "sum", "strict": "amax"}[group_score]
     scores = torch.zeros(len(table.unit_size)).scatter_reduce(0, table.member_unit, members, how,
                                                               include_self=False)
@@ -94,14 +100,19 @@ def unit_scores(model: nn.Module, analysis: Analysis, group_score: str = DEFAULT
     return scores, torch.repeat_interleave(scores, table.unit_size)
 
 
-def _flat_mask(analysis: Analysis, channels: dict[str, Sequence[int]]) -> torch.Tensor:
+def _channel_array(channels: Iterable[int]) -> np.ndarray:
+    """`channels` (ints, NumPy or tensor scalars: whatever int() takes) as an int64 array."""
+    return np.fromiter(map(int, channels), np.int64)
+
+
+def _flat_mask(analysis: Analysis, channels: dict[str, Sequence[int]]) -> np.ndarray:
     """A boolean per flat position (analysis.table), True at `channels` {bn: [j, ...]} of the
     BNs in analysis.bn_names (others are ignored)."""
-    table = analysis.table
-    mask = torch.zeros(table.channels, dtype=torch.bool)
+    offsets = analysis.table.bn_offset.tolist()
+    mask = np.zeros(offsets[-1], dtype=bool)
     for k, n in enumerate(analysis.bn_names):
         if channels.get(n) is not None and len(channels[n]):
-            mask[table.bn_offset[k] + torch.as_tensor(list(map(int, channels[n])), dtype=torch.long)] = True
+            mask[offsets[k] + _channel_array(channels[n])] = True
     return mask
 
 
@@ -126,18 +137,21 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
     scores, values = unit_scores(model, analysis, group_score)
     threshold = global_threshold(values, percent) if percent > 0 else -math.inf
     if masked_out:  # a unit whose channels a mask removed all scores below any threshold
-        gone = _flat_mask(analysis, masked_out)[table.member_flat]
+        gone = torch.from_numpy(_flat_mask(analysis, masked_out))[table.member_flat]
         all_gone = torch.zeros(len(table.unit_size), dtype=torch.long).index_add_(
             0, table.member_unit, gone.long()) == table.unit_size
         scores = scores.masked_fill(all_gone, -math.inf)
 
-    kept_unit = torch.zeros(len(table.unit_size), dtype=torch.bool)
+    # Per layer in NumPy: a few small ops per layer, each a tenth of a tensor op's overhead.
+    unit_scores_np, unit_size = scores.numpy(), table.unit_size.numpy()
+    kept_unit = np.zeros(len(unit_size), dtype=bool)
     decisions = []
     for layer, lunits in zip(table.layers, table.layer_units):
-        layer_scores = scores[lunits]
-        order = torch.argsort(layer_scores, descending=True, stable=True)  # best first
+        lunits = lunits.numpy()
+        layer_scores = unit_scores_np[lunits]
+        above = layer_scores > threshold
         n = len(lunits)
-        keep = int((layer_scores > threshold).sum())
+        keep = int(np.count_nonzero(above))
         by_rule = keep
         guard = None
         if max_layer_percent is not None:
@@ -152,61 +166,72 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
                 keep, guard = rounded, guard or "round_to"
         if widths and widths.get(layer, 0) > keep:
             keep, guard = min(n, widths[layer]), guard or "round_to auto"
-        # Guards add back the best-scoring units; the rule keeps exactly those above threshold.
-        chosen = lunits[order[:keep]]
+        # The rule keeps exactly the units above the threshold; guards (which only raise the
+        # count) keep the best-scoring units: a stable sort, best first, ties in unit order.
+        if keep == by_rule:
+            chosen = lunits[above]
+        else:
+            chosen = lunits[np.argsort(-layer_scores, kind="stable")[:keep]]
         kept_unit[chosen] = True
         name = layer[0] if len(layer) == 1 else "+".join(layer)
         decisions.append(LayerDecision(name, layer, n, keep, by_rule, guard,
-                                       channels=int(table.unit_size[lunits].sum()),
-                                       channels_kept=int(table.unit_size[chosen].sum())))
+                                       channels=int(unit_size[lunits].sum()),
+                                       channels_kept=int(unit_size[chosen].sum())))
 
     # A BN channel goes when its unit goes; channels outside every unit (unprunable) stay.
-    removed = torch.zeros(table.channels, dtype=torch.bool)
-    removed[table.member_flat[~kept_unit[table.member_unit]]] = True
+    removed = np.zeros(table.channels, dtype=bool)
+    removed[table.member_flat.numpy()[~kept_unit[table.member_unit.numpy()]]] = True
+    offsets = table.bn_offset.tolist()
     plan = {}
     for k, n in enumerate(analysis.bn_names):
-        lo, hi = int(table.bn_offset[k]), int(table.bn_offset[k + 1])
-        if removed[lo:hi].any():
-            plan[n] = torch.nonzero(~removed[lo:hi]).flatten().tolist()
+        bn_removed = removed[offsets[k]:offsets[k + 1]]
+        if bn_removed.any():
+            plan[n] = np.flatnonzero(~bn_removed).tolist()
     return plan, threshold, decisions
 
 
 
 def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict) -> set[int]:
-    kept = {n: sorted(set(int(i) for i in k)) for n, k in plan.items()}
+    """The class roots of the slots `plan` removes (with the classes that follow them), after
+    checking it: a BatchNorm of the model is named, channels in range, coupled channels kept or
+    removed together, no channel of a unit-less (unprunable) class removed."""
+    kept = {n: np.unique(_channel_array(k)) for n, k in plan.items()}  # each sorted, without repeats
     for n, k in kept.items():
         if n not in mods or not isinstance(mods[n], _BatchNorm):
             raise PruneError(f"the plan names {n!r}, which is not a BatchNorm of this model")
-        if k and (k[-1] >= mods[n].num_features or k[0] < 0):
+        if len(k) and (k[-1] >= mods[n].num_features or k[0] < 0):
             raise PruneError(f"the plan keeps channel {k[-1]} of {n}, which has {mods[n].num_features}")
     table = analysis.table
+    offsets = table.bn_offset.tolist()
+    position = {n: i for i, n in enumerate(analysis.bn_names)}
     # per flat position: kept? (a BN the plan does not name keeps every channel)
-    named = torch.zeros(table.channels, dtype=torch.bool)
-    for k, n in enumerate(analysis.bn_names):
-        if n in kept:
-            named[table.bn_offset[k]:table.bn_offset[k + 1]] = True
-    kept_flat = ~named | _flat_mask(analysis, kept)
-    member_kept = kept_flat[table.member_flat]
-    n_kept = torch.zeros(len(table.unit_size), dtype=torch.long).index_add_(0, table.member_unit, member_kept.long())
-    mixed = torch.nonzero((n_kept > 0) & (n_kept < table.unit_size)).flatten()
+    kept_flat = np.ones(offsets[-1], dtype=bool)
+    for n, k in kept.items():
+        if n in position:
+            lo, hi = offsets[position[n]], offsets[position[n] + 1]
+            kept_flat[lo:hi] = False
+            kept_flat[lo + k] = True
+    member_flat, member_unit = table.member_flat.numpy(), table.member_unit.numpy()
+    unit_size = table.unit_size.numpy()
+    n_kept = np.bincount(member_unit[kept_flat[member_flat]], minlength=len(unit_size))
+    mixed = np.flatnonzero((n_kept > 0) & (n_kept < unit_size))
     if len(mixed):
-        channels = analysis.bn_channels(table.member_flat[table.member_unit == mixed[0]][:4])
+        channels = analysis.bn_channels(table.member_flat[table.member_unit == int(mixed[0])][:4])
         raise PruneError(f"the plan keeps some but not all of the coupled channels {channels}...; "
                          "coupled channels must be pruned together")
-    removed = set(table.unit_root[n_kept == 0].tolist())
+    removed = set(table.unit_root.numpy()[n_kept == 0].tolist())
     for follower, leader in analysis.follows:  # gates go with the channels they multiply
         if analysis.find(leader) in removed:
             removed.add(analysis.find(follower))
-    in_unit = torch.zeros(table.channels, dtype=torch.bool)
-    in_unit[table.member_flat] = True
-    position = {n: i for i, n in enumerate(analysis.bn_names)}
+    unitless = np.ones(offsets[-1], dtype=bool)  # per flat position: in no unit (cannot go)?
+    unitless[member_flat] = False
     for n, k in kept.items():
         if n in position:
-            lo, hi = int(table.bn_offset[position[n]]), int(table.bn_offset[position[n] + 1])
-            gone = torch.nonzero(~kept_flat[lo:hi] & ~in_unit[lo:hi]).flatten()
+            lo, hi = offsets[position[n]], offsets[position[n] + 1]
+            gone = np.flatnonzero(~kept_flat[lo:hi] & unitless[lo:hi])
             first = int(gone[0]) if len(gone) else None
         else:  # a BN outside the analysis (inside an untraced module): none of its channels may go
-            first = min(set(range(mods[n].num_features)) - set(k), default=None)
+            first = min(set(range(mods[n].num_features)) - set(k.tolist()), default=None)
         if first is not None:
             why = analysis.unprunable.get(n, "its channels are tied to something that cannot shrink")
             raise PruneError(f"the plan removes channel {first} of {n}, which cannot be pruned ({why})")
