@@ -223,9 +223,19 @@ class _OpCounter(_DecomposingMode):
 # ---------------------------------------------------------------------------------------------
 # Counting
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or not; buffers excluded; shared ones once)."""
-    return sum(p.numel() for p in model.parameters())
+def count_params(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> int:
+    """Number of parameters (trainable or not; buffers excluded; shared ones once).
+    `modules`: dict(model.named_modules()) if the caller has it (saves a walk of the model)."""
+    if modules is None:
+        return sum(p.numel() for p in model.parameters())
+    seen: set[int] = set()  # model.parameters() lists a shared parameter once
+    total = 0
+    for m in modules.values():
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 def _first_tensor(output: Any) -> Optional[Tensor]:

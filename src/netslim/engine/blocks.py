@@ -372,11 +372,13 @@ class BlockRemoval:
     """
 
     def __init__(self, model: nn.Module, analysis: Analysis, example_input: torch.Tensor,
-                 untouchable: Iterable[str] = (), masked_out: dict[str, Sequence[int]] | None = None):
+                 untouchable: Iterable[str] = (), masked_out: dict[str, Sequence[int]] | None = None,
+                 modules: dict[str, nn.Module] | None = None):
+        """`modules`: dict(model.named_modules()) if the caller has it."""
         self.model, self.analysis, self.example_input = model, analysis, example_input
         self.untouchable = set(untouchable)
         self.masked_out = masked_out or {}
-        self.mods = dict(model.named_modules())
+        self.mods = dict(model.named_modules()) if modules is None else modules
         self._branches: list[Branch] | None = None
 
     @property

@@ -107,7 +107,8 @@ def removed_bn_channels(analysis: Analysis, removed_roots: set[int]) -> dict[str
 
 def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
                example_input: torch.Tensor, skip: Collection[str] = (), *,
-               share_weights: bool = False) -> tuple[nn.Module, Compensation]:
+               share_weights: bool = False, modules: dict[str, nn.Module] | None = None
+               ) -> tuple[nn.Module, Compensation]:
     """A copy of `model` whose removed channels are zeroed and whose consumers carry their constant.
 
     `removed_roots`: the slot classes the plan removes (plan.removed_roots). The copy
@@ -118,9 +119,10 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     share_weights: the copy's conv and linear weights (and BN running variances) are `model`'s own tensors (nothing
     here writes them; copying them was a tenth of a prune call), for a caller that slices
     the copy and then owns what is still shared (slim.own_tensors).
+    `modules`: dict(model.named_modules()) if the caller has it.
     """
-    new = clone_model(model, _weights_memo(model) if share_weights else None)
-    mods = dict(new.named_modules())
+    new = clone_model(model, _weights_memo(model, modules) if share_weights else None)
+    mods = dict(new.named_modules())  # of the copy: read by every step below
     with torch.no_grad():
         for name in skip:
             if isinstance(mods[name], _BatchNorm) and mods[name].affine:
@@ -132,8 +134,8 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     if consumers:
         in_blocks = {n: analysis.modules[n].in_block for n in consumers}
         expected = consumer_inputs(new, analysis.graph, removed, consumers, in_blocks, example_input,
-                                   batch=noise_batch(example_input))
-        feeds_bn = _single_bn_reader(new, analysis.graph or trace(model, example_input), list(consumers))
+                                   batch=noise_batch(example_input), modules=mods)
+        feeds_bn = _single_bn_reader(new, analysis.graph or trace(model, example_input), list(consumers), mods)
         for name, channels in consumers.items():
             varying = analysis.varying_inputs.get(name, frozenset())
             constant = [c for c in channels if c not in varying]
@@ -152,12 +154,13 @@ def compensate(model: nn.Module, analysis: Analysis, removed_roots: set[int],
     return new, report
 
 
-def _weights_memo(model: nn.Module) -> dict[int, torch.Tensor]:
+def _weights_memo(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict[int, torch.Tensor]:
     """A deepcopy memo that maps to itself every tensor compensate() never writes: conv and
     linear weights, BN running variances and batch counters (it writes BN factors, shifts
-    and running means, and conv and linear biases). The copy shares them."""
+    and running means, and conv and linear biases). The copy shares them. `modules`:
+    dict(model.named_modules()) if the caller has it."""
     shared: list[torch.Tensor] = []
-    for m in model.modules():
+    for m in model.modules() if modules is None else modules.values():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(m.weight, nn.Parameter):
             shared.append(m.weight)
         elif isinstance(m, _BatchNorm):
@@ -243,10 +246,12 @@ def _conv_output_mean(m: nn.Module, maps: torch.Tensor, index: torch.Tensor) -> 
     return out[0].reshape(out.shape[1], -1).mean(dim=1)
 
 
-def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str]) -> dict[str, str]:
+def _single_bn_reader(model: nn.Module, gm: fx.GraphModule, names: list[str],
+                      modules: dict[str, nn.Module] | None = None) -> dict[str, str]:
     """{consumer: BN} for consumers whose output is read by one plain BN and nothing else
-    (`gm`: the traced model, or a copy of it: only module names are read from it)."""
-    mods = dict(model.named_modules())
+    (`gm`: the traced model, or a copy of it: only module names are read from it).
+    `modules`: dict(model.named_modules()) if the caller has it."""
+    mods = dict(model.named_modules()) if modules is None else modules
     out = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or node.target not in names or len(node.users) != 1:

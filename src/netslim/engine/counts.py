@@ -162,11 +162,12 @@ class GraphCount:
         self._slot_array = slot_array  # the analysis's: its slot lists as index arrays
 
     @staticmethod
-    def of(model: nn.Module, analysis: Any) -> GraphCount | None:
+    def of(model: nn.Module, analysis: Any, modules: dict[str, nn.Module] | None = None) -> GraphCount | None:
         """A counter for `model`, or None when its graph holds anything whose count it cannot
-        prove equal to profile.count's (the caller runs profile.count then)."""
+        prove equal to profile.count's (the caller runs profile.count then). `modules`:
+        dict(model.named_modules()) if the caller has it."""
         gm = analysis.graph
-        mods = dict(model.named_modules())
+        mods = dict(model.named_modules()) if modules is None else modules
         if gm is None or not analysis.chans or not _forward_hooks_ok(mods.values()):
             return None
         calls, leaves = [], set()
@@ -197,11 +198,13 @@ class GraphCount:
                 return None
         return GraphCount(calls, analysis.chans, {n: type(m) for n, m in mods.items()}, analysis.slot_array)
 
-    def count(self, model: nn.Module, kept_slot: np.ndarray | None = None) -> dict[str, int] | None:
+    def count(self, model: nn.Module, kept_slot: np.ndarray | None = None,
+              modules: dict[str, nn.Module] | None = None) -> dict[str, int] | None:
         """profile.count(model, example_input) of the traced model (kept_slot None) or of a
         copy of it sliced to the slots where `kept_slot` is True, or None if that copy's
-        modules or shapes do not agree with the graph (e.g. blocks removed)."""
-        mods = dict(model.named_modules())
+        modules or shapes do not agree with the graph (e.g. blocks removed). `modules`:
+        dict(model.named_modules()) if the caller has it."""
+        mods = dict(model.named_modules()) if modules is None else modules
         if mods.keys() != self._types.keys() or not _forward_hooks_ok(mods.values()):
             return None
         for name, m in mods.items():  # the forward the graph traced: the same classes (a BN may gather)
@@ -216,7 +219,7 @@ class GraphCount:
             if x is None or y is None or _module_rule(m) is not rule or not _AGREES[rule](m, x, y):
                 return None
             macs += int(rule(m, _Shape(x), _Shape(y)))
-        return {"params": count_params(model), "macs": macs, "flops": 2 * macs}
+        return {"params": count_params(model, mods), "macs": macs, "flops": 2 * macs}
 
     def _shape(self, node: fx.Node, kept_slot: np.ndarray | None, kept_widths: dict[int, int]
                ) -> tuple[int, ...] | None:

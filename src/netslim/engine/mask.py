@@ -3,7 +3,7 @@ them at zero while training, so the masked model computes what the slim model co
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -40,8 +40,9 @@ def _hold_masked_factors(bn: nn.Module, args=None) -> None:
             p.register_hook(_MaskGradient(bn))
 
 
-def strip_masks(model: nn.Module) -> None:
-    for m in model.modules():
+def strip_masks(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> None:
+    """Remove the masks apply_mask put on `model` (its `modules`, if the caller has them)."""
+    for m in model.modules() if modules is None else modules:
         if "netslim_mask" in getattr(m, "_buffers", {}):
             del m._buffers["netslim_mask"]
         for key, hook in list(m._forward_pre_hooks.items()):

@@ -80,10 +80,10 @@ def _check_finite_factors(gamma: dict[str, torch.Tensor]) -> None:
 
 
 def unit_scores(model: nn.Module, analysis: Analysis, group_score: str = DEFAULT_GROUP_SCORE,
-                mods: dict[str, nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                modules: dict[str, nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(score of every unit, the values the global threshold is taken over), see GROUP_SCORES.
-    `mods`: dict(model.named_modules()) if the caller has it."""
-    mods = dict(model.named_modules()) if mods is None else mods
+    `modules`: dict(model.named_modules()) if the caller has it."""
+    mods = dict(model.named_modules()) if modules is None else modules
     # every BN's |gamma| in one vector, in the order of the flat positions (analysis.table):
     # joined first, so the finiteness check and the abs run once, not per BN
     factors = [mods[n].weight.detach().float().cpu() for n in analysis.bn_names]
@@ -119,7 +119,7 @@ def _flat_mask(analysis: Analysis, channels: dict[str, Sequence[int]]) -> np.nda
 def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_channels: int = 1,
               max_layer_percent: float | None = None, round_to: int = 1,
               group_score: str = DEFAULT_GROUP_SCORE, widths: dict[tuple[str, ...], int] | None = None,
-              masked_out: dict[str, Sequence[int]] | None = None,
+              masked_out: dict[str, Sequence[int]] | None = None, modules: dict[str, nn.Module] | None = None,
               ) -> tuple[dict[str, list[int]], float, list[LayerDecision]]:
     """Decide which channels stay. Returns (plan, threshold, per-layer decisions).
 
@@ -130,11 +130,12 @@ def make_plan(model: nn.Module, analysis: Analysis, percent: float, *, min_chann
 
     masked_out: {bn: [channel, ...]} already pruned by a mask; a unit whose channels all
     are goes whatever its factors say, and the guards (min_channels...) still hold after.
+    `modules`: dict(model.named_modules()) if the caller has it.
     """
     if len(analysis.table.unit_size) == 0:  # nothing prunable
         return {}, 0.0, []
     table = analysis.table
-    scores, values = unit_scores(model, analysis, group_score)
+    scores, values = unit_scores(model, analysis, group_score, modules)
     threshold = global_threshold(values, percent) if percent > 0 else -math.inf
     if masked_out:  # a unit whose channels a mask removed all scores below any threshold
         gone = torch.from_numpy(_flat_mask(analysis, masked_out))[table.member_flat]
@@ -239,11 +240,14 @@ def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict
 
 
 
-def masked_out(model: nn.Module, meta: dict) -> dict[str, list[int]]:
-    """{bn: channels the model's stored mask removed}."""
-    mods = dict(model.named_modules())
+def masked_out(model: nn.Module, meta: dict, modules: dict[str, nn.Module] | None = None) -> dict[str, list[int]]:
+    """{bn: channels the model's stored mask removed}. `modules`: dict(model.named_modules())
+    if the caller has it."""
+    if not meta.get("mask"):
+        return {}
+    mods = dict(model.named_modules()) if modules is None else modules
     out = {}
-    for n, kept in (meta.get("mask") or {}).items():
+    for n, kept in meta["mask"].items():
         if isinstance(mods.get(n), _BatchNorm):
             out[n] = sorted(set(range(mods[n].num_features)) - set(map(int, kept)))
     return out

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 def consumer_inputs(model: nn.Module, graph: fx.GraphModule | None, removed: dict[str, list[int]],
                     consumers: dict[str, list[int]], in_blocks: dict[str, int], example_input: torch.Tensor,
-                    *, batch: int) -> dict[str, torch.Tensor]:
+                    *, batch: int, modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """Each consumer's removed input channels averaged over `batch` random inputs, with every
     removed BN channel's output replaced by beta + gamma * z, z standard normal (what a BN
     channel gives when its normalised input is standard normal); so the mean estimates
@@ -43,15 +43,17 @@ def consumer_inputs(model: nn.Module, graph: fx.GraphModule | None, removed: dic
     `removed`: {BN: its removed channels}; `consumers`: {conv/linear: its input channels in
     removed classes}; `graph`: the traced model (its node shapes), None: the full forward.
     Only what compensate._contribution reads is kept of each consumer's input (_summary).
+    `modules`: dict(model.named_modules()) if the caller has it.
     """
-    modes = {m: m.training for m in model.modules()}
+    mods = dict(model.named_modules()) if modules is None else modules
+    modes = {m: m.training for m in mods.values()}
     try:  # on `model` itself (a copy of the user's): modes are restored
         model.eval()
         if graph is not None:
-            seen = _RestrictedProbe(model, graph, removed, consumers, in_blocks).run(example_input, batch)
+            seen = _RestrictedProbe(mods, graph, removed, consumers, in_blocks).run(example_input, batch)
             if seen is not None:
                 return seen
-        return _full_probe(model, removed, consumers, in_blocks, example_input, batch)
+        return _full_probe(model, removed, consumers, in_blocks, example_input, batch, mods)
     finally:
         for m, training in modes.items():
             m.training = training
@@ -77,10 +79,12 @@ def _bn_noise(bn: nn.Module, channels: list[int], out_shape: Sequence[int], nois
 
 
 def _full_probe(model: nn.Module, removed: dict[str, list[int]], consumers: dict[str, list[int]],
-                in_blocks: dict[str, int], example_input: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+                in_blocks: dict[str, int], example_input: torch.Tensor, batch: int,
+                modules: dict[str, nn.Module] | None = None) -> dict[str, torch.Tensor]:
     """consumer_inputs by a forward of the whole model (in eval mode), hooks replacing the
-    removed BN channels' outputs and recording the consumers' inputs."""
-    mods = dict(model.named_modules())
+    removed BN channels' outputs and recording the consumers' inputs. `modules`:
+    dict(model.named_modules()) if the caller has it."""
+    mods = dict(model.named_modules()) if modules is None else modules
     gen = torch.Generator().manual_seed(0)
     noise = _StratifiedNormal(gen)
 
@@ -159,9 +163,9 @@ _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itru
 class _RestrictedProbe:
     """consumer_inputs on the removed channels only (the module docstring)."""
 
-    def __init__(self, model: nn.Module, graph: fx.GraphModule, removed: dict[str, list[int]],
+    def __init__(self, mods: dict[str, nn.Module], graph: fx.GraphModule, removed: dict[str, list[int]],
                  consumers: dict[str, list[int]], in_blocks: dict[str, int]):
-        self.mods = dict(model.named_modules())
+        self.mods = mods  # the model's named modules
         self.graph = graph
         self.removed = removed
         self.consumers = consumers

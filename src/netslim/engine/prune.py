@@ -34,13 +34,13 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------
 
 def _count(model: nn.Module, example_input: torch.Tensor, counter: GraphCount | None = None,
-           kept_slot: np.ndarray | None = None) -> dict[str, int]:
+           kept_slot: np.ndarray | None = None, modules: dict[str, nn.Module] | None = None) -> dict[str, int]:
     """profile.count(model, example_input): read off the analysis's graph by `counter` (of the
     traced model; with `kept_slot`, of its copy sliced to those slots) when it proves the count
-    equal, else by a forward."""
+    equal, else by a forward. `modules`: dict(model.named_modules()) if the caller has it."""
     from ..profile import count
 
-    counted = counter.count(model, kept_slot) if counter is not None else None
+    counted = counter.count(model, kept_slot, modules) if counter is not None else None
     if counted is not None:
         return counted
     return count(model, example_input=example_input, on_meta=prefer_meta(example_input))
@@ -102,14 +102,16 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         example_input = make_example(meta.get("input_size"), model)
     exclude = list(exclude) or list(meta.get("exclude", []))
     analysis = analyze(model, example_input, exclude=exclude, skip_coupled=skip_coupled)
+    # Of the user's model, which nothing below changes: one walk of it for every step that reads it.
+    mods = dict(model.named_modules())
     # Channels an earlier mask removed stay removed (the guards are applied after that).
     options = dict(min_channels=min_channels, max_layer_percent=max_layer_percent, group_score=group_score,
-                   masked_out=masked_out(model, meta))
-    counter = GraphCount.of(model, analysis)  # None: the counts run profile.count's forward
-    before = _count(model, example_input, counter)
+                   masked_out=masked_out(model, meta, mods), modules=mods)
+    counter = GraphCount.of(model, analysis, mods)  # None: the counts run profile.count's forward
+    before = _count(model, example_input, counter, modules=mods)
     budget = None
     removal = blocks.BlockRemoval(model, analysis, example_input, set(exclude) | set(analysis.untraceable),
-                                  options["masked_out"]) if remove_blocks and max_layer_percent is None else None
+                                  options["masked_out"], mods) if remove_blocks and max_layer_percent is None else None
     if targets:
         (key, fraction), = targets.items()
         percent, budget = _fit_budget(model, analysis, example_input, key, fraction, before,
@@ -127,7 +129,6 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
         plan, removed_blocks = removal(plan, threshold, decisions)
     input_size = list(example_input.shape[1:])
     source, compensation = model, None
-    mods = dict(model.named_modules())  # of the user's model, which nothing below changes
     removed = removed_roots(analysis, blocks.plan_for_slicing(plan, analysis, removed_blocks), mods)
     # the slim model's widths, for its counts (a removed block changes the graph: counted by a forward)
     kept_slot = ~removed_slots(analysis, removed)
@@ -135,18 +136,19 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
     if compensate:
         source, compensation = compensate_removed(
             model, analysis, removed, example_input,
-            skip={m for b in removed_blocks for m in b.modules}, share_weights=mode == "slim")
+            skip={m for b in removed_blocks for m in b.modules}, share_weights=mode == "slim", modules=mods)
         if compensation.added_biases:
             meta["biases"] = sorted(set(meta.get("biases") or []) | set(compensation.added_biases))
     if mode == "slim":  # the compensated copy is ours to slice; the user's model is copied first
         # (sharing its conv and linear weights, as compensate's copy does: slicing makes new
         # tensors, and own_tensors copies what it left whole)
-        copied = clone_model(model, _weights_memo(model)) if source is model else source
-        pruned = own_tensors(slice_in_place(copied, plan, analysis, branches=removed_blocks, removed=removed,
-                                            kept_slot=kept_slot), model)
+        copied = clone_model(model, _weights_memo(model, mods)) if source is model else source
+        pruned = slice_in_place(copied, plan, analysis, branches=removed_blocks, removed=removed, kept_slot=kept_slot)
+        pruned_mods = dict(pruned.named_modules())  # own_tensors changes tensors, not modules
+        pruned = own_tensors(pruned, model, modules=pruned_mods, original_modules=mods)
         meta["plan"] = compose_plans(meta.get("plan") or {}, plan)
         meta.pop("mask", None)
-        after = _count(pruned, example_input, slim_counter, kept_slot)
+        after = _count(pruned, example_input, slim_counter, kept_slot, pruned_mods)
         effective = after
     else:
         pruned = source if source is not model else clone_model(source)
@@ -194,9 +196,9 @@ def prune(model: nn.Module, percent: float | None = None, *, mode: str = "slim",
 def _fit_budget(model, analysis, example_input, key, fraction, dense, options, removal=None,
                 counter=None) -> tuple[float, dict]:
     """The percent whose slim model keeps at most `fraction` of the dense `key` count."""
-    _, values = unit_scores(model, analysis, options["group_score"])
+    mods = options["modules"]
+    _, values = unit_scores(model, analysis, options["group_score"], mods)
     n_values = max(int(values.numel()), 1)
-    mods = dict(model.named_modules())
 
     def measure(percent: float) -> int:
         plan, threshold, decisions = make_plan(model, analysis, percent, **options)

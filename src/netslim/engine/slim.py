@@ -65,8 +65,8 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
     `kept_slot` its ~removed_slots if the caller has that too."""
     new = model
     meta = dict(getattr(new, "netslim_meta", {}) or {})
-    strip_masks(new)
     mods = dict(new.named_modules())
+    strip_masks(new, mods.values())
     # Whole residual branches first: the rest of the plan is sliced as usual, then they go.
     untouchable = set(exclude) | set(analysis.untraceable)
     removed_branches = [b for b in branches if set(b.bns) <= blocks.emptied_bns(plan)] if branches is not None \
@@ -98,13 +98,19 @@ def removed_slots(analysis: Analysis, removed: set[int]) -> np.ndarray:
     return np.isin(analysis.slot_array(analysis.parent), np.fromiter(removed, np.intp, len(removed)))
 
 
-def own_tensors(model: nn.Module, original: nn.Module) -> nn.Module:
+def own_tensors(model: nn.Module, original: nn.Module, *, modules: dict[str, nn.Module] | None = None,
+                original_modules: dict[str, nn.Module] | None = None) -> nn.Module:
     """Give `model` its own copy of every parameter and buffer it still shares with
     `original` (a copy made sharing weights, then sliced: the sliced ones are new already);
-    tied parameters stay tied."""
-    foreign = {id(t) for t in (*original.parameters(), *original.buffers())}
+    tied parameters stay tied. `modules`, `original_modules`: dict(model.named_modules()) and
+    dict(original.named_modules()) if the caller has them."""
+    if original_modules is None:
+        foreign = {id(t) for t in (*original.parameters(), *original.buffers())}
+    else:
+        foreign = {id(t) for m in original_modules.values() for store in (m._parameters, m._buffers)
+                   for t in store.values() if t is not None}
     copies: dict[int, torch.Tensor] = {}
-    for m in model.modules():
+    for m in model.modules() if modules is None else modules.values():
         for store in (m._parameters, m._buffers):
             for key, t in store.items():
                 if t is not None and id(t) in foreign:
