@@ -69,9 +69,9 @@ def _bn_noise(bn: nn.Module, channels: list[int], out_shape: Sequence[int], nois
               like: torch.Tensor) -> torch.Tensor:
     """[batch, len(channels), *spatial]: beta + gamma * z of BN `bn`'s `channels` (in that order)
     on an output of shape `out_shape`, z the next draw of `noise`, dtype and device of `like`."""
-    index = long_tensor(channels)
-    beta = bn.bias.detach()[index].view(1, -1, *([1] * (len(out_shape) - 2)))
-    gamma = bn.weight.detach()[index].view_as(beta)
+    index = long_tensor(channels).to(bn.weight.device)
+    beta = bn.bias.detach().index_select(0, index).view(1, -1, *([1] * (len(out_shape) - 2)))
+    gamma = bn.weight.detach().index_select(0, index).view_as(beta)
     z = noise.draw(out_shape[0], len(channels), out_shape[2:]).to(like)
     # Into a contiguous buffer: addcmul would lay its result out like the strided z
     # (channels interleaved), which is slow to read (same values either way).
@@ -469,8 +469,9 @@ class _StratifiedNormal:
             probs = (torch.arange(n, dtype=torch.float64) + 0.5) / n
             self.quantiles[n] = torch.special.ndtri(probs).float()
         step = max(n // channels, 1)  # channel c starts at offset c * step of the permuted quantiles
-        ring = self.quantiles[n][torch.randperm(n, generator=self.gen)]
-        ring = ring.repeat(math.ceil(((channels - 1) * step + n) / n))  # cyclic: every channel reads n values
+        ring = self.quantiles[n].index_select(0, torch.randperm(n, generator=self.gen))
+        # cyclic: every channel reads n values (cat: Tensor.repeat costs 5x as much on these sizes)
+        ring = torch.cat((ring,) * math.ceil(((channels - 1) * step + n) / n))
         inner = [math.prod(spatial[d + 1:]) for d in range(len(spatial))]  # contiguous within a channel
         return ring.as_strided((batch, channels, *spatial), (positions, step, *inner))
 
