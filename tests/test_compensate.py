@@ -1,6 +1,7 @@
 """Compensation: a removed channel's constant output is folded into what reads it."""
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -506,3 +507,19 @@ def test_the_constant_a_linear_gets_is_its_weight_times_the_recorded_features():
         z[_input_positions(linear, folded, block)] = x.mean(0)[_input_positions(linear, folded, block)]
         torch.testing.assert_close(_contribution(linear, block, recorded, channels, folded), linear.weight.detach() @ z,
                                    rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,channels,spatial", [(4, 3, (8, 8)), (1, 5, (2, 2)), (2, 40, (3,)), (1, 1, (4, 4))])
+def test_the_stratified_draw_reads_each_channel_from_its_offset_in_one_permuted_ring(batch, channels, spatial):
+    """_StratifiedNormal.draw, written out: the n midpoint quantiles permuted once, channel c
+    reading n of them cyclically from offset c * max(n // channels, 1), batch then space."""
+    from netslim.engine.probe import _StratifiedNormal
+
+    z = _StratifiedNormal(torch.Generator().manual_seed(0)).draw(batch, channels, spatial)
+    n = batch * math.prod(spatial)
+    quantiles = torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n).float()
+    ring = quantiles[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    step = max(n // channels, 1)
+    assert z.shape == (batch, channels, *spatial)
+    for c in range(channels):
+        assert torch.equal(z[:, c].reshape(-1), ring[(c * step + torch.arange(n)) % n]), c

@@ -195,3 +195,15 @@ def test_the_pruned_model_owns_every_tensor(mode, compensate):
         assert torch.equal(value, before[key]), key
     storages = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     assert not any(t.untyped_storage().data_ptr() in storages for t in (*pruned.parameters(), *pruned.buffers()))
+
+
+def test_count_params_of_the_callers_modules_counts_a_shared_parameter_once():
+    """count_params(model, modules) (prune passes the modules it walked) equals
+    count_params(model): a tied weight and a module reached twice count once."""
+    from netslim.profile import count_params
+
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4, bias=False), shared, shared, nn.BatchNorm1d(4))
+    model[1].weight = model[0].weight
+    modules = dict(model.named_modules())
+    assert count_params(model, modules) == count_params(model) == 20 + 20 + 8

@@ -221,6 +221,18 @@ def test_mask_stays_zero_through_finetuning(models):
             assert torch.all(m.weight.grad[z] == 0)
 
 
+
+def test_slimming_a_masked_model_strips_its_masks(models):
+    """slice_in_place strips the masks (buffer and pre-hook) off the modules it walked."""
+    from netslim.engine.mask import _hold_masked_factors
+
+    masked, _ = prune(models["resnet"], 0.5, mode="mask")
+    assert any("netslim_mask" in m._buffers for m in masked.modules())
+    slim, _ = prune(masked, 0.3)
+    for name, m in slim.named_modules():
+        assert "netslim_mask" not in m._buffers, name
+        assert _hold_masked_factors not in m._forward_pre_hooks.values(), name
+
 # --- hand-written models: the cases general pruners get wrong ------------------------------
 
 class PostActBlock(nn.Module):
