@@ -95,7 +95,10 @@ def slice_in_place(model: nn.Module, plan: dict[str, Sequence[int]], analysis: A
 def removed_slots(analysis: Analysis, removed: set[int]) -> np.ndarray:
     """Per slot: is its class in `removed` (removed_roots)? One table for every lookup
     instead of a class lookup per channel per module."""
-    return np.isin(analysis.slot_array(analysis.parent), np.fromiter(removed, np.intp, len(removed)))
+    parent = analysis.slot_array(analysis.parent)  # each slot's class root (a slot itself)
+    removed_root = np.zeros(len(parent), dtype=bool)  # per slot: the root of a removed class?
+    removed_root[np.fromiter(removed, np.intp, len(removed))] = True
+    return removed_root[parent]  # a lookup per slot: np.isin sorted both (3x as long)
 
 
 def own_tensors(model: nn.Module, original: nn.Module, *, modules: dict[str, nn.Module] | None = None,
