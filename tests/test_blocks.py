@@ -252,3 +252,40 @@ def test_bench_blocks_smoke(tmp_path):
     assert row["removed_blocks"] == row["silenced"] > 0
     assert dense == kept > removed
     assert row["macs"][2] <= row["macs"][1] < row["macs"][0] and all(ms > 0 for ms in row["ms"])
+
+
+class _Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(conv_bn_relu(3, 6), conv_bn_relu(6, 4), conv_bn_relu(4, 5))
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return pool_linear(self.body(x), self.head)
+
+
+@pytest.mark.parametrize("small", [0, 1, 2])
+@pytest.mark.parametrize("half", [False, True], ids=["joined", "bn-by-bn"])
+def test_any_dead_bn_is_the_per_bn_rule(half, small):
+    """BlockRemoval._any_dead_bn (all factors joined; BN by BN where dtypes differ) says
+    what `every |factor| <= threshold, masked channels aside` says of some BN (`small`: the
+    one with the smallest factors)."""
+    from netslim.engine.analysis import analyze
+    from netslim.engine.blocks import BlockRemoval
+
+    torch.manual_seed(0)
+    model = _Three().eval()
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    with torch.no_grad():
+        for k, bn in enumerate(bns):
+            bn.weight.copy_(torch.rand(bn.num_features) * (0.05 if k == small else 1) + (0.01 if k == small else 0.3))
+    analysis = analyze(model, torch.randn(1, 3, 16, 16))
+    if half:  # after the analysis, whose forward it would break
+        bns[2].half()
+    factors = bns[small].weight.detach().float().abs().sort().values
+    masked = {analysis.bn_names[small]: [int(bns[small].weight.float().argmax())]}  # a mask took the largest
+    for masked_out, threshold, dead in [({}, float(factors[-1]) - 1e-3, False), ({}, float(factors[-1]), True),
+                                        (masked, float(factors[-2]) - 1e-3, False), (masked, float(factors[-2]), True),
+                                        ({}, 0.0, False)]:
+        removal = BlockRemoval(model, analysis, torch.randn(1, 3, 16, 16), masked_out=masked_out)
+        assert removal._any_dead_bn(threshold) is dead, (masked_out, threshold)
