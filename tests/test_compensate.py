@@ -523,3 +523,30 @@ def test_the_stratified_draw_reads_each_channel_from_its_offset_in_one_permuted_
     assert z.shape == (batch, channels, *spatial)
     for c in range(channels):
         assert torch.equal(z[:, c].reshape(-1), ring[(c * step + torch.arange(n)) % n]), c
+
+
+def test_the_probe_runs_in_eval_mode_and_restores_every_module_s_mode():
+    """A model in training mode (one submodule in eval) is compensated as in eval mode (the
+    dropout on the probed path is the identity) and keeps each module's mode."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.5),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for bn in (model[1], model[5]):
+            bn.weight.copy_(torch.rand(8) + 0.5)
+            bn.weight[::2] = 0.0
+            bn.bias.copy_(torch.rand(8))
+    model.train()
+    model[5].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    x = torch.zeros(1, 3, 8, 8)
+    in_training, report = prune(model, 0.5, example_input=x)
+    in_eval, _ = prune(copy.deepcopy(model).eval(), 0.5, example_input=x)
+    assert report["compensation"]["folded"] > 0
+    assert {n: m.training for n, m in in_training.named_modules()} == modes
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    state = in_eval.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in in_training.state_dict().items())

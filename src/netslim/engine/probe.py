@@ -48,7 +48,8 @@ def consumer_inputs(model: nn.Module, graph: fx.GraphModule | None, removed: dic
     mods = dict(model.named_modules()) if modules is None else modules
     modes = {m: m.training for m in mods.values()}
     try:  # on `model` itself (a copy of the user's): modes are restored
-        model.eval()
+        if any(modes.values()):  # else in eval mode already (as a model to prune often is)
+            model.eval()
         if graph is not None:
             seen = _RestrictedProbe(mods, graph, removed, consumers, in_blocks).run(example_input, batch)
             if seen is not None:
@@ -56,7 +57,8 @@ def consumer_inputs(model: nn.Module, graph: fx.GraphModule | None, removed: dic
         return _full_probe(model, removed, consumers, in_blocks, example_input, batch, mods)
     finally:
         for m, training in modes.items():
-            m.training = training
+            if m.training != training:  # only what eval() changed: each write is a Module.__setattr__
+                m.training = training
 
 
 def _probe_input(example_input: torch.Tensor, batch: int, gen: torch.Generator) -> torch.Tensor:
