@@ -96,8 +96,16 @@ def test_removed_roots_reads_a_plan_in_any_order_and_type(chain):
         assert removed_roots(analysis, plan, mods) == want
 
 
-@pytest.mark.parametrize("kept", [[9, 0], [3, -1], [0, 8, 2]])
-def test_removed_roots_refuses_a_channel_out_of_range_wherever_it_is_listed(chain, kept):
+@pytest.mark.parametrize("kept, bad", [([9, 0], 9), ([3, -1], -1), ([0, 8, 2], 8)])
+def test_removed_roots_refuses_a_channel_out_of_range_wherever_it_is_listed(chain, kept, bad):
     model, analysis = chain
-    with pytest.raises(PruneError, match="keeps channel"):
+    with pytest.raises(PruneError, match=f"keeps channel {bad} of b1, which has 8"):
+        removed_roots(analysis, {"b1": kept}, dict(model.named_modules()))
+
+
+@pytest.mark.parametrize("kept", [[0, 2**63], [float("nan")], [1e30], [0, None], ["one"]])
+def test_removed_roots_refuses_what_is_no_channel_number(chain, kept):
+    """A plan read from a damaged checkpoint: one clear error, not NumPy's."""
+    model, analysis = chain
+    with pytest.raises(PruneError, match="the plan lists a channel of b1 that is not a channel number"):
         removed_roots(analysis, {"b1": kept}, dict(model.named_modules()))

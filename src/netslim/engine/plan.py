@@ -106,6 +106,15 @@ def _channel_array(channels: Iterable[int]) -> np.ndarray:
     return np.fromiter(channels, np.int64)
 
 
+def _plan_channels(bn: str, channels: Iterable[int]) -> np.ndarray:
+    """_channel_array of a plan's entry for `bn` (a plan may come from a damaged checkpoint):
+    an entry that is no channel number (None, NaN, beyond int64) is a PruneError naming it."""
+    try:
+        return _channel_array(channels)
+    except (OverflowError, ValueError, TypeError) as e:
+        raise PruneError(f"the plan lists a channel of {bn} that is not a channel number ({e})") from None
+
+
 def _ascending(channels: np.ndarray) -> np.ndarray:
     """`channels` sorted, without repeats: as they are when so already (a plan make_plan made;
     np.unique would cost ~25 us per BN)."""
@@ -205,12 +214,13 @@ def removed_roots(analysis: Analysis, plan: dict[str, Sequence[int]], mods: dict
     """The class roots of the slots `plan` removes (with the classes that follow them), after
     checking it: a BatchNorm of the model is named, channels in range, coupled channels kept or
     removed together, no channel of a unit-less (unprunable) class removed."""
-    kept = {n: _ascending(_channel_array(k)) for n, k in plan.items()}
+    kept = {n: _ascending(_plan_channels(n, k)) for n, k in plan.items()}
     for n, k in kept.items():
         if n not in mods or not isinstance(mods[n], _BatchNorm):
             raise PruneError(f"the plan names {n!r}, which is not a BatchNorm of this model")
         if len(k) and (k[-1] >= mods[n].num_features or k[0] < 0):
-            raise PruneError(f"the plan keeps channel {k[-1]} of {n}, which has {mods[n].num_features}")
+            bad = k[0] if k[0] < 0 else k[-1]
+            raise PruneError(f"the plan keeps channel {bad} of {n}, which has {mods[n].num_features}")
     table = analysis.table
     offsets = table.bn_offset.tolist()
     position = {n: i for i, n in enumerate(analysis.bn_names)}
