@@ -1,6 +1,7 @@
 """The pruning engine, one step per file:
 
-    trace.py     torch.fx tracing (chunk/split unpacking, untraceable submodules as leaves)
+    trace.py     torch.fx tracing (chunk/split unpacking, untraceable submodules as leaves) and
+                 each node's shape: by rule for the usual CNN ops, else by a forward
     rules.py     what each op does to channels: one rule per op; register_module for yours
     channels.py  the analysis' data: slots, a tensor's channel layout, module uses
     slots.py     the slot walk: one slot per channel, tied by union-find, one step per rule

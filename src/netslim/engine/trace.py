@@ -3,6 +3,9 @@
 Every BatchNorm is a leaf (the walk reads its factors), `list(x.chunk(2, 1))` is unpacked
 when the part count is written in the code, and a submodule torch.fx cannot trace is traced
 as one opaque call (its channels keep their width) instead of sinking the whole model.
+Shapes come from each op's formula when every node is one of the usual CNN ops
+(shapes_by_rule), else from a forward of the traced graph (record_shapes, on the meta
+device when that is cheaper).
 """
 from __future__ import annotations
 
