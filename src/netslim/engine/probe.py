@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import rules
 from .channels import long_tensor
-from .trace import node_shape
+from .trace import bound_args, node_shape
 
 log = logging.getLogger(__name__)
 
@@ -413,13 +413,11 @@ def _may_write_its_input(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
 
 
 def _bind(node: fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any]:
-    """node's arguments by name (positional first, then keywords), `defaults` for the others."""
-    out = dict(defaults)
-    out.update(zip(names, node.args))
-    out.update(node.kwargs)
-    if set(out) - set(names):
-        raise _Unsupported(f"node {node.name}: unexpected arguments {sorted(set(out) - set(names))}")
-    return out
+    """node's arguments by name (trace.bound_args), or _Unsupported where they do not fit."""
+    args = bound_args(node, names, defaults)
+    if args is None:
+        raise _Unsupported(f"node {node.name}: arguments that do not fit {list(names)}")
+    return args
 
 
 def _input_positions(m: nn.Module, channels: Sequence[int], in_block: int) -> torch.Tensor:

@@ -545,8 +545,9 @@ _MODULE_SHAPES: dict[type, Callable[[nn.Module, Shape, torch.dtype], Shape | Non
 }
 
 
-def _bound(node: fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any] | None:
-    """node's arguments by parameter name (`names`, in order), or None if they do not fit."""
+def bound_args(node: fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dict[str, Any] | None:
+    """node's arguments by parameter name (`names`, in order; `defaults` for those not given),
+    or None if they do not fit (too many, or a keyword that is no parameter or repeats one)."""
     if len(node.args) > len(names) or not set(node.kwargs) <= set(names[len(node.args):]):
         return None
     return {**defaults, **dict(zip(names, node.args)), **node.kwargs}
@@ -555,7 +556,7 @@ def _bound(node: fx.Node, names: Sequence[str], defaults: dict[str, Any]) -> dic
 def _tensor_then(names: Sequence[str], defaults: dict[str, Any], rule: Callable[..., Shape | None]) -> Callable:
     """A rule for a call whose first argument is the one tensor and the rest are constants."""
     def shape(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
-        args = _bound(node, names, defaults)
+        args = bound_args(node, names, defaults)
         if args is None or not isinstance(args[names[0]], fx.Node) or args[names[0]] not in shapes \
                 or not _constant([args[n] for n in names[1:]]):
             return None
@@ -602,7 +603,7 @@ def _binary(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
 
 
 def _cat(node: fx.Node, shapes: dict[fx.Node, Shape]) -> Shape | None:
-    args = _bound(node, ("tensors", "dim"), {"dim": 0})
+    args = bound_args(node, ("tensors", "dim"), {"dim": 0})
     parts = args and args["tensors"]
     if not isinstance(parts, (tuple, list)) or not parts or type(args["dim"]) is not int \
             or not all(isinstance(p, fx.Node) and p in shapes for p in parts):
